@@ -1,0 +1,69 @@
+"""Frontend <-> core wire: requests and aborts in, per-step output batches out.
+
+Each frontend process is a DEALER with its own identity on the core's ROUTER; the core
+sends one StepOutputs per frontend per step. Every message is [type byte, msgpack payload].
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from engine_core.messages.common import FinishReason, TokenLogprobs
+from engine_core.sampling_params import SamplingParams
+
+
+class FrontendMsg(enum.IntEnum):
+    ADD = 0  # frontend -> core: AddRequest
+    ABORT = 1  # frontend -> core: AbortRequests
+    OUTPUTS = 2  # core -> frontend: StepOutputs
+    HELLO = 3  # frontend -> core: no payload; registers the frontend's identity
+    STATS = 4  # core -> frontend: SchedulerStats (also sent when idle, for /metrics)
+
+
+class AddRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    priority: int = 0  # lower runs first, as in vLLM
+    cache_salt: str | None = None
+
+
+class AbortRequests(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_ids: list[str]
+
+
+class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """New tokens for one request since the previous step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    # the stop token id that finished the request, if any
+    stop_reason: int | None = None
+    num_cached_tokens: int = 0
+    # an error that rejected the request (e.g. prompt longer than max_model_len)
+    error: str | None = None
+
+
+class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    num_running: int = 0
+    num_waiting: int = 0
+    # pool name ("mixed" | "prefill" | "decode") -> fraction of blocks in use
+    kv_cache_usage: dict[str, float] = {}
+    prefix_cache_queries: int = 0  # cumulative tokens
+    prefix_cache_hits: int = 0  # cumulative tokens
+    num_preemptions: int = 0  # cumulative
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_transfer_failures: int = 0
+    recomputed_prefills: int = 0
+
+
+class StepOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    outputs: list[RequestDelta]
+    timestamp: float
+    stats: SchedulerStats | None = None

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs duet with its test extras into .venv if needed, lints, then runs the test suite.
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh test
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q -rs "$@"
