@@ -1,0 +1,14 @@
+"""duet's engine core: scheduling, block management, and the offline API."""
+
+from engine_core.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name: str) -> object:
+    # The offline LLM pulls in torch and the model; import it only when asked for.
+    if name == "LLM":
+        from engine_core.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,52 @@
+"""Everything `duet serve` configures, in one place, with vLLM's flag names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import msgspec
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' / '512MiB' / '1.5G' / '1000000' -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (try 2GiB or 512MiB)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** ("KMGT".index(unit) + 1)) if unit else int(number)
+
+
+class EngineConfig(msgspec.Struct, kw_only=True):
+    """Engine-side settings; the frontend CLI fills it, the core hands it to workers."""
+
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    served_model_name: str | None = None
+    dtype: str = "float32"
+    max_model_len: int | None = None  # None: the model's max positions
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int = 2 * 1024**3  # bytes per worker pool
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority"
+    colocated: bool = True
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    kv_connector: str = "shm"  # "shm" | "torch" | "tcp"
+    torch_threads: int | None = None  # per worker; None: split the machine's cores
+    max_waiting_requests: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineAddresses:
+    """ZeroMQ endpoints the core binds; frontends and workers connect to them."""
+
+    frontend: str  # ROUTER: frontends' DEALERs
+    workers: str  # ROUTER: workers' DEALERs
+
+    @classmethod
+    def ipc(cls, directory: str) -> EngineAddresses:
+        return cls(frontend=f"ipc://{directory}/frontend.sock", workers=f"ipc://{directory}/workers.sock")

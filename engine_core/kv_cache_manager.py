@@ -1,0 +1,113 @@
+"""Block tables of one worker pool's requests, with prefix caching over the block pool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine_core.block_pool import BlockPool, KVBlock
+from engine_core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Owns which blocks each request holds in one pool, and finds prefix-cache hits.
+
+    A full block enters the prefix cache only after the worker has computed it (see
+    `cache_blocks`), so a hit never points at KV that is still being written.
+    Prefix-cache counters are in tokens and count each admission of a request once.
+    """
+
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._num_cached: dict[str, int] = {}  # leading blocks already published
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens one request could hold if it had the whole pool."""
+        return (self.pool.num_blocks - 1) * self.block_size
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached prefix of a request that holds no blocks: (blocks, tokens)."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        # NOTE: the last token is always recomputed so the step has logits to sample from.
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVBlock] = (),
+    ) -> list[int] | None:
+        """Make room for `num_new_tokens` tokens past the computed ones; None if the pool can't.
+
+        `new_computed_blocks` are the prefix-cache hits from `get_computed_blocks`, passed
+        only when the request is admitted; they cover the tokens just before the new ones.
+        Returns the ids of the freshly allocated blocks (not the hits).
+        """
+        req_id = request.request_id
+        admitted = req_id in self._blocks
+        held = self._blocks.get(req_id, [])
+        if new_computed_blocks and admitted:
+            raise ValueError(f"{req_id}: cache hits are only taken at admission")
+        num_hits = len(new_computed_blocks)
+        num_tokens = request.num_computed_tokens + num_hits * self.block_size + num_new_tokens
+        num_needed = max(cdiv(num_tokens, self.block_size) - len(held) - num_hits, 0)
+        # hits sitting in the free queue stop being free once touched
+        num_free_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_free_hits:
+            return None
+        if not admitted:
+            self._record_admission(request, num_hits)
+            self._num_cached[req_id] = num_hits
+        self.pool.touch(new_computed_blocks)
+        new_blocks = self.pool.get_new_blocks(num_needed)
+        self._blocks[req_id] = [*held, *new_computed_blocks, *new_blocks]
+        return [block.block_id for block in new_blocks]
+
+    def cache_blocks(self, request: Request) -> None:
+        """Publish the request's full blocks that are now computed (call after each step)."""
+        held = self._blocks.get(request.request_id)
+        if not self.enable_prefix_caching or held is None:
+            return
+        start = self._num_cached[request.request_id]
+        end = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
+        for index in range(start, end):
+            self.pool.cache_block(held[index], request.block_hashes[index])
+        self._num_cached[request.request_id] = max(start, end)
+
+    def free(self, request: Request) -> None:
+        """Release every block the request holds (no-op if it holds none)."""
+        held = self._blocks.pop(request.request_id, [])
+        self._num_cached.pop(request.request_id, None)
+        # NOTE: tail first, so a request's private suffix is evicted before the shared prefix.
+        self.pool.free_blocks(reversed(held))
+
+    def get_block_ids(self, request: Request) -> list[int]:
+        return [block.block_id for block in self._blocks.get(request.request_id, [])]
+
+    def _record_admission(self, request: Request, num_hit_blocks: int) -> None:
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_hit_blocks * self.block_size

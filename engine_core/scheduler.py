@@ -1,0 +1,417 @@
+"""Continuous-batching scheduler: which requests advance by how many tokens each step.
+
+vLLM v1's token-budget model. Every request has `num_computed_tokens` and a token list;
+each step closes that gap under `max_num_batched_tokens` and `max_num_seqs`. Running
+requests go first (a decode costs 1 token, a partial prefill its next chunk), then
+waiting ones are admitted while budget, sequence slots and blocks last. When a running
+request cannot get blocks, the lowest-ranked running request is preempted: its blocks
+are freed and it is recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine_core.kv_cache_manager import KVCacheManager
+from engine_core.messages.common import FinishReason, TokenLogprobs
+from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
+from engine_core.messages.worker import (
+    CachedRequestData,
+    NewRequestData,
+    StepPlan,
+    StepResult,
+)
+from engine_core.request import Request, RequestStatus, Stop, check_stop
+
+Policy = Literal["fcfs", "priority"]
+
+
+@dataclass
+class SchedulerConfig:
+    """Scheduling limits; the names and defaults are vLLM's."""
+
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # chunked prefill is always on
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    policy: Policy = "fcfs"
+    # cap on one request's prefill chunk per step, so long prompts don't hog the budget
+    long_prefill_token_threshold: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_model_len >= 2, "max_model_len must be at least 2"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be at least 1"),
+            (self.block_size >= 1, "block_size must be at least 1"),
+            (self.policy in ("fcfs", "priority"), "policy must be 'fcfs' or 'priority'"),
+            (
+                self.long_prefill_token_threshold is None or self.long_prefill_token_threshold >= 1,
+                "long_prefill_token_threshold must be at least 1",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class SchedulerOutput:
+    """One scheduled step: the worker's plan plus what `update_from_output` needs."""
+
+    plan: StepPlan
+    # requests whose scheduled tokens reach their last known token, so the worker samples
+    sampling_req_ids: frozenset[str]
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(self.plan.num_scheduled_tokens.values())
+
+
+def _priority_key(request: Request) -> tuple[int, float]:
+    return (request.priority, request.arrival_time)
+
+
+class WaitingQueue:
+    """Requests holding no blocks, in the order they should be admitted.
+
+    fcfs: arrival order, a preempted request back at the front. priority: by
+    (priority, arrival_time), lower first; a preempted request goes ahead of its equals.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self._by_priority = policy == "priority"
+        self._requests: list[Request] = []
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._requests)
+
+    def add(self, request: Request) -> None:
+        if self._by_priority:
+            bisect.insort_right(self._requests, request, key=_priority_key)
+        else:
+            self._requests.append(request)
+
+    def prepend(self, request: Request) -> None:
+        index = 0
+        if self._by_priority:
+            index = bisect.bisect_left(self._requests, _priority_key(request), key=_priority_key)
+        self._requests.insert(index, request)
+
+    def peek(self) -> Request:
+        return self._requests[0]
+
+    def popleft(self) -> Request:
+        return self._requests.pop(0)
+
+    def remove(self, request: Request) -> None:
+        self._requests.remove(request)
+
+
+@dataclass
+class _Step:
+    """The plan being built during one `schedule()` call."""
+
+    token_budget: int
+    new: list[NewRequestData] = field(default_factory=list)
+    cached: list[CachedRequestData] = field(default_factory=list)
+    num_tokens: dict[str, int] = field(default_factory=dict)
+    sampling: set[str] = field(default_factory=set)
+    preempted: list[str] = field(default_factory=list)
+
+    def add_new(self, request: Request, num_tokens: int, block_ids: list[int]) -> None:
+        self.new.append(
+            NewRequestData(
+                req_id=request.request_id,
+                token_ids=list(request.all_token_ids),
+                num_prompt_tokens=request.num_prompt_tokens,
+                sampling_params=request.sampling_params,
+                block_ids=block_ids,
+                num_computed_tokens=request.num_computed_tokens,
+            )
+        )
+        self._count(request, num_tokens)
+
+    def add_cached(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
+        self.cached.append(
+            CachedRequestData(
+                req_id=request.request_id,
+                new_block_ids=new_block_ids,
+                num_computed_tokens=request.num_computed_tokens,
+            )
+        )
+        self._count(request, num_tokens)
+
+    def _count(self, request: Request, num_tokens: int) -> None:
+        self.num_tokens[request.request_id] = num_tokens
+        self.token_budget -= num_tokens
+        if request.num_computed_tokens + num_tokens == request.num_tokens:
+            self.sampling.add(request.request_id)
+
+
+class Scheduler:
+    """Decides every step; owns the requests and, through KV cache managers, their blocks.
+
+    `running` is kept in rank order (admission order under fcfs; (priority, arrival)
+    under priority), so it is scheduled front to back and its tail is always the next
+    preemption victim — a victim is never a request already scheduled this step.
+    """
+
+    def __init__(
+        self, config: SchedulerConfig, num_blocks: int, eos_token_ids: Collection[int]
+    ) -> None:
+        self.config = config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        # NOTE: one pool per worker role; colocated mode has only "mixed". Disaggregation
+        # adds "prefill" and "decode" pools, and `_pool_for` picks by a request's phase.
+        self.pools = {
+            "mixed": KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        }
+        for name, pool in self.pools.items():
+            # otherwise a lone request could outgrow the pool and preempt itself forever
+            if pool.capacity_tokens < config.max_model_len:
+                raise ValueError(
+                    f"{name} pool holds {pool.capacity_tokens} tokens, "
+                    f"less than max_model_len={config.max_model_len}"
+                )
+        self.requests: dict[str, Request] = {}  # waiting and running, by id
+        self.waiting = WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self._forget_ids: list[str] = []  # finished since the last plan; workers must drop them
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    def add_request(self, msg: AddRequest) -> RequestDelta | None:
+        """Queue a request; returns a finished delta carrying the error if it is rejected."""
+        error = self._rejection(msg)
+        if error is not None:
+            return RequestDelta(msg.request_id, [], finish_reason=FinishReason.ABORT, error=error)
+        request = Request.from_add_request(msg, self.config.block_size)
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+        return None
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[RequestDelta]:
+        """Finish requests in any state, freeing their blocks; unknown ids are ignored."""
+        deltas: list[RequestDelta] = []
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, Stop(RequestStatus.FINISHED_ABORTED))
+            deltas.append(self._delta(request, []))
+        return deltas
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        """Queue lengths, KV usage per pool, cumulative prefix-cache and preemption counts."""
+        pools = self.pools.values()
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage={name: pool.usage for name, pool in self.pools.items()},
+            prefix_cache_queries=sum(pool.prefix_cache_queries for pool in pools),
+            prefix_cache_hits=sum(pool.prefix_cache_hits for pool in pools),
+            num_preemptions=self.num_preemptions,
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: running requests first, then admit waiting ones."""
+        step = _Step(token_budget=self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        # NOTE: a step that had to preempt is out of blocks; admitting now would thrash.
+        if not step.preempted:
+            self._schedule_waiting(step)
+        return self._emit(step)
+
+    def update_from_output(
+        self, sched_out: SchedulerOutput, result: StepResult
+    ) -> list[RequestDelta]:
+        """Apply a worker's result: advance progress, append sampled tokens, check stops."""
+        plan = sched_out.plan
+        if result.step_id != plan.step_id:
+            raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
+        if result.error is not None:
+            return self._fail_step(plan, result.error)
+        sampled = dict(zip(result.req_ids, result.sampled_token_ids, strict=True))
+        logprobs: dict[str, TokenLogprobs] = {}
+        if result.logprobs is not None:
+            logprobs = dict(zip(result.req_ids, result.logprobs, strict=True))
+        deltas: list[RequestDelta] = []
+        for req_id, num_tokens in plan.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += num_tokens
+            self._pool_for(request).cache_blocks(request)
+            if req_id in sched_out.sampling_req_ids:
+                if req_id not in sampled:
+                    raise ValueError(f"worker sampled no token for {req_id}")
+                deltas.append(self._append(request, sampled[req_id], logprobs.get(req_id)))
+        self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+        return deltas
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    def _schedule_running(self, step: _Step) -> None:
+        index = 0
+        while index < len(self.running) and step.token_budget > 0:
+            request = self.running[index]
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, step)
+            new_block_ids = self._allocate_or_preempt(request, num_new, step)
+            if new_block_ids is None:
+                return  # it preempted itself, so it was the last running request
+            step.add_cached(request, num_new, new_block_ids)
+            index += 1
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, step: _Step) -> list[int] | None:
+        """Allocate for a running request, preempting from the tail until it fits."""
+        pool = self._pool_for(request)
+        while (new_block_ids := pool.allocate_slots(request, num_new)) is None:
+            victim = self.running[-1]
+            self._preempt(victim, step)
+            if victim is request:
+                return None
+        return new_block_ids
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        while self.waiting and step.token_budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                return
+            if not self._admit(self.waiting.peek(), step):
+                return  # head-of-line waits for blocks; later requests wait behind it
+
+    def _admit(self, request: Request, step: _Step) -> bool:
+        """Try to start (or resume) the head of the waiting queue."""
+        pool = self._pool_for(request)
+        hits, num_hit_tokens = pool.get_computed_blocks(request)
+        num_new = self._chunk(request.num_tokens - num_hit_tokens, step)
+        if pool.allocate_slots(request, num_new, hits) is None:
+            return False
+        self.waiting.popleft()
+        if request.status == RequestStatus.WAITING:
+            request.num_cached_tokens = num_hit_tokens
+        request.num_computed_tokens = num_hit_tokens
+        request.status = RequestStatus.RUNNING
+        self._add_running(request)
+        step.add_new(request, num_new, pool.get_block_ids(request))
+        return True
+
+    def _chunk(self, num_uncomputed: int, step: _Step) -> int:
+        threshold = self.config.long_prefill_token_threshold
+        if threshold is not None:
+            num_uncomputed = min(num_uncomputed, threshold)
+        return min(num_uncomputed, step.token_budget)
+
+    def _add_running(self, request: Request) -> None:
+        if self.config.policy == "priority":
+            bisect.insort_right(self.running, request, key=_priority_key)
+        else:
+            self.running.append(request)
+
+    def _preempt(self, request: Request, step: _Step) -> None:
+        self.running.remove(request)
+        self._pool_for(request).free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.prepend(request)
+        step.preempted.append(request.request_id)
+
+    def _emit(self, step: _Step) -> SchedulerOutput:
+        self._forget_ids += step.preempted
+        forget: list[str] = []
+        # NOTE: an empty plan is never executed, so what to forget waits for the next one
+        if step.num_tokens:
+            forget, self._forget_ids = self._forget_ids, []
+        self._step_id += 1
+        plan = StepPlan(
+            step_id=self._step_id,
+            new_requests=step.new,
+            cached_requests=step.cached,
+            num_scheduled_tokens=step.num_tokens,
+            finished_req_ids=forget,
+        )
+        return SchedulerOutput(plan, frozenset(step.sampling))
+
+    def _pool_for(self, request: Request) -> KVCacheManager:
+        return self.pools["mixed"]
+
+    # -- results -------------------------------------------------------------------------
+
+    def _append(
+        self, request: Request, token_id: int, logprobs: TokenLogprobs | None
+    ) -> RequestDelta:
+        request.append_output_token(token_id)
+        stop = check_stop(request, self.eos_token_ids, self.config.max_model_len)
+        if stop is not None:
+            self._finish(request, stop)
+        return self._delta(request, [token_id], None if logprobs is None else [logprobs])
+
+    def _fail_step(self, plan: StepPlan, error: str) -> list[RequestDelta]:
+        """The worker could not run the step: abort its requests, reporting the error."""
+        deltas: list[RequestDelta] = []
+        for req_id in plan.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            self.running.remove(request)
+            self._finish(request, Stop(RequestStatus.FINISHED_ABORTED))
+            deltas.append(self._delta(request, [], error=error))
+        return deltas
+
+    def _finish(self, request: Request, stop: Stop) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self._forget_ids.append(request.request_id)
+        request.status = stop.status
+        request.stop_reason = stop.stop_token
+        self._pool_for(request).free(request)
+        del self.requests[request.request_id]
+
+    def _delta(
+        self,
+        request: Request,
+        new_token_ids: list[int],
+        logprobs: list[TokenLogprobs] | None = None,
+        error: str | None = None,
+    ) -> RequestDelta:
+        return RequestDelta(
+            request_id=request.request_id,
+            new_token_ids=new_token_ids,
+            new_logprobs=logprobs,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=request.num_cached_tokens,
+            error=error,
+        )
+
+    def _rejection(self, msg: AddRequest) -> str | None:
+        num_prompt = len(msg.prompt_token_ids)
+        if msg.request_id in self.requests:
+            return f"request id {msg.request_id!r} is already in use"
+        if num_prompt == 0:
+            return "the prompt is empty"
+        if num_prompt >= self.config.max_model_len:
+            return (
+                f"the prompt has {num_prompt} tokens, but max_model_len is "
+                f"{self.config.max_model_len}: no room to generate"
+            )
+        try:
+            msg.sampling_params.validate()
+        except ValueError as exc:
+            return str(exc)
+        return None

@@ -1,0 +1,158 @@
+"""The model runner: one worker's model, KV pool and request state; executes step plans."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine_core.config import EngineConfig
+from engine_core.messages.worker import NewRequestData, StepPlan, StepResult
+from kernels.metadata import AttentionMetadata
+from models.config import ModelConfig
+from models.llama import LlamaForCausalLM
+from models.loader import iter_weights, load_config, resolve_model
+from models.sampler import SamplingState, sample
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# (shape, dtype) -> KV pool tensor; the shm connector passes one that lives in shared memory.
+KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype)
+
+
+def kv_block_bytes(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes across all layers (K and V)."""
+    per_token = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
+    return per_token * block_size * dtype.itemsize
+
+
+@dataclass
+class RunnerRequest:
+    """The worker's copy of a request: tokens, where its KV lives, how it samples."""
+
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingState
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.sampling.prompt_token_ids) + len(self.sampling.output_token_ids)
+
+    def token(self, index: int) -> int:
+        prompt = self.sampling.prompt_token_ids
+        return prompt[index] if index < len(prompt) else self.sampling.output_token_ids[index - len(prompt)]
+
+
+class ModelRunner:
+    """Loads the model, owns the KV pool, and turns each StepPlan into a StepResult."""
+
+    def __init__(self, config: EngineConfig, kv_allocator: KVAllocator = _zeros) -> None:
+        source = resolve_model(config.model)
+        self.model_config = load_config(source)
+        self.dtype = DTYPES[config.dtype]
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.model = LlamaForCausalLM(self.model_config, max_positions=self.max_model_len)
+        self.model.load_weights(iter_weights(source, self.dtype))
+        self.model.to(self.dtype).eval()
+        self.num_blocks = config.kv_cache_memory // kv_block_bytes(self.model_config, self.block_size, self.dtype)
+        mc = self.model_config
+        shape = (mc.num_hidden_layers, 2, self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.kv_cache = kv_allocator(shape, self.dtype)  # [L, 2, blocks, block_size, Hkv, D]
+        self.requests: dict[str, RunnerRequest] = {}
+        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
+                    self.kv_cache.numel() * self.dtype.itemsize / 2**30)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step: update request state from the plan, forward, sample."""
+        self._apply_plan(plan)
+        order = sorted(plan.num_scheduled_tokens, key=lambda r: plan.num_scheduled_tokens[r] != 1)
+        if not order:
+            return StepResult(step_id=plan.step_id, req_ids=[], sampled_token_ids=[])
+        input_ids, positions, meta, sample_rows, sample_ids = self._prepare(order, plan.num_scheduled_tokens)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        for req_id in order:
+            self.requests[req_id].num_computed_tokens += plan.num_scheduled_tokens[req_id]
+        if not sample_ids:
+            return StepResult(step_id=plan.step_id, req_ids=[], sampled_token_ids=[])
+        logits = self.model.compute_logits(hidden[sample_rows])  # [S, V]
+        states = [self.requests[r].sampling for r in sample_ids]
+        out = sample(logits, states)
+        for state, token in zip(states, out.token_ids, strict=True):
+            state.output_token_ids.append(token)
+        wants_logprobs = any(s.params.logprobs is not None for s in states)
+        return StepResult(
+            step_id=plan.step_id,
+            req_ids=sample_ids,
+            sampled_token_ids=out.token_ids,
+            logprobs=out.logprobs if wants_logprobs else None,
+        )
+
+    def _apply_plan(self, plan: StepPlan) -> None:
+        for req_id in plan.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in plan.new_requests:
+            self.requests[new.req_id] = self._new_request(new)
+        for cached in plan.cached_requests:
+            req = self.requests[cached.req_id]
+            req.block_ids.extend(cached.new_block_ids)
+            req.num_computed_tokens = cached.num_computed_tokens
+            req.sampling.output_token_ids.extend(cached.new_token_ids)
+
+    def _new_request(self, new: NewRequestData) -> RunnerRequest:
+        state = SamplingState(
+            params=new.sampling_params,
+            prompt_token_ids=new.token_ids[: new.num_prompt_tokens],
+            output_token_ids=new.token_ids[new.num_prompt_tokens :],
+            eos_token_ids=self.model_config.eos_token_ids,
+        )
+        return RunnerRequest(block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens, sampling=state)
+
+    def _prepare(
+        self, order: list[str], num_scheduled: dict[str, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[str]]:
+        """Flatten the scheduled requests (decodes first) into model inputs."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+        bs = self.block_size
+        for req_id in order:
+            req = self.requests[req_id]
+            start, count = req.num_computed_tokens, num_scheduled[req_id]
+            end = start + count
+            input_ids.extend(req.token(i) for i in range(start, end))
+            positions.extend(range(start, end))
+            slots.extend(req.block_ids[i // bs] * bs + i % bs for i in range(start, end))
+            query_start.append(query_start[-1] + count)
+            seq_lens.append(end)
+            if end == req.num_tokens:
+                sample_rows.append(query_start[-1] - 1)
+                sample_ids.append(req_id)
+        max_blocks = max(len(self.requests[r].block_ids) for r in order)
+        tables = torch.zeros(len(order), max_blocks, dtype=torch.int32)
+        for row, req_id in enumerate(order):
+            ids = self.requests[req_id].block_ids
+            tables[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=tables,
+            num_decodes=sum(1 for r in order if num_scheduled[r] == 1),
+            query_start_loc_cpu=query_start,
+            seq_lens_cpu=seq_lens,
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.int64)
+        return ids_t, torch.tensor(positions, dtype=torch.int64), meta, sample_rows, sample_ids

@@ -1,0 +1,46 @@
+"""Shared fixtures: the embedded default model and tiny random checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from checkpoints import write_tiny_llama
+
+from models.loader import ModelSource, resolve_model
+from models.tokenizer import Tokenizer, load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def default_source() -> ModelSource:
+    """The embedded SmolLM2-135M-Instruct GGUF."""
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_source: ModelSource) -> Tokenizer:
+    """The default model's tokenizer (cached under $DUET_CACHE_DIR or ~/.cache/duet)."""
+    return load_tokenizer(default_source)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """A factory: `tiny_checkpoint(**write_tiny_llama_kwargs) -> folder`.
+
+    Folders are shared by every test asking for the same arguments: do not modify them.
+    """
+    made: dict[tuple, Path] = {}
+    signature = inspect.signature(write_tiny_llama)
+
+    def make(**kwargs: object) -> Path:
+        # spelled-out defaults and omitted ones name the same checkpoint
+        bound = signature.bind(None, **kwargs)
+        bound.apply_defaults()
+        key = tuple(sorted(bound.kwargs.items()))
+        if key not in made:
+            made[key] = write_tiny_llama(tmp_path_factory.mktemp("tiny"), **kwargs)
+        return made[key]
+
+    return make

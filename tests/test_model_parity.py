@@ -1,0 +1,119 @@
+"""Greedy token parity with Hugging Face transformers, on the real model and tiny ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parity import compare, hf_greedy
+from transformers import AutoModelForCausalLM
+
+from engine_core import LLM, SamplingParams
+from models.export import export_hf_folder
+
+PROMPTS = [
+    "What is the capital of Japan?",
+    "Write a haiku about the sea.",
+    "Hi",
+    "Explain in detail how a transformer language model turns a prompt into an answer, "
+    "covering tokenization, embeddings, attention, the feed-forward layers and sampling.",
+    "List five prime numbers.",
+    "Translate to French: The cat sleeps on the warm windowsill while the rain falls outside.",
+    "Once upon a time, " * 40,
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Summarize: " + "The quick brown fox jumps over the lazy dog. " * 25,
+]
+
+
+@pytest.fixture(scope="module")
+def default_llm() -> LLM:
+    return LLM(kv_cache_memory="512MiB")
+
+
+@pytest.fixture(scope="module")
+def hf_default(tmp_path_factory: pytest.TempPathFactory, default_source) -> torch.nn.Module:
+    folder = export_hf_folder(default_source, tmp_path_factory.mktemp("smollm2-hf"))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _check_batch(llm: LLM, hf: torch.nn.Module, prompts: list[list[int]], max_tokens: int) -> int:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5)
+    ours = llm.generate(prompts, params)
+    eos = llm.runner.model_config.eos_token_ids
+    refs = hf_greedy(hf, prompts, max_tokens, eos[0] if eos else None)
+    return sum(
+        compare(o.outputs[0].token_ids, o.outputs[0].logprobs, r)
+        for o, r in zip(ours, refs, strict=True)
+    )
+
+
+@pytest.mark.slow
+def test_default_model_matches_hf_in_one_batch(
+    default_llm: LLM, hf_default: torch.nn.Module
+) -> None:
+    tok = default_llm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    lengths = sorted(len(p) for p in prompts)
+    assert len(set(lengths)) >= 8 and lengths[-1] > 200, lengths
+    tolerated = _check_batch(default_llm, hf_default, prompts, max_tokens=64)
+    print(f"tolerated top-5 divergences: {tolerated} of {len(prompts)} prompts")
+    assert tolerated <= 2
+
+
+@pytest.mark.slow
+def test_capital_of_japan(default_llm: LLM) -> None:
+    out = default_llm.chat(
+        [{"role": "user", "content": "What is the capital of Japan?"}],
+        SamplingParams(temperature=0.0, max_tokens=48),
+    )
+    assert out[0].outputs[0].text == "The capital of Japan is Tokyo."
+    assert out[0].outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        dict(architecture="llama", num_heads=4, num_kv_heads=4, tie_word_embeddings=False),  # MHA
+        dict(architecture="llama", num_heads=4, num_kv_heads=2, tie_word_embeddings=False),  # GQA
+        dict(architecture="llama", num_heads=4, num_kv_heads=2, tie_word_embeddings=True),
+        dict(architecture="mistral", num_heads=4, num_kv_heads=2, tie_word_embeddings=False),
+        dict(
+            architecture="qwen2", num_heads=4, num_kv_heads=2, tie_word_embeddings=False
+        ),  # q/k/v bias
+    ],
+    ids=["llama-mha", "llama-gqa", "llama-tied", "mistral-gqa", "qwen2-bias"],
+)
+def test_tiny_checkpoints_match_hf(tiny_checkpoint, kind: dict) -> None:
+    folder = tiny_checkpoint(**kind)
+    llm = LLM(str(folder), kv_cache_memory="64MiB", block_size=4)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in (1, 3, 4, 5, 17, 40)]
+    assert _check_batch(llm, hf, prompts, max_tokens=24) == 0
+
+
+@pytest.mark.slow
+def test_one_shot_chunked_and_token_by_token_prefill_agree(default_llm: LLM) -> None:
+    tok = default_llm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    one_shot = [o.outputs[0].token_ids for o in default_llm.generate(prompts, params)]
+    for budget in (7, 1):  # chunks of 7, then every prompt token through the decode path
+        llm = LLM(
+            kv_cache_memory="256MiB", max_num_batched_tokens=budget, enable_prefix_caching=False
+        )
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == one_shot, budget
+
+
+@pytest.mark.slow
+def test_seeded_sample_is_the_same_alone_and_in_a_batch(default_llm: LLM) -> None:
+    chat = [{"role": "user", "content": "Tell me a story about a robot."}]
+    prompt = default_llm.tokenizer.apply_chat_template(chat)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24)
+    alone = default_llm.generate([prompt], seeded)[0].outputs[0].token_ids
+    others = [default_llm.tokenizer.encode(p) for p in PROMPTS[:5]]
+    batch = default_llm.generate(
+        [*others, prompt], [SamplingParams(temperature=1.0, max_tokens=24)] * 5 + [seeded]
+    )
+    assert batch[-1].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=4321, max_tokens=24)
+    assert default_llm.generate([prompt], other_seed)[0].outputs[0].token_ids != alone
