@@ -45,7 +45,9 @@ def sample(logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutp
     """Sample one token per row of `logits` [B, V] fp32; `states[i]` describes row i.
 
     `logits` is used as scratch space and holds garbage afterwards. Logprobs are taken
-    from the raw logits, before any bias, penalty or temperature (vLLM's default).
+    from the raw logits, before any bias, penalty or temperature (vLLM's default). A
+    seeded row's randomness is a function of (seed, len(output_token_ids)) alone, so it
+    samples the same tokens in any batch, after preemption, and in any worker process.
     """
     lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     raw_logprobs = _rows(logits, lp_rows).log_softmax(-1) if lp_rows else None  # [L, V]

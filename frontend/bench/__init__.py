@@ -1,0 +1,1 @@
+"""`duet bench serve`: a load generator for any OpenAI-compatible server, after vLLM's."""

@@ -1,0 +1,236 @@
+"""Prometheus metrics for duet's frontends, in prometheus-client's multiprocess mode.
+
+Every frontend process writes its samples to files in PROMETHEUS_MULTIPROC_DIR; GET /metrics
+on any of them merges all the files, so a scrape sees the whole server whichever process
+answers. Names mirror vLLM's (`vllm:` becomes `duet:`), each labelled `model_name`.
+
+Two sources feed the metrics:
+- Per-request timings and token counts, measured by the frontend that owns the request
+  (`EngineMetrics.start_request` -> `RequestTimer`). Each frontend records only its own
+  requests, and the merge sums them.
+- `SchedulerStats` from the engine core, which every frontend receives. Gauges use
+  multiprocess_mode="mostrecent", so N frontends holding the same reading show it once.
+  The core's counters arrive as cumulative totals; only the frontend built with
+  `apply_core_stats=True` (frontend 0) turns them into increments, or N frontends would
+  count the same work N times. It takes the first totals it sees as a baseline, so a
+  restarted frontend 0 does not count again what its predecessor already counted (the
+  cost: work between the core's start and frontend 0's first stats is not counted).
+
+NOTE: prometheus_client picks in-memory or file-backed values when it is first imported,
+so this module imports it only inside functions: importing `frontend.metrics` before the
+launcher has called `setup_multiproc_dir()` is safe.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from engine_core.messages.common import FinishReason
+from engine_core.messages.frontend import RequestDelta, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards and SLO rules carry over.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+               5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                           40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+
+# counter name (without `duet:` and `_total`) -> cumulative SchedulerStats field, help text
+_CORE_COUNTERS = {
+    "prefix_cache_queries": ("prefix_cache_queries", "Prefix cache queries, in queried tokens."),
+    "prefix_cache_hits": ("prefix_cache_hits", "Prefix cache hits, in cached tokens."),
+    "num_preemptions": ("num_preemptions", "Cumulative number of preemptions."),
+    "kv_transfer_bytes": ("kv_transfer_bytes", "Bytes of KV blocks moved prefill -> decode."),
+    # NOTE: SchedulerStats carries only the cumulative time, not per-transfer durations,
+    # so this is a counter of seconds (rate() of it is the fraction of time spent moving).
+    "kv_transfer_seconds": ("kv_transfer_seconds", "Seconds spent transferring KV blocks."),
+    "kv_transfer_failures": ("kv_transfer_failures", "KV transfers that failed."),
+    "recomputed_prefills": ("recomputed_prefills", "Prefills recomputed after a lost transfer."),
+}
+
+
+def setup_multiproc_dir() -> str:
+    """Point PROMETHEUS_MULTIPROC_DIR at a fresh directory; return its path.
+
+    The launcher calls this once, before any process imports prometheus_client and before
+    it starts the frontends (they inherit the variable). A directory the operator set
+    already is kept as is; it must be emptied between runs, as prometheus-client requires.
+    """
+    if _ENV in os.environ:
+        logger.warning(
+            "using %s=%s as set; empty it between runs or metrics carry over",
+            _ENV,
+            os.environ[_ENV],
+        )
+        return os.environ[_ENV]
+    if "prometheus_client.values" in sys.modules:
+        raise RuntimeError(
+            "prometheus_client was imported before setup_multiproc_dir(): "
+            "this process would keep its metrics in memory, unseen by /metrics"
+        )
+    path = tempfile.mkdtemp(prefix="duet-prometheus-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ[_ENV] = path
+    return path
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """Every frontend's metrics merged, as (body, content type) for GET /metrics."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class EngineMetrics:
+    """This frontend process's metrics for one served model.
+
+    Build exactly one per process: two instances with the same model name would write the
+    same file entries and lose each other's updates.
+    """
+
+    def __init__(
+        self, model_name: str, apply_core_stats: bool, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        from prometheus_client import Counter, Gauge, Histogram, values
+
+        if values.ValueClass is values.MutexValue:
+            raise RuntimeError(
+                "prometheus_client is not in multiprocess mode: call "
+                "setup_multiproc_dir() in the launcher before importing it"
+            )
+        self.model_name = model_name
+        self.apply_core_stats = apply_core_stats
+        self.clock = clock
+        name, labels = [model_name], ["model_name"]
+
+        def gauge(key: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            # registry=None: /metrics reads the files, and a process-wide registry would
+            # reject a second EngineMetrics (tests build several, one per model name).
+            return Gauge(
+                f"duet:{key}", doc, [*labels, *extra], registry=None, multiprocess_mode="mostrecent"
+            )
+
+        def counter(key: str, doc: str) -> Counter:
+            return Counter(f"duet:{key}", doc, labels, registry=None).labels(*name)
+
+        def histogram(key: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"duet:{key}", doc, labels, registry=None, buckets=buckets).labels(
+                *name
+            )
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.").labels(*name)
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to run.").labels(*name)
+        self.kv_usage = gauge("kv_cache_usage_perc", "KV cache usage; 1 means full.", ("pool",))
+        self.core_counters = {key: counter(key, doc) for key, (_, doc) in _CORE_COUNTERS.items()}
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        success = Counter(
+            "duet:request_success",
+            "Requests finished, by reason.",
+            [*labels, "finished_reason"],
+            registry=None,
+        )
+        self.success = {r: success.labels(model_name, r.api_name) for r in FinishReason}
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between outputs.", ITL_BUCKETS)
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival to finish.", REQUEST_LATENCY_BUCKETS
+        )
+        self.queue_time = histogram(
+            "request_queue_time_seconds",
+            "Arrival to first output from the core.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self._last_totals: dict[str, float] | None = None
+
+    def on_stats(self, stats: SchedulerStats) -> None:
+        """Apply one SchedulerStats from the core (every frontend calls this)."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        for pool, usage in stats.kv_cache_usage.items():
+            self.kv_usage.labels(self.model_name, pool).set(usage)
+        if self.apply_core_stats:
+            self._count_core_totals(stats)
+
+    def _count_core_totals(self, stats: SchedulerStats) -> None:
+        totals = {key: float(getattr(stats, field)) for key, (field, _) in _CORE_COUNTERS.items()}
+        last, self._last_totals = self._last_totals, totals
+        if last is None:
+            return  # the baseline (see the module docstring)
+        for key, total in totals.items():
+            # a total that went down means the core restarted and counts from zero again
+            delta = total - last[key] if total >= last[key] else total
+            if delta > 0:
+                self.core_counters[key].inc(delta)
+
+    def start_request(self) -> RequestTimer:
+        """Start timing a request now: call when it arrives, before tokenizing it."""
+        return RequestTimer(self)
+
+
+class RequestTimer:
+    """One request's timeline as its frontend sees it; feeds the per-request metrics.
+
+    Set `num_prompt_tokens` once the prompt is tokenized; it is counted into
+    `duet:prompt_tokens_total` when the first token arrives (the prefill is done then).
+    Queue time is arrival -> the first output the core sends for the request: the wire
+    has no "scheduled" event, so this is an upper bound (it includes the first step).
+    """
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._metrics = metrics
+        self.num_prompt_tokens = 0
+        self._arrival = metrics.clock()
+        self._seen_output = False
+        self._last_token: float | None = None
+        self._done = False
+
+    def on_delta(self, delta: RequestDelta) -> None:
+        """Record one RequestDelta for this request (tokens, and the finish if it carries one)."""
+        if self._done:
+            return
+        if delta.error is not None:
+            self._done = True  # rejected, never ran: no latency to report
+            return
+        now, m = self._metrics.clock(), self._metrics
+        if not self._seen_output:
+            self._seen_output = True
+            m.queue_time.observe(now - self._arrival)
+        if delta.new_token_ids:
+            if self._last_token is None:
+                m.ttft.observe(now - self._arrival)
+                m.prompt_tokens.inc(self.num_prompt_tokens)
+            else:
+                m.itl.observe(now - self._last_token)
+            self._last_token = now
+            m.generation_tokens.inc(len(delta.new_token_ids))
+        if delta.finish_reason is not None:
+            self.finish(delta.finish_reason)
+
+    def finish(self, reason: FinishReason) -> None:
+        """Count the request as finished; later calls and deltas are ignored.
+
+        A delta with a finish reason calls it; the frontend calls it for the requests it
+        ends itself (a stop string it matched, a client that went away).
+        """
+        if self._done:
+            return
+        self._done = True
+        self._metrics.success[reason].inc()
+        if reason != FinishReason.ABORT:
+            self._metrics.e2e.observe(self._metrics.clock() - self._arrival)

