@@ -24,7 +24,8 @@ class AttentionBackend:
 
 
 def get_attention_backend(device: torch.device | str) -> AttentionBackend:
-    """Triton kernels on CUDA devices, the torch path everywhere else.
+    """Triton kernels on CUDA devices; on CPUs the native C decode kernel when it builds,
+    else the torch path.
 
     triton is imported only when CUDA is asked for, so CPU-only installs never need it.
     """
@@ -34,6 +35,10 @@ def get_attention_backend(device: torch.device | str) -> AttentionBackend:
         return AttentionBackend(
             "triton", triton_attention.write_kv, triton_attention.paged_attention
         )
+    from kernels import cpu_attention, native
+
+    if native.load() is not None:
+        return AttentionBackend("cpu-native", cpu_attention.write_kv, cpu_attention.paged_attention)
     from kernels import attention
 
     return AttentionBackend("torch", attention.write_kv, attention.paged_attention)

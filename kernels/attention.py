@@ -7,10 +7,15 @@ lives at `slot = block_id * block_size + offset`. Callers write the step's new K
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from kernels.metadata import AttentionMetadata
+
+# (query [B, Hq, D], key_cache, value_cache, meta, scale) -> [B, Hq, D]
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 
 
 def write_kv(
@@ -37,18 +42,20 @@ def paged_attention(
     value_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    decode: DecodeFn | None = None,
 ) -> torch.Tensor:
     """Attend each new token to its sequence's cached and new tokens, causally.
 
     query: [T, Hq, D] with Hq a multiple of Hkv; caches: [num_blocks, block_size, Hkv, D],
     already holding this step's K/V. Sequences [0, num_decodes) have one token each and
     run batched (one SDPA call per few MB of gathered K/V); the prefill chunks after them
-    run one sequence at a time. Returns a new contiguous [T, Hq, D].
+    run one sequence at a time. Returns a new contiguous [T, Hq, D]. `decode` replaces
+    the batched decode part (same arguments as `decode_attention`), e.g. a native kernel.
     """
     out = query.new_empty(query.shape)  # [T, Hq, D]
     if meta.num_decodes > 0:
         decode_query = query[: meta.num_decodes]  # [B, Hq, D]
-        out[: meta.num_decodes] = _decode(decode_query, key_cache, value_cache, meta, scale)
+        out[: meta.num_decodes] = (decode or decode_attention)(decode_query, key_cache, value_cache, meta, scale)
     for seq in range(meta.num_decodes, meta.num_seqs):
         start, end = meta.query_start_loc_cpu[seq], meta.query_start_loc_cpu[seq + 1]
         out[start:end] = _prefill_chunk(
@@ -70,7 +77,7 @@ def paged_attention(
 _DECODE_TILE_BYTES = 4 << 20
 
 
-def _decode(
+def decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,

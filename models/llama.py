@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import paged_attention, write_kv
+from kernels import AttentionBackend, get_attention_backend
 from kernels.metadata import AttentionMetadata
 from models.config import ModelConfig
 
@@ -75,8 +75,9 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, attn: AttentionBackend) -> None:
         super().__init__()
+        self.attn = attn
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -99,8 +100,8 @@ class Attention(nn.Module):
         q = self.rope(positions, q.view(-1, self.num_heads, self.head_dim))  # [T, Hq, D]
         k = self.rope(positions, k.view(-1, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
+        self.attn.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = self.attn.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -117,10 +118,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rope: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, attn: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rope)
+        self.self_attn = Attention(config, rope, attn)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -134,12 +135,13 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder stack + LM head; `forward` returns hidden states, `compute_logits` the logits."""
 
-    def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int | None = None, device: str = "cpu") -> None:
         super().__init__()
         self.config = config
         rope = RotaryEmbedding(config, max_positions or config.max_position_embeddings)
+        attn = get_attention_backend(device)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, rope) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, rope, attn) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 

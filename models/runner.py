@@ -71,6 +71,7 @@ class ModelRunner:
         logger.info("KV pool: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
                     self.kv_cache.numel() * self.dtype.itemsize / 2**30)
 
+    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step: update request state from the plan, forward, sample."""
         self._apply_plan(plan)
