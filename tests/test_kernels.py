@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import get_attention_backend
+from kernels import cpu_attention, get_attention_backend, native
 from kernels.attention import paged_attention, write_kv
 from kernels.metadata import AttentionMetadata
 
@@ -225,7 +225,10 @@ def test_write_kv_touches_exactly_its_slots() -> None:
         assert torch.equal(flat[untouched], flat_before[untouched])
 
 
-def test_cpu_backend_is_the_torch_path() -> None:
+def test_cpu_backend_is_the_torch_path_with_native_decode_when_built() -> None:
     backend = get_attention_backend("cpu")
-    assert backend.name == "torch"
-    assert backend.write_kv is write_kv and backend.paged_attention is paged_attention
+    assert backend.write_kv is write_kv
+    if native.load() is None:
+        assert backend.name == "torch" and backend.paged_attention is paged_attention
+    else:
+        assert backend.name == "cpu-native" and backend.paged_attention is cpu_attention.paged_attention
