@@ -1,0 +1,210 @@
+"""The frontend side of the frontend <-> core wire: one asyncio DEALER per frontend process.
+
+Requests go out as ADD / ABORT frames; the core answers with one StepOutputs per step for
+everything this frontend owns, which a single receive task splits into one queue per
+request. While idle the core still sends stats (an empty StepOutputs, or STATS) every
+second, which doubles as a heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+
+import zmq
+import zmq.asyncio
+
+from engine_core.framing import Decoder, encode
+from engine_core.messages.common import FinishReason
+from engine_core.messages.frontend import (
+    AbortRequests,
+    AddRequest,
+    FrontendMsg,
+    RequestDelta,
+    SchedulerStats,
+    StepOutputs,
+)
+
+logger = logging.getLogger(__name__)
+
+# The core speaks at least every second when idle, but not during a long step (a big
+# prefill chunk on a busy CPU can take seconds), so silence must last well beyond that.
+HEALTH_TIMEOUT = 30.0
+
+_INCOMING = Decoder({FrontendMsg.OUTPUTS: StepOutputs, FrontendMsg.STATS: SchedulerStats})
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core stopped talking; requests in flight cannot finish."""
+
+
+class EngineClient:
+    """Submit requests to the engine core and stream their deltas back.
+
+    Use inside a running event loop: `await client.start()`, then `add_request(...)` per
+    request, `await client.close()` at shutdown.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        identity: bytes,
+        health_timeout: float = HEALTH_TIMEOUT,
+        on_stats: Callable[[SchedulerStats], None] | None = None,
+    ) -> None:
+        self.address = address
+        self.identity = identity
+        self.health_timeout = health_timeout
+        self.on_stats = on_stats  # called with every SchedulerStats (e.g. for /metrics)
+        self.latest_stats: SchedulerStats | None = None
+        self._ctx = zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._queues: dict[str, asyncio.Queue[RequestDelta | Exception]] = {}
+        self._unstarted: set[str] = set()  # added, no token back yet
+        self._started_at = time.monotonic()
+        self._last_heard: float | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Connect, say HELLO so the core knows this identity, and start listening."""
+        socket = self._ctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.IDENTITY, self.identity)
+        socket.setsockopt(zmq.LINGER, 0)
+        # NOTE: 0 = no high-water mark; dropping or blocking a frame would lose a request.
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.connect(self.address)
+        self._socket = socket
+        self._started_at = time.monotonic()
+        self._send(FrontendMsg.HELLO)
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="engine-client-recv"),
+            asyncio.create_task(self._watchdog(), name="engine-client-watchdog"),
+        ]
+
+    async def close(self) -> None:
+        """Abort everything in flight, stop the tasks and close the socket."""
+        if self._queues:
+            self.abort(list(self._queues))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close(linger=100)  # let the aborts leave
+        self._ctx.term()
+
+    @property
+    def is_healthy(self) -> bool:
+        """True when the core has spoken within `health_timeout` seconds."""
+        return self._last_heard is not None and self._silence() < self.health_timeout
+
+    @property
+    def num_unstarted(self) -> int:
+        """Requests of this frontend that the core has not produced a token for yet."""
+        return len(self._unstarted)
+
+    def add_request(self, request: AddRequest) -> AsyncGenerator[RequestDelta]:
+        """Send `request` now; iterate the result for its deltas until it finishes.
+
+        The last delta has `finish_reason` (or `error`) set. Closing the iterator early
+        (a stop string, a client that went away) aborts the request in the core. Raises
+        EngineDeadError from the iterator if the core goes silent.
+        """
+        if request.request_id in self._queues:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        queue: asyncio.Queue[RequestDelta | Exception] = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        self._unstarted.add(request.request_id)
+        self._send(FrontendMsg.ADD, request)
+        return self._deltas(request.request_id, queue)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Tell the core to drop these requests; their iterators end with an ABORT delta."""
+        for request_id in request_ids:
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(RequestDelta(request_id, [], finish_reason=FinishReason.ABORT))
+            self._forget(request_id)
+        self._send(FrontendMsg.ABORT, AbortRequests(request_ids))
+
+    async def _deltas(
+        self, request_id: str, queue: asyncio.Queue[RequestDelta | Exception]
+    ) -> AsyncGenerator[RequestDelta]:
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finish_reason is not None or item.error is not None
+                yield item
+        finally:
+            if not finished and request_id in self._queues:
+                self.abort([request_id])
+            self._forget(request_id)
+
+    def _send(self, kind: FrontendMsg, message: AddRequest | AbortRequests | None = None) -> None:
+        assert self._socket is not None, "EngineClient.start() was not awaited"
+        # NOTE: with no HWM a DEALER send never blocks, so the returned future is already
+        # done; not awaiting it keeps abort() callable from `finally` blocks.
+        self._socket.send_multipart(encode(kind, message), copy=False)
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart()
+            if self._last_heard is None or not self.is_healthy:
+                logger.info("engine core at %s is up", self.address)
+            self._last_heard = time.monotonic()
+            decoded = _INCOMING.decode(frames)
+            if decoded is None:
+                continue
+            kind, message = decoded
+            if kind == FrontendMsg.STATS:
+                self._set_stats(message)
+            else:
+                self._dispatch(message)
+
+    def _set_stats(self, stats: SchedulerStats) -> None:
+        self.latest_stats = stats
+        if self.on_stats is not None:
+            self.on_stats(stats)
+
+    def _dispatch(self, step: StepOutputs) -> None:
+        if step.stats is not None:
+            self._set_stats(step.stats)
+        for delta in step.outputs:
+            queue = self._queues.get(delta.request_id)
+            if queue is None:
+                continue  # aborted here while the core was still producing it
+            self._unstarted.discard(delta.request_id)
+            queue.put_nowait(delta)
+
+    async def _watchdog(self) -> None:
+        """Fail requests in flight once the core has been silent for too long."""
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.is_healthy:
+                # a core that (re)started after our HELLO does not know us yet
+                self._send(FrontendMsg.HELLO)
+            if self._queues and self._silence() >= self.health_timeout:
+                logger.error(
+                    "engine core silent for %.0f s: failing %d requests",
+                    self._silence(),
+                    len(self._queues),
+                )
+                self._fail_all(EngineDeadError("the engine core is not responding"))
+
+    def _silence(self) -> float:
+        return time.monotonic() - (self._last_heard or self._started_at)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, queue in list(self._queues.items()):
+            queue.put_nowait(error)
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+        self._unstarted.discard(request_id)

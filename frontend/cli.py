@@ -1,0 +1,161 @@
+"""The `duet` console script: `duet serve [MODEL]`, `duet frontend --engine ADDRESS` and
+`duet bench serve` (the load generator in frontend/bench).
+
+Flag names and meanings follow `vllm serve`. This module stays light to import (no torch,
+no aiohttp): the processes it launches load the heavy parts themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from engine_core.config import EngineConfig, parse_size
+from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
+from frontend.bench.args import add_arguments as add_bench_arguments
+from frontend.settings import FrontendSettings, setup_logging
+
+_DTYPES = {"auto": "float32", "float": "float32", "float32": "float32", "half": "float16",
+           "float16": "float16", "bfloat16": "bfloat16"}  # fmt: skip
+_LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `duet` command."""
+    args = build_parser().parse_args(argv)
+    setup_logging("duet")
+    sys.exit(args.run(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duet", description="An LLM inference server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
+    serve.add_argument("model", nargs="?", help="a .gguf file or a Hugging Face folder "
+                       "(default: the embedded SmolLM2-135M-Instruct)")  # fmt: skip
+    serve.add_argument("--model", dest="model_option", help="same as the positional MODEL")
+    _add_http_args(serve)
+    _add_engine_args(serve)
+    serve.set_defaults(run=_serve)
+    frontend = commands.add_parser("frontend", help="run frontends against a remote engine core")
+    frontend.add_argument("model", nargs="?", help="the model the core serves (for its tokenizer)")
+    frontend.add_argument("--model", dest="model_option", help="same as the positional MODEL")
+    frontend.add_argument("--engine", required=True, metavar="ADDRESS",
+                          help="the core's frontend socket, e.g. tcp://10.0.0.5:5570")  # fmt: skip
+    _add_http_args(frontend)
+    frontend.set_defaults(run=_frontend)
+    bench = commands.add_parser("bench", help="benchmark a running server")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    bench_serve = benchmarks.add_parser(
+        "serve", help=BENCH_DESCRIPTION, description=BENCH_DESCRIPTION
+    )
+    add_bench_arguments(bench_serve)
+    bench_serve.set_defaults(run=_bench_serve)
+    return parser
+
+
+def _add_http_args(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--host", default=None, help="address to listen on (default: all interfaces)")
+    add("--port", type=int, default=8000)
+    add("--api-key", default=os.environ.get("DUET_API_KEY"),
+        help="require `Authorization: Bearer KEY` (default: $DUET_API_KEY)")  # fmt: skip
+    add("--served-model-name", default=None, help="the model name the API reports and accepts")
+    add("--max-model-len", type=_length, default=None,
+        help="context length in tokens, e.g. 4096 or 4K (default: the model's)")  # fmt: skip
+    add("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    add("--api-server-count", type=_positive, default=1,
+        help="frontend processes sharing the port (SO_REUSEPORT)")  # fmt: skip
+    add("--disable-log-requests", action="store_true", help="no log line per request")
+    add("--max-waiting-requests", type=_positive, default=None,
+        help="answer 429 while this many requests wait to be scheduled")  # fmt: skip
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    add, default = parser.add_argument, EngineConfig()
+    add("--max-num-seqs", type=_positive, default=default.max_num_seqs)
+    add("--max-num-batched-tokens", type=_positive, default=default.max_num_batched_tokens)
+    add("--block-size", type=_positive, default=default.block_size)
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+        default=default.enable_prefix_caching)  # fmt: skip
+    add("--dtype", choices=sorted(_DTYPES), default="auto", help="auto = float32")
+    add("--kv-cache-memory", type=parse_size, default=default.kv_cache_memory,
+        help="KV cache size per worker pool, e.g. 2GiB")  # fmt: skip
+    add("--colocated", action=argparse.BooleanOptionalAction, default=default.colocated,
+        help="one worker runs prefill and decode in mixed batches")  # fmt: skip
+    add("--prefill-workers", type=_positive, default=default.prefill_workers)
+    add("--decode-workers", type=_positive, default=default.decode_workers)
+    add("--kv-connector", choices=["shm", "torch", "tcp"], default=default.kv_connector)
+    add("--engine-address", default=None, metavar="ADDRESS",
+        help="bind the core's frontend socket here (e.g. tcp://0.0.0.0:5570) so that "
+             "`duet frontend --engine` can join from other hosts (default: private ipc)")  # fmt: skip
+
+
+def _frontend_settings(args: argparse.Namespace, engine_address: str) -> FrontendSettings:
+    return FrontendSettings(
+        engine_address=engine_address,
+        model=args.model or args.model_option,
+        served_model_name=args.served_model_name,
+        chat_template=args.chat_template,
+        max_model_len=args.max_model_len,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        max_waiting_requests=args.max_waiting_requests,
+        log_requests=not args.disable_log_requests,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from frontend.launcher import serve
+
+    config = EngineConfig(
+        model=args.model or args.model_option,
+        served_model_name=args.served_model_name,
+        dtype=_DTYPES[args.dtype],
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_memory=args.kv_cache_memory,
+        colocated=args.colocated,
+        prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers,
+        kv_connector=args.kv_connector,
+        max_waiting_requests=args.max_waiting_requests,
+    )
+    # the launcher fills in the core's address once it has made its socket directory
+    settings = _frontend_settings(args, engine_address="")
+    return serve(config, settings, args.api_server_count, args.engine_address)
+
+
+def _frontend(args: argparse.Namespace) -> int:
+    from frontend.launcher import serve_frontends
+
+    return serve_frontends(_frontend_settings(args, args.engine), args.api_server_count)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from frontend.bench.cli import run
+
+    return run(args)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _length(text: str) -> int:
+    """vLLM's lengths: 4096, 4k (= 4000) or 4K (= 4096); m/M likewise."""
+    match = _LENGTH.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a length: {text!r} (try 4096 or 4K)")
+    number, unit = int(match.group(1)), match.group(2)
+    scale = {"": 1, "k": 1000, "K": 1024, "m": 1000**2, "M": 1024**2}[unit]
+    return _positive(str(number * scale))

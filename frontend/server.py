@@ -1,0 +1,89 @@
+"""One frontend process: tokenizer, engine client and the HTTP app on a shared port.
+
+Several frontends listen on the same port (SO_REUSEPORT: the kernel spreads connections
+over them); each is its own DEALER on the engine core's ROUTER.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+import uvloop
+from aiohttp import web
+
+from engine_core.client import EngineClient
+from frontend.app import build_app
+from frontend.context import ServerContext
+from frontend.logprobs import LogprobFormatter
+from frontend.metrics import EngineMetrics
+from frontend.settings import FrontendSettings, setup_logging
+from models.loader import ModelLoadError, load_config, resolve_model
+from models.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def run_frontend(settings: FrontendSettings, index: int) -> None:
+    """Process entry point: serve HTTP until SIGINT or SIGTERM, then stop cleanly."""
+    setup_logging(f"frontend-{index}")
+    try:
+        uvloop.run(serve(settings, index))
+    except ModelLoadError as exc:
+        logger.error("cannot load the model: %s", exc)
+        sys.exit(2)
+
+
+async def serve(settings: FrontendSettings, index: int) -> None:
+    """Serve until a stop signal: stop accepting, let requests finish, abort the rest."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    ctx = build_context(settings, index)
+    await ctx.client.start()
+    app = build_app(ctx, settings.api_key)
+    runner = web.AppRunner(
+        app,
+        # a client that disconnects cancels its handler, which aborts its requests
+        handler_cancellation=True,
+        access_log=None,  # generation.py logs each request once it is accepted
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+    host = settings.host or "0.0.0.0"
+    logger.info(
+        "listening on http://%s:%d (engine core %s)", host, settings.port, settings.engine_address
+    )
+    await stop.wait()
+    logger.info("stopping: waiting up to %.0f s for requests in flight", settings.shutdown_timeout)
+    await runner.cleanup()
+    await ctx.client.close()
+    logger.info("stopped")
+
+
+def build_context(settings: FrontendSettings, index: int) -> ServerContext:
+    """Load the tokenizer and model shape, and make this process's engine client."""
+    source = resolve_model(settings.model)
+    tokenizer = load_tokenizer(source, chat_template=settings.chat_template)
+    model_config = load_config(source)
+    name = settings.served_model_name or source.name
+    # frontend 0 alone turns the core's cumulative counters into metric increments
+    metrics = EngineMetrics(name, apply_core_stats=index == 0)
+    identity = f"frontend-{index}-{socket.gethostname()}-{os.getpid()}".encode()
+    return ServerContext(
+        client=EngineClient(settings.engine_address, identity, on_stats=metrics.on_stats),
+        tokenizer=tokenizer,
+        metrics=metrics,
+        formatter=LogprobFormatter(tokenizer),
+        model_name=name,
+        max_model_len=settings.max_model_len or model_config.max_position_embeddings,
+        vocab_size=model_config.vocab_size,
+        max_waiting_requests=settings.max_waiting_requests,
+        log_requests=settings.log_requests,
+    )

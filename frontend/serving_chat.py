@@ -1,0 +1,177 @@
+"""POST /v1/chat/completions: messages -> chat template -> generation -> message or SSE."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from frontend.context import CONTEXT, ServerContext
+from frontend.errors import bad_request
+from frontend.generation import ChoiceDelta, Generation
+from frontend.protocol import (
+    UNSUPPORTED_CHAT,
+    UNSUPPORTED_MESSAGE,
+    ChatCompletionRequest,
+    ChatMessage,
+    decode_request,
+    reject_unsupported,
+)
+from frontend.responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    json_response,
+)
+from frontend.sampling import fit_max_tokens, sampling_params
+from frontend.sse import stream_events
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_TOP_LOGPROBS = 20
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    """Handle one chat completion request, streamed or not."""
+    ctx = request.app[CONTEXT]
+    body = decode_request(await request.read(), ChatCompletionRequest)
+    ctx.check_model(body.model)
+    reject_unsupported(body, UNSUPPORTED_CHAT)
+    prompt = chat_prompt(ctx, body)
+    # max_completion_tokens is OpenAI's newer name for max_tokens
+    max_tokens = (
+        body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    )
+    params = sampling_params(
+        body,
+        max_tokens=max_tokens,
+        logprobs=_logprobs(body),
+        vocab_size=ctx.vocab_size,
+        logprobs_param="top_logprobs",
+    )
+    params = fit_max_tokens(params, len(prompt), ctx.max_model_len, None, "messages")
+    ctx.admit()
+    gen = Generation(ctx, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
+    gen.log_accepted()
+    view = _ChatView(ctx, gen, params.logprobs)
+    if body.stream:
+        return await stream_events(request, view.chunks(*body.usage_flags()))
+    return json_response(await view.complete())
+
+
+def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
+    """Token ids of the messages rendered by the model's chat template."""
+    messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    add_generation_prompt = body.add_generation_prompt is not False
+    try:
+        return ctx.tokenizer.apply_chat_template(messages, add_generation_prompt)
+    except (ValueError, jinja2.TemplateError) as exc:
+        raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
+
+
+def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    reject_unsupported(message, UNSUPPORTED_MESSAGE, prefix=f"{where}.")
+    role = ROLES.get(message.role)
+    if role is None:
+        raise bad_request(f"role {message.role!r} is not supported", f"{where}.role")
+    content = message.content
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise bad_request("only text content parts are supported", f"{where}.content[{j}]")
+        content = "\n".join(part.text or "" for part in content)
+    return {"role": role, "content": content or ""}
+
+
+def _logprobs(body: ChatCompletionRequest) -> int | None:
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+    if not body.logprobs:
+        if top:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        return None
+    return top or 0
+
+
+class _ChatView:
+    """Shapes one Generation's deltas as chat completion bodies."""
+
+    def __init__(self, ctx: ServerContext, gen: Generation, top_logprobs: int | None) -> None:
+        self.ctx = ctx
+        self.gen = gen
+        self.top_logprobs = top_logprobs
+        self.created = int(time.time())
+
+    def _logprobs(self, delta: ChoiceDelta) -> ChatLogprobs | None:
+        if self.top_logprobs is None or delta.logprobs is None:
+            return None
+        return ChatLogprobs(self.ctx.formatter.chat(delta.logprobs, self.top_logprobs))
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: bool = False) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            self.gen.request_id, self.created, self.ctx.model_name, choices,
+            self.gen.usage() if usage else None,
+        )  # fmt: skip
+
+    async def chunks(
+        self, include_usage: bool, continuous: bool
+    ) -> AsyncGenerator[ChatCompletionChunk]:
+        """Stream chunks: each choice's role first, its text, then its finish reason."""
+        started = False
+        async with contextlib.aclosing(self.gen.stream()) as deltas:
+            async for delta in deltas:
+                if not started:  # only now: an error before any output keeps its status
+                    started = True
+                    for i in range(self.gen.num_choices):
+                        yield self._chunk(
+                            [ChatChunkChoice(i, ChatDelta("assistant", ""))], continuous
+                        )
+                if not (delta.text or delta.finish_reason or delta.logprobs):
+                    continue
+                choice = ChatChunkChoice(
+                    delta.index, ChatDelta(content=delta.text or None), self._logprobs(delta),
+                    delta.finish_reason, delta.stop_reason,
+                )  # fmt: skip
+                yield self._chunk([choice], continuous)
+        if include_usage:
+            yield self._chunk([], usage=True)
+
+    async def complete(self) -> ChatCompletion:
+        """Wait for every choice and build the whole response."""
+        wants_logprobs = self.top_logprobs is not None
+        choices = [
+            ChatChoice(
+                i,
+                ChatMessageOut("assistant", ""),
+                ChatLogprobs([]) if wants_logprobs else None,
+                None,
+            )
+            for i in range(self.gen.num_choices)
+        ]
+        async with contextlib.aclosing(self.gen.stream()) as deltas:
+            async for delta in deltas:
+                choice = choices[delta.index]
+                choice.message.content += delta.text
+                new = self._logprobs(delta)
+                if new is not None and choice.logprobs is not None:
+                    choice.logprobs.content.extend(new.content)
+                if delta.finish_reason is not None:
+                    choice.finish_reason, choice.stop_reason = (
+                        delta.finish_reason,
+                        delta.stop_reason,
+                    )
+        return ChatCompletion(
+            self.gen.request_id, self.created, self.ctx.model_name, choices, self.gen.usage()
+        )

@@ -1,0 +1,29 @@
+"""What the launcher hands each frontend process; light to import (no torch, no aiohttp)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    """Per-process settings of `duet serve` / `duet frontend`, with vLLM's flag meanings."""
+
+    engine_address: str
+    model: str | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    max_model_len: int | None = None
+    host: str | None = None
+    port: int = 8000
+    api_key: str | None = None
+    max_waiting_requests: int | None = None
+    log_requests: bool = True
+    # seconds in-flight requests get to finish on SIGTERM before they are aborted
+    shutdown_timeout: float = 10.0
+
+
+def setup_logging(name: str) -> None:
+    """One line per event, tagged with the process's role (as the engine core does)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
