@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the core's frontend socket, e.g. tcp://10.0.0.5:5570")  # fmt: skip
     _add_http_args(frontend)
     frontend.set_defaults(run=_frontend)
+    export = commands.add_parser("export-model", help="write a model as a Hugging Face folder")
+    export.add_argument("folder", help="where to write config.json, model.safetensors, tokenizer")
+    export.add_argument("--model", dest="model_option", default=None,
+                        help="a .gguf file or HF folder (default: the embedded SmolLM2-135M-Instruct)")  # fmt: skip
+    export.set_defaults(run=_export_model)
     bench = commands.add_parser("bench", help="benchmark a running server")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     bench_serve = benchmarks.add_parser(
@@ -136,6 +141,21 @@ def _frontend(args: argparse.Namespace) -> int:
     from frontend.launcher import serve_frontends
 
     return serve_frontends(_frontend_settings(args, args.engine), args.api_server_count)
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.export import export_hf_folder
+    from models.loader import ModelLoadError, resolve_model
+
+    try:
+        folder = export_hf_folder(resolve_model(args.model_option), Path(args.folder))
+    except ModelLoadError as exc:
+        print(f"duet: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}")
+    return 0
 
 
 def _bench_serve(args: argparse.Namespace) -> int:

@@ -45,11 +45,7 @@ install_vllm() {
 export_model() {
     [ -f "$MODEL_DIR/config.json" ] && return
     echo "[peers] exporting the embedded model to $MODEL_DIR"
-    # TODO(lead): wire `duet export-model DIR` (models.export.export_hf_folder) and call it here
-    .venv/bin/python -c 'import sys; from pathlib import Path
-from models.export import export_hf_folder
-from models.loader import resolve_model
-export_hf_folder(resolve_model(None), Path(sys.argv[1]))' "$MODEL_DIR"
+    .venv/bin/duet export-model "$MODEL_DIR"
 }
 
 start_server() {  # start_server NAME COMMAND...: runs it in its own process group
