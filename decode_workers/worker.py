@@ -1,26 +1,45 @@
 """A worker process: connects to the core, loads the model, executes step plans.
 
 The same loop serves the colocated "mixed" role (prefill and decode in one batch) and the
-disaggregated roles, which add KV hand-off around it.
+disaggregated roles, which plug a KV hand-off side into it: a prefill worker ships blocks
+after the step that finished a prompt (prefill_workers/hand_off.py), a decode worker
+lands transfers between its steps and confirms each to the core (decode_workers/hand_off.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+from typing import Protocol
 
 import torch
 import zmq
 
 from engine_core.config import EngineConfig
 from engine_core.framing import Decoder, encode
-from engine_core.messages.worker import StepPlan, StepResult, WorkerMsg, WorkerReady
-from models.runner import ModelRunner
+from engine_core.messages.worker import KVTransferDone, StepPlan, StepResult, WorkerMsg, WorkerReady
+from models.runner import KVAllocator, ModelRunner, zeros_allocator
 
 logger = logging.getLogger(__name__)
 
 _INCOMING = Decoder({WorkerMsg.PLAN: StepPlan, WorkerMsg.SHUTDOWN: None})
+
+
+class HandOff(Protocol):
+    """What a disaggregated role adds to the worker loop (see the two hand_off modules)."""
+
+    @property
+    def allocator(self) -> KVAllocator: ...
+    @property
+    def socket(self) -> zmq.Socket | None: ...
+    def attach(self, ctx: zmq.Context, kv_cache: torch.Tensor) -> None: ...
+    def ready_fields(self) -> dict[str, str]: ...
+    def before_step(self, plan: StepPlan) -> None: ...
+    def after_step(self, plan: StepPlan) -> None: ...
+    def poll(self) -> list[KVTransferDone]: ...
+    def close(self) -> None: ...
 
 
 def pin_threads(threads: int | None, cores: list[int] | None = None) -> None:
@@ -30,30 +49,95 @@ def pin_threads(threads: int | None, cores: list[int] | None = None) -> None:
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
-def run_worker(config: EngineConfig, engine_address: str, worker_id: str, role: str = "mixed") -> None:
-    """Serve step plans from the core at `engine_address` until told to shut down."""
+def name_process(name: str) -> None:
+    """Show `name` (first 15 bytes) as this process's name in ps/top and /proc/PID/comm."""
+    libc = ctypes.CDLL(None)
+    libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
+
+
+def make_hand_off(config: EngineConfig, role: str, worker_id: str, kv_host: str) -> HandOff | None:
+    """The KV side of a disaggregated role; None for the colocated "mixed" worker."""
+    if role == "prefill":
+        from prefill_workers.hand_off import SenderSide
+
+        return SenderSide(config, worker_id, kv_host)
+    if role == "decode":
+        from decode_workers.hand_off import ReceiverSide
+
+        return ReceiverSide(config, worker_id, kv_host)
+    if role != "mixed":
+        raise ValueError(f"unknown worker role {role!r}")
+    return None
+
+
+def run_worker(
+    config: EngineConfig,
+    engine_address: str,
+    worker_id: str,
+    role: str = "mixed",
+    cores: list[int] | None = None,
+    kv_host: str = "127.0.0.1",
+) -> None:
+    """Serve step plans from the core at `engine_address` until told to shut down.
+
+    `cores` pins the process (and sizes torch's thread pool unless `config.torch_threads`
+    says otherwise); `kv_host` is the address KV senders use to reach a decode worker.
+    """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role}-worker %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the core decides when workers stop
-    pin_threads(config.torch_threads)
-    runner = ModelRunner(config)
+    name_process(worker_id)
+    pin_threads(config.torch_threads, cores)
+    hand_off = make_hand_off(config, role, worker_id, kv_host)
+    runner = ModelRunner(config, hand_off.allocator if hand_off else zeros_allocator)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, worker_id.encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(engine_address)
-    ready = WorkerReady(worker_id, role, runner.num_blocks, runner.block_size, runner.max_model_len)
+    if hand_off:
+        hand_off.attach(ctx, runner.kv_cache)
+    extra = hand_off.ready_fields() if hand_off else {}
+    ready = WorkerReady(worker_id, role, runner.num_blocks, runner.block_size, runner.max_model_len, **extra)
     sock.send_multipart(encode(WorkerMsg.READY, ready))
     logger.info("ready: %d KV blocks, %d torch threads", runner.num_blocks, torch.get_num_threads())
+    try:
+        _serve(sock, runner, hand_off)
+    finally:
+        if hand_off:
+            hand_off.close()
+        sock.close()
+        ctx.term()
+
+
+def _serve(sock: zmq.Socket, runner: ModelRunner, hand_off: HandOff | None) -> None:
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    if hand_off and hand_off.socket is not None:
+        poller.register(hand_off.socket, zmq.POLLIN)
     while True:
-        decoded = _INCOMING.decode(sock.recv_multipart())
-        if decoded is None:
-            continue
-        kind, plan = decoded
-        if kind == WorkerMsg.SHUTDOWN:
-            break
-        sock.send_multipart(encode(WorkerMsg.RESULT, _execute(runner, plan)))
-    sock.close()
-    ctx.term()
+        events = dict(poller.poll())
+        if sock in events and not _handle(sock, runner, hand_off):
+            return
+        if hand_off:
+            for done in hand_off.poll():
+                sock.send_multipart(encode(WorkerMsg.KV_DONE, done))
+
+
+def _handle(sock: zmq.Socket, runner: ModelRunner, hand_off: HandOff | None) -> bool:
+    """Run one message from the core; False when it says to shut down."""
+    decoded = _INCOMING.decode(sock.recv_multipart())
+    if decoded is None:
+        return True
+    kind, plan = decoded
+    if kind == WorkerMsg.SHUTDOWN:
+        return False
+    if hand_off:
+        hand_off.before_step(plan)
+    sock.send_multipart(encode(WorkerMsg.RESULT, _execute(runner, plan)))
+    if hand_off:
+        # NOTE: after the result is out, so the first token streams before any copying
+        hand_off.after_step(plan)
+    return True
 
 
 def _execute(runner: ModelRunner, plan: StepPlan) -> StepResult:

@@ -36,6 +36,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     prefill_workers: int = 1
     decode_workers: int = 1
     kv_connector: str = "shm"  # "shm" | "torch" | "tcp"
+    kv_transfer_timeout: float = 10.0  # seconds; then the decode worker recomputes the prompt
+    # bind the core's worker socket here (e.g. tcp://0.0.0.0:5571) so that workers on other
+    # hosts can join with `duet prefill-worker/decode-worker --engine`; None: private ipc
+    worker_address: str | None = None
     torch_threads: int | None = None  # per worker; None: split the machine's cores
     max_waiting_requests: int | None = None
 

@@ -1,20 +1,27 @@
 """The engine core process: a busy loop between frontends and workers.
 
-No asyncio here: the loop drains incoming requests, schedules one step, waits for the
-worker's result, and publishes one output batch per frontend. It blocks only when idle.
+No asyncio here: the loop drains incoming requests, runs one engine step and publishes
+one output batch per frontend. It blocks only when idle. Colocated, a step is a blocking
+round trip to the one mixed worker; disaggregated (engine_core/disagg.py), a step keeps a
+plan in flight on every prefill and decode worker and handles results as they arrive.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Protocol
 
 import zmq
 
 from engine_core.config import EngineAddresses, EngineConfig
+from engine_core.disagg import DisaggEngine
 from engine_core.engine import EngineCore
 from engine_core.frontend_io import FrontendIO
 from engine_core.messages.common import FinishReason
@@ -23,9 +30,11 @@ from engine_core.messages.frontend import (
     AddRequest,
     FrontendMsg,
     RequestDelta,
+    SchedulerStats,
     StepOutputs,
 )
 from engine_core.messages.worker import StepPlan, StepResult
+from engine_core.placement import cores_for
 from engine_core.scheduler import Scheduler, SchedulerConfig
 from engine_core.worker_link import WorkerLink
 from models.loader import load_config, resolve_model
@@ -53,32 +62,47 @@ class RemoteExecutor:
         return result
 
 
+class Engine(Protocol):
+    """What the busy loop drives: EngineCore (colocated) or DisaggEngine."""
+
+    def add_request(self, msg: AddRequest) -> RequestDelta | None: ...
+    def abort_requests(self, request_ids: list[str]) -> list[RequestDelta]: ...
+    def step(self) -> list[RequestDelta]: ...
+    def has_unfinished_requests(self) -> bool: ...
+    def wants_step(self) -> bool: ...
+    def stats(self) -> SchedulerStats: ...
+
+
 class BusyLoop:
     """Owns the engine and routes its outputs to the frontend that sent each request."""
 
-    def __init__(self, engine: EngineCore, frontends: FrontendIO) -> None:
+    def __init__(self, engine: Engine, frontends: FrontendIO) -> None:
         self.engine = engine
         self.frontends = frontends
         self.owners: dict[str, bytes] = {}
         self.draining_since: float | None = None
-        self._last_stats = 0.0
+        self._last_sent: dict[bytes, float] = {}  # frontend identity -> monotonic time
 
     def run(self) -> None:
         while self.draining_since is None or self.engine.has_unfinished_requests():
-            busy = self.engine.has_unfinished_requests()
+            busy = self.engine.wants_step()
             self._drain_inbox(block=not busy)
-            if self.engine.has_unfinished_requests():
+            if self.engine.wants_step():
                 self._step()
             self._check_drain_deadline()
-            if time.monotonic() - self._last_stats > STATS_INTERVAL:
+            if self._stats_due():
                 self._publish([])
 
     def _step(self) -> None:
         try:
-            self._publish(self.engine.step())
+            deltas = self.engine.step()
         except StepFailed as exc:
             logger.error("step failed on the worker, aborting its requests: %s", exc)
             self._abort_all(f"internal error in the model worker: {exc}")
+            return
+        # NOTE: a disaggregated step often just waited for workers; the idle stats cover it
+        if deltas:
+            self._publish(deltas)
 
     def _drain_inbox(self, block: bool) -> None:
         timeout = STATS_INTERVAL if block else None
@@ -91,19 +115,22 @@ class BusyLoop:
             if kind == FrontendMsg.ADD:
                 self._add(identity, message)
             elif kind == FrontendMsg.ABORT:
-                self._abort(message)
+                self._abort(identity, message)
 
     def _add(self, identity: bytes, request: AddRequest) -> None:
         if self.draining_since is not None:
             self._send(identity, [_rejected(request.request_id, "server is shutting down")])
             return
-        self.owners[request.request_id] = identity
         rejection = self.engine.add_request(request)
         if rejection is not None:
-            self._publish([rejection])
+            # NOTE: straight back to the sender: a duplicate id must not re-own a live request
+            self._send(identity, [rejection])
+            return
+        self.owners[request.request_id] = identity
 
-    def _abort(self, message: AbortRequests) -> None:
-        ids = [r for r in message.request_ids if r in self.owners]
+    def _abort(self, identity: bytes, message: AbortRequests) -> None:
+        # a frontend may abort only its own requests
+        ids = [r for r in message.request_ids if self.owners.get(r) == identity]
         self.engine.abort_requests(ids)
         for request_id in ids:
             self.owners.pop(request_id, None)
@@ -118,9 +145,13 @@ class BusyLoop:
             logger.warning("drain timeout: aborting %d requests", len(self.owners))
             self._abort_all("server is shutting down")
 
+    def _stats_due(self) -> bool:
+        clock = time.monotonic()
+        return any(clock - self._last_sent.get(i, 0.0) > STATS_INTERVAL for i in list(self.frontends.frontends))
+
     def _publish(self, deltas: list[RequestDelta]) -> None:
         """One StepOutputs per frontend with its requests' deltas, stats on each."""
-        stats = self.engine.scheduler.stats()
+        stats = self.engine.stats()
         now = time.time()
         by_owner: dict[bytes, list[RequestDelta]] = defaultdict(list)
         for delta in deltas:
@@ -129,13 +160,18 @@ class BusyLoop:
                 by_owner[owner].append(delta)
             if delta.finish_reason is not None or delta.error:
                 self.owners.pop(delta.request_id, None)
+        # NOTE: a frontend with no requests in this step still hears from the core at least
+        # every STATS_INTERVAL: stats are its liveness signal, and a busy core must not go
+        # silent to the frontends whose clients are idle.
+        clock = time.monotonic()
         for identity in list(self.frontends.frontends):
-            if by_owner.get(identity) or not deltas:
-                self.frontends.send(identity, StepOutputs(by_owner.get(identity, []), now, stats))
-        self._last_stats = time.monotonic()
+            mine = by_owner.get(identity)
+            if mine or clock - self._last_sent.get(identity, 0.0) > STATS_INTERVAL:
+                self.frontends.send(identity, StepOutputs(mine or [], now, stats))
+                self._last_sent[identity] = clock
 
     def _send(self, identity: bytes, deltas: list[RequestDelta]) -> None:
-        self.frontends.send(identity, StepOutputs(deltas, time.time(), self.engine.scheduler.stats()))
+        self.frontends.send(identity, StepOutputs(deltas, time.time(), self.engine.stats()))
 
 
 def _rejected(request_id: str, reason: str) -> RequestDelta:
@@ -144,29 +180,75 @@ def _rejected(request_id: str, reason: str) -> RequestDelta:
 
 def build_scheduler(config: EngineConfig, num_blocks: int, max_model_len: int) -> Scheduler:
     """The scheduler for a pool of `num_blocks`, with the model's EOS ids."""
-    eos = load_config(resolve_model(config.model)).eos_token_ids
-    sched_config = SchedulerConfig(
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=max_model_len,
-        block_size=config.block_size,
-        enable_prefix_caching=config.enable_prefix_caching,
-        policy=config.scheduling_policy,
-    )
-    return Scheduler(sched_config, num_blocks, eos)
+    return scheduler_factory(config)(num_blocks, max_model_len)
 
 
-def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
-    """Process entry point: bind, start the worker, serve until SIGTERM/SIGINT drains us."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
-    ctx = zmq.Context()
-    frontends = FrontendIO(ctx, addresses.frontend)
-    link = WorkerLink(ctx, addresses.workers)
+def scheduler_factory(config: EngineConfig) -> Callable[[int, int], Scheduler]:
+    """(num_blocks, max_model_len) -> Scheduler; reads the model's EOS ids and vocab once."""
+    model = load_config(resolve_model(config.model))
+
+    def make(num_blocks: int, max_model_len: int) -> Scheduler:
+        sched_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            block_size=config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            policy=config.scheduling_policy,
+            vocab_size=model.vocab_size,
+        )
+        return Scheduler(sched_config, num_blocks, model.eos_token_ids)
+
+    return make
+
+
+def colocated_engine(config: EngineConfig, link: WorkerLink) -> EngineCore:
+    """One mixed worker, driven a step at a time."""
     link.spawn(config, "worker-0", "mixed")
     link.wait_ready(["worker-0"])
     ready = link.ready["worker-0"]
     scheduler = build_scheduler(config, ready.num_blocks, ready.max_model_len)
-    loop = BusyLoop(EngineCore(scheduler, RemoteExecutor(link, "worker-0")), frontends)
+    return EngineCore(scheduler, RemoteExecutor(link, "worker-0"))
+
+
+def disaggregated_engine(config: EngineConfig, link: WorkerLink) -> DisaggEngine:
+    """P prefill and D decode local workers, each pinned to its kind's cores; dead ones respawn.
+
+    Workers on other hosts may join at any time (`duet prefill-worker --engine ...`).
+    """
+    link.config = config  # for workers that join from other hosts
+    counters = {"prefill": itertools.count(), "decode": itertools.count()}
+
+    def spawn(role: str) -> str:
+        worker_id = f"{role}-{next(counters[role])}"
+        link.spawn(config, worker_id, role, cores_for(role))
+        return worker_id
+
+    ids = [spawn("prefill") for _ in range(config.prefill_workers)]
+    ids += [spawn("decode") for _ in range(config.decode_workers)]
+    link.wait_ready(ids)
+    make = scheduler_factory(config)
+    engine = DisaggEngine(
+        link,
+        lambda ready: make(ready.num_blocks, ready.max_model_len),
+        respawn=spawn,
+        transfer_timeout=config.kv_transfer_timeout,
+    )
+    for ready in link.ready.values():  # ours, and any that joined from elsewhere meanwhile
+        engine.add_worker(ready)
+    return engine
+
+
+def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
+    """Process entry point: bind, start the workers, serve until SIGTERM/SIGINT drains us."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
+    if config.worker_address:
+        addresses = replace(addresses, workers=config.worker_address)
+    ctx = zmq.Context()
+    frontends = FrontendIO(ctx, addresses.frontend)
+    link = WorkerLink(ctx, addresses.workers)
+    engine = colocated_engine(config, link) if config.colocated else disaggregated_engine(config, link)
+    loop = BusyLoop(engine, frontends)
 
     def drain(signum: int, _frame: object) -> None:
         if loop.draining_since is None:
@@ -175,7 +257,7 @@ def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
-    logger.info("serving on %s", addresses.frontend)
+    logger.info("serving on %s (%s)", addresses.frontend, "colocated" if config.colocated else "disaggregated")
     try:
         loop.run()
     finally:

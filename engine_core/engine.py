@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from engine_core.messages.frontend import AddRequest, RequestDelta
+from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
 from engine_core.messages.worker import StepPlan, StepResult
 from engine_core.scheduler import Scheduler
 
@@ -42,3 +42,10 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def wants_step(self) -> bool:
+        """Whether `step` has anything to do (the busy loop sleeps on its inbox otherwise)."""
+        return self.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()

@@ -61,15 +61,21 @@ class FrontendIO:
         while not self._stop.is_set():
             ready = dict(poller.poll(100))
             if self._pull in ready:
-                while True:
-                    try:
-                        self._router.send_multipart(self._pull.recv_multipart(zmq.NOBLOCK), copy=False)
-                    except zmq.Again:
-                        break
+                self._forward()
             if self._router in ready:
                 self._receive()
-        self._router.close()
+        # NOTE: the last outputs (a drain's final deltas) may still be in the pipe or queued
+        # on the ROUTER; linger so they leave before the core exits
+        self._forward()
+        self._router.close(linger=1000)
         self._pull.close()
+
+    def _forward(self) -> None:
+        while True:
+            try:
+                self._router.send_multipart(self._pull.recv_multipart(zmq.NOBLOCK), copy=False)
+            except zmq.Again:
+                return
 
     def _receive(self) -> None:
         while True:

@@ -74,6 +74,8 @@ class KVCacheManager:
         num_hits = len(new_computed_blocks)
         num_tokens = request.num_computed_tokens + num_hits * self.block_size + num_new_tokens
         num_needed = max(cdiv(num_tokens, self.block_size) - len(held) - num_hits, 0)
+        if admitted and num_needed == 0:
+            return []  # most decode steps: the last block still has room
         # hits sitting in the free queue stop being free once touched
         num_free_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_free_hits:
@@ -85,6 +87,23 @@ class KVCacheManager:
         new_blocks = self.pool.get_new_blocks(num_needed)
         self._blocks[req_id] = [*held, *new_computed_blocks, *new_blocks]
         return [block.block_id for block in new_blocks]
+
+    def holds(self, request: Request) -> bool:
+        return request.request_id in self._blocks
+
+    def reserve(self, request: Request, num_tokens: int) -> list[int] | None:
+        """Fresh blocks for the first `num_tokens` tokens of a request that holds none here.
+
+        For KV that another worker computed and will transfer in; no prefix lookup, and
+        the blocks are published (cache_blocks) only once the request runs here.
+        """
+        num_needed = cdiv(num_tokens, self.block_size)
+        if self.holds(request) or num_needed > self.pool.num_free_blocks:
+            return None
+        blocks = self.pool.get_new_blocks(num_needed)
+        self._blocks[request.request_id] = blocks
+        self._num_cached[request.request_id] = 0
+        return [block.block_id for block in blocks]
 
     def cache_blocks(self, request: Request) -> None:
         """Publish the request's full blocks that are now computed (call after each step)."""

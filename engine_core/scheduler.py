@@ -41,6 +41,9 @@ class SchedulerConfig:
     policy: Policy = "fcfs"
     # cap on one request's prefill chunk per step, so long prompts don't hog the budget
     long_prefill_token_threshold: int | None = None
+    # prompt token ids must be below this (None: unchecked); one bad id would fail the
+    # whole step on the worker, and with it every request in the batch
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -190,13 +193,34 @@ class Scheduler:
 
     def add_request(self, msg: AddRequest) -> RequestDelta | None:
         """Queue a request; returns a finished delta carrying the error if it is rejected."""
-        error = self._rejection(msg)
+        error = self.rejection(msg)
         if error is not None:
             return RequestDelta(msg.request_id, [], finish_reason=FinishReason.ABORT, error=error)
         request = Request.from_add_request(msg, self.config.block_size)
         self.requests[request.request_id] = request
         self.waiting.add(request)
         return None
+
+    def enqueue(self, request: Request) -> None:
+        """Take over a request from elsewhere (another worker's scheduler), at the back.
+
+        If this scheduler's pool already holds blocks for it (KV transferred in), its
+        `num_computed_tokens` must say how many tokens those blocks hold; otherwise it
+        must be 0 and the request is recomputed here, prefix cache permitting.
+        """
+        request.status = RequestStatus.PREEMPTED
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def detach(self, request: Request) -> None:
+        """Hand a running request over to someone else; its blocks stay held here.
+
+        The worker is told to forget it; the caller frees the blocks (`pools[...].free`)
+        once they are no longer needed, e.g. when their KV has been transferred.
+        """
+        self.running.remove(request)
+        del self.requests[request.request_id]
+        self._forget_ids.append(request.request_id)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[RequestDelta]:
         """Finish requests in any state, freeing their blocks; unknown ids are ignored."""
@@ -297,7 +321,10 @@ class Scheduler:
     def _admit(self, request: Request, step: _Step) -> bool:
         """Try to start (or resume) the head of the waiting queue."""
         pool = self._pool_for(request)
-        hits, num_hit_tokens = pool.get_computed_blocks(request)
+        if pool.holds(request):  # its KV was transferred in: those tokens are computed
+            hits, num_hit_tokens = [], request.num_computed_tokens
+        else:
+            hits, num_hit_tokens = pool.get_computed_blocks(request)
         num_new = self._chunk(request.num_tokens - num_hit_tokens, step)
         if pool.allocate_slots(request, num_new, hits) is None:
             return False
@@ -399,12 +426,16 @@ class Scheduler:
             error=error,
         )
 
-    def _rejection(self, msg: AddRequest) -> str | None:
+    def rejection(self, msg: AddRequest) -> str | None:
+        """Why `msg` cannot be served here (None if it can)."""
         num_prompt = len(msg.prompt_token_ids)
         if msg.request_id in self.requests:
             return f"request id {msg.request_id!r} is already in use"
         if num_prompt == 0:
             return "the prompt is empty"
+        ids, vocab = msg.prompt_token_ids, self.config.vocab_size
+        if vocab is not None and not 0 <= min(ids) <= max(ids) < vocab:
+            return f"the prompt has token ids outside the vocabulary [0, {vocab})"
         if num_prompt >= self.config.max_model_len:
             return (
                 f"the prompt has {num_prompt} tokens, but max_model_len is "

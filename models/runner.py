@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def zeros_allocator(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype)
 
 
@@ -54,7 +54,7 @@ class RunnerRequest:
 class ModelRunner:
     """Loads the model, owns the KV pool, and turns each StepPlan into a StepResult."""
 
-    def __init__(self, config: EngineConfig, kv_allocator: KVAllocator = _zeros) -> None:
+    def __init__(self, config: EngineConfig, kv_allocator: KVAllocator = zeros_allocator) -> None:
         source = resolve_model(config.model)
         self.model_config = load_config(source)
         self.dtype = DTYPES[config.dtype]

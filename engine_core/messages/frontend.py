@@ -61,6 +61,8 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     kv_transfer_seconds: float = 0.0
     kv_transfer_failures: int = 0
     recomputed_prefills: int = 0
+    # disaggregated: worker id -> requests it has taken so far (cumulative)
+    worker_requests: dict[str, int] = {}
 
 
 class StepOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

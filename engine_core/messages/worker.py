@@ -22,6 +22,16 @@ class WorkerMsg(enum.IntEnum):
     RESULT = 2  # worker -> core: StepResult
     SHUTDOWN = 3  # core -> worker: no payload
     HEARTBEAT = 4  # worker -> core: no payload
+    KV_DONE = 5  # receiving worker -> core: KVTransferDone
+    JOIN = 6  # a worker started by hand -> core: WorkerJoin, before loading anything
+    CONFIG = 7  # core -> that worker: the core's EngineConfig, so both sides agree
+
+
+class WorkerJoin(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A worker started on another host asks the core for its configuration."""
+
+    worker_id: str
+    role: str
 
 
 class WorkerReady(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -32,6 +42,10 @@ class WorkerReady(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     num_blocks: int
     block_size: int
     max_model_len: int
+    # disaggregated roles: where KV senders reach this worker (see kv_transfer/)
+    kv_address: str = ""
+    kv_store: str = ""  # torch connector: host:port of this receiver's TCPStore
+    kv_shm: str = ""  # shm connector: the file under /dev/shm holding this sender's KV pool
 
 
 class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -52,6 +66,34 @@ class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     new_token_ids: list[int] = []
 
 
+class KVSendOrder(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Prefill worker: once this plan's forward is done, ship these blocks to a receiver."""
+
+    transfer_id: str
+    src_block_ids: list[int]
+    dst_worker: str
+    dst_address: str  # the receiver's WorkerReady.kv_address
+    dst_block_ids: list[int]
+    dst_store: str = ""  # the receiver's WorkerReady.kv_store (torch connector)
+
+
+class KVRecvOrder(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Decode worker: accept transfer `transfer_id` into these blocks, then report KV_DONE."""
+
+    transfer_id: str
+    dst_block_ids: list[int]
+
+
+class KVTransferDone(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The receiver's word on one transfer: only this makes a transfer complete."""
+
+    transfer_id: str
+    ok: bool
+    num_bytes: int = 0
+    seconds: float = 0.0  # from the sender's start to the receiver's last byte landed
+    error: str | None = None
+
+
 class StepPlan(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One engine step for one worker: which requests advance by how many tokens."""
 
@@ -62,6 +104,10 @@ class StepPlan(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     num_scheduled_tokens: dict[str, int]
     # requests the worker must forget (finished, aborted, preempted)
     finished_req_ids: list[str] = []
+    # KV hand-off orders (disaggregated mode); cancels are applied before anything else
+    kv_cancels: list[str] = []
+    kv_recvs: list[KVRecvOrder] = []
+    kv_sends: list[KVSendOrder] = []
 
 
 class StepResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

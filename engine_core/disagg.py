@@ -1,0 +1,218 @@
+"""Disaggregated engine: prefill and decode workers run concurrently, each with its own
+scheduler and KV pool, and requests move between them with their KV.
+
+Every worker has at most one plan in flight; `step` hands a plan to each idle worker, then
+handles whatever the workers say, as it arrives — prefill and decode never wait for each
+other. A request's path: the backlog -> the prefill worker with the fewest queued tokens
+(chunked prefill, first token sampled and streamed) -> a KV transfer to the decode worker
+with the most free blocks (see transfers.py) -> that worker's scheduler until it finishes.
+When a worker dies its requests are recomputed from the token ids the core holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from engine_core.disagg_workers import Worker
+from engine_core.messages.common import FinishReason
+from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
+from engine_core.messages.worker import StepResult, WorkerMsg, WorkerReady
+from engine_core.request import Request, RequestStatus
+from engine_core.scheduler import Scheduler, SchedulerOutput
+from engine_core.transfers import TransferBook
+from engine_core.worker_link import WorkerLink
+
+logger = logging.getLogger(__name__)
+
+POLL_MS = 5  # longest wait for a worker message per step; bounds new requests' admission delay
+IDLE_POLL_MS = 50  # the same with no requests: still listening for joins and deaths
+
+
+class DisaggEngine:
+    """Same surface as EngineCore (add, abort, step, stats), over many concurrent workers.
+
+    `make_scheduler` builds the scheduler for a newly ready worker; `respawn(role)`
+    replaces a local worker that died (None: don't).
+    """
+
+    def __init__(
+        self,
+        link: WorkerLink,
+        make_scheduler: Callable[[WorkerReady], Scheduler],
+        respawn: Callable[[str], None] | None = None,
+        transfer_timeout: float = 10.0,
+    ) -> None:
+        self.link = link
+        self.make_scheduler = make_scheduler
+        self.respawn = respawn
+        self.workers: dict[str, Worker] = {}
+        self.transfers = TransferBook(self.workers, self._enqueue, self._recompute, transfer_timeout)
+        self.backlog: list[Request] = []  # requests no prefill worker has taken yet
+        self.recomputed_prefills = 0
+        self._retired_preemptions = 0  # of workers that died
+        self.worker_requests: dict[str, int] = {}  # worker id -> requests taken, for stats
+
+    def add_worker(self, ready: WorkerReady) -> None:
+        if ready.role not in ("prefill", "decode"):
+            logger.warning("ignoring a %s worker in disaggregated mode: %s", ready.role, ready.worker_id)
+            return
+        self.workers[ready.worker_id] = Worker(ready, self.make_scheduler(ready))
+        logger.info("%s worker %s joined (%d blocks)", ready.role, ready.worker_id, ready.num_blocks)
+
+    def add_request(self, msg: AddRequest) -> RequestDelta | None:
+        """Queue a request; a returned delta means it was rejected (see its `error`)."""
+        error = self._rejection(msg)
+        if error is not None:
+            return RequestDelta(msg.request_id, [], finish_reason=FinishReason.ABORT, error=error)
+        block_size = next(iter(self.workers.values())).scheduler.config.block_size
+        self.backlog.append(Request.from_add_request(msg, block_size))
+        self._assign_backlog()
+        return None
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[RequestDelta]:
+        """Abort requests wherever they are, freeing their blocks on every worker."""
+        deltas: list[RequestDelta] = []
+        for req_id in request_ids:
+            owner = self._owner(req_id)
+            if owner is not None:
+                deltas += owner.scheduler.abort_requests([req_id])
+            elif req_id in self.transfers or any(r.request_id == req_id for r in self.backlog):
+                self.backlog = [r for r in self.backlog if r.request_id != req_id]
+                deltas.append(RequestDelta(req_id, [], finish_reason=FinishReason.ABORT))
+            self.transfers.drop(req_id)
+        return deltas
+
+    def has_unfinished_requests(self) -> bool:
+        busy = any(w.scheduler.requests or w.inflight for w in self.workers.values())
+        return busy or bool(self.backlog) or len(self.transfers) > 0
+
+    def wants_step(self) -> bool:
+        """Always: even idle, workers join, die and confirm transfers."""
+        return True
+
+    def step(self) -> list[RequestDelta]:
+        """Notice deaths, move transfers along, keep every worker busy, handle what came back."""
+        deltas: list[RequestDelta] = []
+        self._reap_dead()
+        self.transfers.tick()
+        self._assign_backlog()
+        for worker in list(self.workers.values()):
+            if worker.inflight is None:
+                self._dispatch(worker)
+        timeout = POLL_MS if self.has_unfinished_requests() else IDLE_POLL_MS
+        for worker_id, kind, message in self.link.poll(timeout):
+            deltas += self._on_message(worker_id, kind, message)
+        return deltas
+
+    def stats(self) -> SchedulerStats:
+        per_worker = [w.scheduler.stats() for w in self.workers.values()]
+        return SchedulerStats(
+            num_running=sum(s.num_running for s in per_worker) + len(self.transfers),
+            num_waiting=sum(s.num_waiting for s in per_worker) + len(self.backlog),
+            kv_cache_usage={w.id: w.pool.usage for w in self.workers.values()},
+            prefix_cache_queries=sum(s.prefix_cache_queries for s in per_worker),
+            prefix_cache_hits=sum(s.prefix_cache_hits for s in per_worker),
+            num_preemptions=self._retired_preemptions + sum(s.num_preemptions for s in per_worker),
+            kv_transfer_bytes=self.transfers.bytes,
+            kv_transfer_seconds=self.transfers.seconds,
+            kv_transfer_failures=self.transfers.failures,
+            recomputed_prefills=self.recomputed_prefills,
+            worker_requests=dict(self.worker_requests),
+        )
+
+    # -- dispatch and results ------------------------------------------------------------
+
+    def _dispatch(self, worker: Worker) -> None:
+        out = worker.scheduler.schedule()
+        if worker.role == "prefill":
+            for req_id in out.sampling_req_ids:  # this step finishes their prompts
+                self.transfers.plan(worker.scheduler.requests[req_id], worker)
+        plan = worker.next_plan(out)
+        if plan is None:
+            return
+        worker.inflight = SchedulerOutput(plan, out.sampling_req_ids)
+        if not self.link.send_plan(worker.id, plan):
+            self._on_death(worker.id)
+
+    def _on_message(self, worker_id: str, kind: int, message: Any) -> list[RequestDelta]:
+        if kind == WorkerMsg.READY:
+            self.add_worker(message)
+        elif kind == WorkerMsg.KV_DONE:
+            self.transfers.on_done(message)
+        elif kind == WorkerMsg.RESULT:
+            return self._on_result(worker_id, message)
+        return []
+
+    def _on_result(self, worker_id: str, result: StepResult) -> list[RequestDelta]:
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.inflight is None or worker.inflight.plan.step_id != result.step_id:
+            return []  # from a worker given up for dead, or a stale step
+        out, worker.inflight = worker.inflight, None
+        deltas = worker.scheduler.update_from_output(out, result)
+        if worker.role == "prefill":
+            self._hand_over(worker, out.sampling_req_ids)
+        return deltas
+
+    def _hand_over(self, worker: Worker, req_ids: Iterable[str]) -> None:
+        """Requests that just sampled their first token leave prefill for their transfer."""
+        for req_id in req_ids:
+            request = worker.scheduler.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                self.transfers.drop(req_id)  # finished at its first token (or aborted)
+                continue
+            worker.scheduler.detach(request)
+            self.transfers.prefilled(request, worker.id)
+
+    # -- placement and recovery ----------------------------------------------------------
+
+    def _assign_backlog(self) -> None:
+        prefillers = [w for w in self.workers.values() if w.role == "prefill"]
+        if not prefillers:
+            return
+        for request in self.backlog:
+            self._enqueue(request, min(prefillers, key=lambda w: w.queued_tokens))
+        self.backlog = []
+
+    def _enqueue(self, request: Request, worker: Worker) -> None:
+        worker.scheduler.enqueue(request)
+        self.worker_requests[worker.id] = self.worker_requests.get(worker.id, 0) + 1
+
+    def _recompute(self, request: Request, worker: Worker | None) -> None:
+        """Lost KV: compute the request again from its tokens, on `worker` or via the backlog."""
+        self.recomputed_prefills += 1
+        request.num_computed_tokens = 0
+        if worker is None:
+            self.backlog.append(request)
+        else:
+            self._enqueue(request, worker)
+
+    def _reap_dead(self) -> None:
+        for worker_id in self.link.dead_workers():
+            self._on_death(worker_id)
+
+    def _on_death(self, worker_id: str) -> None:
+        worker = self.workers.pop(worker_id, None)
+        local = worker_id in self.link.processes
+        self.link.forget(worker_id)
+        if worker is None:
+            return
+        logger.error("%s worker %s died: recomputing its %d requests", worker.role, worker_id,
+                     len(worker.scheduler.requests))  # fmt: skip
+        self._retired_preemptions += worker.scheduler.num_preemptions
+        for request in [*worker.scheduler.requests.values(), *self.transfers.worker_died(worker_id)]:
+            self._recompute(request, None)
+        if self.respawn is not None and local:
+            self.respawn(worker.role)
+
+    def _owner(self, req_id: str) -> Worker | None:
+        return next((w for w in self.workers.values() if req_id in w.scheduler.requests), None)
+
+    def _rejection(self, msg: AddRequest) -> str | None:
+        if not self.workers:
+            return "no workers are ready"
+        known = self._owner(msg.request_id) or msg.request_id in self.transfers
+        if known or any(r.request_id == msg.request_id for r in self.backlog):
+            return f"request id {msg.request_id!r} is already in use"
+        return next(iter(self.workers.values())).scheduler.rejection(msg)
