@@ -45,10 +45,6 @@ class FrontendIO:
         """Queue one StepOutputs for one frontend (called from the busy loop)."""
         self._push.send_multipart([identity, *encode(FrontendMsg.OUTPUTS, outputs)], copy=False)
 
-    def broadcast(self, outputs: StepOutputs) -> None:
-        for identity in list(self.frontends):
-            self.send(identity, outputs)
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Decode attention, one layer: the torch path against the native C kernel.
+
+B sequences with random context lengths in [--min-ctx, --max-ctx], SmolLM2's head shape
+(Hq=9, Hkv=3, D=64), block size 16, shuffled block ids, fp32. Prints best-of-N ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kernels import attention, cpu_attention
+from kernels.metadata import AttentionMetadata
+
+
+def decode_batch(batch: int, min_ctx: int, max_ctx: int, block_size: int = 16):
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(min_ctx, max_ctx + 1, (batch,), generator=gen).tolist()
+    blocks_each = [-(-n // block_size) for n in lengths]
+    order = (torch.randperm(sum(blocks_each), generator=gen) + 1).tolist()
+    tables = torch.zeros(batch, max(blocks_each), dtype=torch.int32)
+    used = 0
+    for row, count in enumerate(blocks_each):
+        tables[row, :count] = torch.tensor(order[used : used + count], dtype=torch.int32)
+        used += count
+    key_cache = torch.randn(sum(blocks_each) + 1, block_size, 3, 64)
+    value_cache = torch.randn_like(key_cache)
+    starts = list(range(batch + 1))
+    meta = AttentionMetadata(torch.zeros(batch, dtype=torch.int64), torch.tensor(starts, dtype=torch.int32),
+                             torch.tensor(lengths, dtype=torch.int32), tables, batch, starts, lengths)
+    return torch.randn(batch, 9, 64), key_cache, value_cache, meta
+
+
+def best_ms(fn, args: tuple, repeats: int) -> float:
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--min-ctx", type=int, default=300)
+    parser.add_argument("--max-ctx", type=int, default=450)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    query, key_cache, value_cache, meta = decode_batch(args.batch, args.min_ctx, args.max_ctx)
+    call = (query, key_cache, value_cache, meta, 0.125)
+    print(f"decode attention, B={args.batch}, ctx {args.min_ctx}-{args.max_ctx}, best of {args.repeats}")
+    print("| path | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |")
+    for name, fn in [("torch", attention.decode_attention), ("native", cpu_attention.native_decode)]:
+        cells = []
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            cells.append(f"{best_ms(fn, call, args.repeats):.2f} ms")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
