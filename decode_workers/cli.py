@@ -9,6 +9,3 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: see `duet decode-worker --help`."""
     join("decode", argv)
 
-
-if __name__ == "__main__":
-    main()

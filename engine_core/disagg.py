@@ -109,7 +109,7 @@ class DisaggEngine:
     def stats(self) -> SchedulerStats:
         per_worker = [w.scheduler.stats() for w in self.workers.values()]
         return SchedulerStats(
-            num_running=sum(s.num_running for s in per_worker) + len(self.transfers),
+            num_running=sum(s.num_running for s in per_worker) + self.transfers.num_between_workers,
             num_waiting=sum(s.num_waiting for s in per_worker) + len(self.backlog),
             kv_cache_usage={w.id: w.pool.usage for w in self.workers.values()},
             prefix_cache_queries=sum(s.prefix_cache_queries for s in per_worker),

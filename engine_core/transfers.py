@@ -66,6 +66,11 @@ class TransferBook:
     def __len__(self) -> int:
         return len(self.by_request)
 
+    @property
+    def num_between_workers(self) -> int:
+        """Requests out of prefill (first token sampled) and not yet in a decode scheduler."""
+        return sum(1 for t in self.by_request.values() if t.prefilled_at is not None)
+
     def plan(self, request: Request, src: Worker) -> None:
         """The step that finishes `request`'s prompt on `src` is being planned."""
         transfer = Transfer(request, src.id, request.num_tokens)
@@ -150,12 +155,17 @@ class TransferBook:
         """Give back the decode-side reservation (telling the receiver, if asked)."""
         if transfer.transfer_id is None:
             return
-        self._by_id.pop(transfer.transfer_id, None)
+        transfer_id = transfer.transfer_id
+        self._by_id.pop(transfer_id, None)
+        src = self.workers.get(transfer.src)
+        if src is not None:  # an order not yet sent is simply withdrawn
+            src.sends = [o for o in src.sends if o.transfer_id != transfer_id]
         dst = self.workers.get(transfer.dst or "")
         if dst is not None:
             dst.pool.free(transfer.request)
+            dst.recvs = [o for o in dst.recvs if o.transfer_id != transfer_id]
             if cancel:
-                dst.cancels.append(transfer.transfer_id)
+                dst.cancels.append(transfer_id)
         transfer.transfer_id = transfer.dst = transfer.since = None
         transfer.early = None
 

@@ -19,11 +19,19 @@ from frontend.settings import FrontendSettings, setup_logging
 
 _DTYPES = {"auto": "float32", "float": "float32", "float32": "float32", "half": "float16",
            "float16": "float16", "bfloat16": "bfloat16"}  # fmt: skip
+_WORKER_COMMANDS = {"prefill-worker": "prefill", "decode-worker": "decode"}
 _LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `duet` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _WORKER_COMMANDS:
+        # the worker has its own parser (and --help); argparse would swallow its flags
+        from decode_workers.remote import main as join
+
+        join(_WORKER_COMMANDS[argv[0]], argv[1:])
+        return
     args = build_parser().parse_args(argv)
     setup_logging("duet")
     sys.exit(args.run(args))
@@ -46,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the core's frontend socket, e.g. tcp://10.0.0.5:5570")  # fmt: skip
     _add_http_args(frontend)
     frontend.set_defaults(run=_frontend)
+    for role in ("prefill", "decode"):
+        worker = commands.add_parser(f"{role}-worker", add_help=False,
+                                     help=f"join a running core as a {role} worker (see --help)")  # fmt: skip
+        worker.add_argument("worker_args", nargs=argparse.REMAINDER)
     export = commands.add_parser("export-model", help="write a model as a Hugging Face folder")
     export.add_argument("folder", help="where to write config.json, model.safetensors, tokenizer")
     export.add_argument("--model", dest="model_option", default=None,
@@ -88,10 +100,18 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     add("--dtype", choices=sorted(_DTYPES), default="auto", help="auto = float32")
     add("--kv-cache-memory", type=parse_size, default=default.kv_cache_memory,
         help="KV cache size per worker pool, e.g. 2GiB")  # fmt: skip
-    add("--colocated", action=argparse.BooleanOptionalAction, default=default.colocated,
-        help="one worker runs prefill and decode in mixed batches")  # fmt: skip
-    add("--prefill-workers", type=_positive, default=default.prefill_workers)
-    add("--decode-workers", type=_positive, default=default.decode_workers)
+    add("--colocated", action=argparse.BooleanOptionalAction, default=None,
+        help="one worker runs prefill and decode in mixed batches (the default unless "
+             "--prefill-workers or --decode-workers is given)")  # fmt: skip
+    add("--prefill-workers", type=_non_negative, default=None,
+        help=f"local prefill workers (default {default.prefill_workers}; 0: remote ones only)")
+    add("--decode-workers", type=_non_negative, default=None,
+        help=f"local decode workers (default {default.decode_workers}; 0: remote ones only)")
+    add("--kv-transfer-timeout", type=float, default=default.kv_transfer_timeout,
+        help="seconds before a KV hand-off is given up and the prompt recomputed")  # fmt: skip
+    add("--worker-address", default=None, metavar="ADDRESS",
+        help="bind the core's worker socket here (e.g. tcp://0.0.0.0:5571) so that "
+             "`duet prefill-worker/decode-worker --engine` can join from other hosts")  # fmt: skip
     add("--kv-connector", choices=["shm", "torch", "tcp"], default=default.kv_connector)
     add("--engine-address", default=None, metavar="ADDRESS",
         help="bind the core's frontend socket here (e.g. tcp://0.0.0.0:5570) so that "
@@ -116,6 +136,7 @@ def _frontend_settings(args: argparse.Namespace, engine_address: str) -> Fronten
 def _serve(args: argparse.Namespace) -> int:
     from frontend.launcher import serve
 
+    default = EngineConfig()
     config = EngineConfig(
         model=args.model or args.model_option,
         served_model_name=args.served_model_name,
@@ -126,9 +147,11 @@ def _serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory=args.kv_cache_memory,
-        colocated=args.colocated,
-        prefill_workers=args.prefill_workers,
-        decode_workers=args.decode_workers,
+        colocated=_colocated(args),
+        prefill_workers=default.prefill_workers if args.prefill_workers is None else args.prefill_workers,
+        decode_workers=default.decode_workers if args.decode_workers is None else args.decode_workers,
+        kv_transfer_timeout=args.kv_transfer_timeout,
+        worker_address=args.worker_address,
         kv_connector=args.kv_connector,
         max_waiting_requests=args.max_waiting_requests,
     )
@@ -162,6 +185,20 @@ def _bench_serve(args: argparse.Namespace) -> int:
     from frontend.bench.cli import run
 
     return run(args)
+
+
+def _colocated(args: argparse.Namespace) -> bool:
+    """Colocated unless asked for, explicitly or by naming a worker pool's size."""
+    if args.colocated is not None:
+        return args.colocated
+    return args.prefill_workers is None and args.decode_workers is None
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:

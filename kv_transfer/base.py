@@ -30,6 +30,9 @@ Landing = Callable[[torch.Tensor, list[int]], None]
 
 _encoder = msgspec.msgpack.Encoder()
 
+# how long a send waits for its receiver's connection (the core times the transfer out)
+CONNECT_TIMEOUT_MS = 2000
+
 
 class KVHeader(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """Sender -> receiver: one transfer's metadata (never its bytes)."""
@@ -86,7 +89,7 @@ class KVSender:
 
     def close(self) -> None:
         for sock in self._pushes.values():
-            sock.close(linger=1000)
+            sock.close(linger=1000)  # let the last transfers leave
 
     def _ship(self, order: KVSendOrder, header: KVHeader) -> None:
         raise NotImplementedError
@@ -96,7 +99,13 @@ class KVSender:
         if sock is None:
             sock = self._pushes[address] = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, 0)
+            # NOTE: queue only on a live connection, so blocks bound for a receiver that
+            # died are dropped with its connection instead of piling up here forever
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.LINGER, 0)
             sock.connect(address)
+        if not sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+            raise ConnectionError(f"KV receiver at {address} is unreachable")
         sock.send_multipart([_encoder.encode(header), *payload], copy=False)
 
 

@@ -138,12 +138,13 @@ class EngineHarness:
         self._dir.cleanup()
 
 
-def worker_pid(name: str) -> int:
-    """The pid of the process named `name` (workers name themselves after their id)."""
-    for comm in Path("/proc").glob("[0-9]*/comm"):
+def worker_pid(name: str, parent: int) -> int:
+    """The pid of `parent`'s child process named `name` (workers name themselves by id)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            if comm.read_text().strip() == name[:15]:
-                return int(comm.parent.name)
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
         except OSError:
             continue
-    raise LookupError(f"no process named {name}")
+        if fields.get("Name", "").strip() == name[:15] and int(fields.get("PPid", "0")) == parent:
+            return int(status.parent.name)
+    raise LookupError(f"no process named {name} under {parent}")
