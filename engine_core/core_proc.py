@@ -36,7 +36,7 @@ from engine_core.messages.frontend import (
 from engine_core.messages.worker import StepPlan, StepResult
 from engine_core.placement import cores_for
 from engine_core.scheduler import Scheduler, SchedulerConfig
-from engine_core.worker_link import WorkerLink
+from engine_core.worker_link import WorkerDied, WorkerLink
 from models.loader import load_config, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -202,13 +202,37 @@ def scheduler_factory(config: EngineConfig) -> Callable[[int, int], Scheduler]:
     return make
 
 
-def colocated_engine(config: EngineConfig, link: WorkerLink) -> EngineCore:
-    """One mixed worker, driven a step at a time."""
-    link.spawn(config, "worker-0", "mixed")
-    link.wait_ready(["worker-0"])
-    ready = link.ready["worker-0"]
-    scheduler = build_scheduler(config, ready.num_blocks, ready.max_model_len)
-    return EngineCore(scheduler, RemoteExecutor(link, "worker-0"))
+class ColocatedEngine(EngineCore):
+    """EngineCore over one local mixed worker, restarted if it dies.
+
+    The new worker's pool is empty, so a fresh scheduler takes over every request and
+    recomputes it from the token ids the core holds; streams continue where they were.
+    """
+
+    WORKER_ID = "worker-0"
+
+    def __init__(self, config: EngineConfig, link: WorkerLink) -> None:
+        self.config, self.link = config, link
+        super().__init__(self._start_worker(), RemoteExecutor(link, self.WORKER_ID))
+
+    def _start_worker(self) -> Scheduler:
+        self.link.spawn(self.config, self.WORKER_ID, "mixed")
+        self.link.wait_ready([self.WORKER_ID])
+        ready = self.link.ready[self.WORKER_ID]
+        return build_scheduler(self.config, ready.num_blocks, ready.max_model_len)
+
+    def step(self) -> list[RequestDelta]:
+        try:
+            return super().step()
+        except WorkerDied as exc:
+            old = self.scheduler
+            logger.error("%s: restarting it, recomputing %d requests", exc, len(old.requests))
+            self.link.forget(self.WORKER_ID)
+            self.scheduler = self._start_worker()
+            for request in old.requests.values():
+                request.num_computed_tokens = 0
+                self.scheduler.enqueue(request)
+            return []
 
 
 def disaggregated_engine(config: EngineConfig, link: WorkerLink) -> DisaggEngine:
@@ -247,7 +271,7 @@ def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
     ctx = zmq.Context()
     frontends = FrontendIO(ctx, addresses.frontend)
     link = WorkerLink(ctx, addresses.workers)
-    engine = colocated_engine(config, link) if config.colocated else disaggregated_engine(config, link)
+    engine = ColocatedEngine(config, link) if config.colocated else disaggregated_engine(config, link)
     loop = BusyLoop(engine, frontends)
 
     def drain(signum: int, _frame: object) -> None:

@@ -93,7 +93,10 @@ class WorkerLink:
 
     def execute(self, worker_id: str, plan: StepPlan) -> StepResult:
         """Send a plan and wait for its result, noticing a dead worker within ~0.2 s."""
-        self.sock.send_multipart([worker_id.encode(), *encode(WorkerMsg.PLAN, plan)])
+        try:
+            self.sock.send_multipart([worker_id.encode(), *encode(WorkerMsg.PLAN, plan)])
+        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the worker's connection is gone
+            raise WorkerDied(f"worker {worker_id} is unreachable: {exc}") from exc
         while True:
             if self.sock.poll(200):
                 result = self._handle(self.sock.recv_multipart())

@@ -88,6 +88,11 @@ saturation_rate() {  # 90% of vLLM's request throughput at concurrency 64
 print(round(0.9 * json.load(open(sys.argv[1]))["request_throughput"], 3))' "$OUT/vllm/random-c64.json"
 }
 
+mixed_workload() {  # mixed_workload NAME: long prompts arriving among streaming chats
+    bench "$1" mixed 5 --dataset-name mixed --mixed-short-len 100 --mixed-long-len 1500 \
+        --mixed-long-fraction 0.0625 --output-len 128 --num-prompts 48 --max-concurrency 16
+}
+
 run_workloads() {  # run_workloads NAME
     local name="$1"
     mkdir -p "$OUT/$name"
@@ -99,8 +104,7 @@ run_workloads() {  # run_workloads NAME
     bench "$name" random-c64 3 "${RANDOM_256_128[@]}" --num-prompts 128 --max-concurrency 64
     bench "$name" prefix-repetition 4 --dataset-name prefix-repetition --prefix-len 512 \
         --suffix-len 64 --num-prefixes 4 --output-len 64 --num-prompts 64 --max-concurrency 16
-    bench "$name" mixed 5 --dataset-name mixed --mixed-short-len 100 --mixed-long-len 1500 \
-        --mixed-long-fraction 0.0625 --output-len 128 --num-prompts 48 --max-concurrency 16
+    mixed_workload "$name"
     # shellcheck disable=SC2086  # GOODPUT_SLO holds several NAME:MS words
     bench "$name" goodput 6 "${RANDOM_256_128[@]}" --num-prompts 64 \
         --request-rate "$(saturation_rate)" --goodput $GOODPUT_SLO
@@ -122,16 +126,23 @@ ROWS = [("output tok/s", "output_throughput", 1), ("total tok/s", "total_token_t
 def value(result, key):
     return result[key[0]][key[1]] if isinstance(key, tuple) else result[key]
 
-lines = ["| workload | metric | vLLM | duet | duet/vLLM |", "|---|---|---:|---:|---:|"]
+def ratio(mine, theirs):
+    return f"{mine / theirs:.2f}" if theirs else "—"
+
+lines = ["| workload | metric | vLLM | duet | duet/vLLM | duet 1P+1D | 1P+1D/vLLM |",
+         "|---|---|---:|---:|---:|---:|---:|"]
 for workload in WORKLOADS:
     theirs = json.loads((out / "vllm" / f"{workload}.json").read_text())
     ours = json.loads((out / "duet" / f"{workload}.json").read_text())
+    disagg_file = out / "duet-disagg" / f"{workload}.json"
+    disagg = json.loads(disagg_file.read_text()) if disagg_file.exists() else None
     for label, key, _ in ROWS:
         a, b = value(theirs, key), value(ours, key)
         if a is None or (label == "failed" and a == b == 0):
             continue
-        ratio = f"{b / a:.2f}" if a else "—"
-        lines.append(f"| {workload} | {label} | {a:.1f} | {b:.1f} | {ratio} |")
+        c = value(disagg, key) if disagg else None
+        split = f"{c:.1f} | {ratio(c, a)}" if c is not None else "— | —"
+        lines.append(f"| {workload} | {label} | {a:.1f} | {b:.1f} | {ratio(b, a)} | {split} |")
 cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
             if line.startswith("model name")), platform.machine())
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -175,6 +186,13 @@ stop_server
 start_server duet .venv/bin/duet serve "$MODEL_DIR" "${COMMON[@]}" --kv-cache-memory 2GiB \
     --disable-log-requests
 run_workloads duet
+stop_server
+
+# disaggregated 1 prefill + 1 decode worker (one core each), on the load it exists for
+start_server duet-disagg .venv/bin/duet serve "$MODEL_DIR" "${COMMON[@]}" --kv-cache-memory 2GiB \
+    --disable-log-requests --prefill-workers 1 --decode-workers 1
+mkdir -p "$OUT/duet-disagg"
+mixed_workload duet-disagg
 stop_server
 
 write_table
