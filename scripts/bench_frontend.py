@@ -149,6 +149,7 @@ class RunResult:
     failed: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    demand: float = 0.0  # tokens/s the synthetic core offers: clients / step interval
     gaps: list[float] = field(default_factory=list)
 
     def row(self) -> str:
@@ -157,11 +158,14 @@ class RunResult:
         p99 = gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] * 1000
         return (
             f"{self.frontends:>9} {self.clients:>7} {self.completed:>9} {self.failed:>6} "
-            f"{self.tokens / self.seconds:>10.0f} {p50:>8.1f} {p99:>8.1f} {self.seconds:>7.2f}"
+            f"{self.demand:>10.0f} {self.tokens / self.seconds:>10.0f} {p50:>8.1f} {p99:>8.1f} {self.seconds:>7.2f}"
         )
 
 
-HEADER = f"{'frontends':>9} {'clients':>7} {'completed':>9} {'failed':>6} {'tok/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'wall s':>7}"
+HEADER = (
+    f"{'frontends':>9} {'clients':>7} {'completed':>9} {'failed':>6} {'offered':>10} "
+    f"{'tok/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'wall s':>7}"
+)
 
 
 async def _one_stream(
@@ -311,6 +315,7 @@ def main() -> int:
                         spy = _profile(frontends, args.profile_seconds, args.profile)
                         time.sleep(1)  # py-spy attaches before the load starts
                     result = uvloop.run(drive(url, clients, count, args.max_tokens))
+                    result.demand = clients / (args.step_ms / 1000)
                     print(result.row(), flush=True)
                     if spy is not None:
                         spy.wait()

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from server_process import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -29,52 +25,18 @@ KEY = "test-key"
 MODEL = "SmolLM2-135M-Instruct"
 JSON = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
 JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
-STARTUP_TIMEOUT = 600.0  # loading and compiling the model on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`duet serve` with two frontends on a free port: yields (base URL, its log file)."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "duet.log"
     args = [
-        "serve", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
-        "--max-model-len", "512", "--kv-cache-memory", "128MiB", "--max-num-seqs", "8",
-        "--api-server-count", "2", "--max-waiting-requests", "16",
+        "--api-key", KEY, "--max-model-len", "512", "--kv-cache-memory", "128MiB",
+        "--max-num-seqs", "8", "--api-server-count", "2", "--max-waiting-requests", "16",
     ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from frontend.cli import main; main()", *args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "DUET_API_KEY": ""},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while not _healthy(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"duet serve did not become healthy:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    yield url, log
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("duet serve did not stop within 90 s of SIGTERM")
+    with running_server(args, log) as url:
+        yield url, log
 
 
 @pytest.fixture(scope="session")
