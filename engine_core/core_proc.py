@@ -35,7 +35,7 @@ from engine_core.messages.frontend import (
 )
 from engine_core.messages.worker import StepPlan, StepResult
 from engine_core.placement import cores_for
-from engine_core.scheduler import Scheduler, SchedulerConfig
+from engine_core.scheduler import Scheduler, scheduler_for
 from engine_core.worker_link import WorkerDied, WorkerLink
 from models.loader import load_config, resolve_model
 
@@ -178,28 +178,10 @@ def _rejected(request_id: str, reason: str) -> RequestDelta:
     return RequestDelta(request_id, [], finish_reason=FinishReason.ABORT, error=reason)
 
 
-def build_scheduler(config: EngineConfig, num_blocks: int, max_model_len: int) -> Scheduler:
-    """The scheduler for a pool of `num_blocks`, with the model's EOS ids."""
-    return scheduler_factory(config)(num_blocks, max_model_len)
-
-
 def scheduler_factory(config: EngineConfig) -> Callable[[int, int], Scheduler]:
     """(num_blocks, max_model_len) -> Scheduler; reads the model's EOS ids and vocab once."""
     model = load_config(resolve_model(config.model))
-
-    def make(num_blocks: int, max_model_len: int) -> Scheduler:
-        sched_config = SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=max_model_len,
-            block_size=config.block_size,
-            enable_prefix_caching=config.enable_prefix_caching,
-            policy=config.scheduling_policy,
-            vocab_size=model.vocab_size,
-        )
-        return Scheduler(sched_config, num_blocks, model.eos_token_ids)
-
-    return make
+    return lambda num_blocks, max_model_len: scheduler_for(config, model, num_blocks, max_model_len)
 
 
 class ColocatedEngine(EngineCore):
@@ -213,13 +195,14 @@ class ColocatedEngine(EngineCore):
 
     def __init__(self, config: EngineConfig, link: WorkerLink) -> None:
         self.config, self.link = config, link
+        self._make_scheduler = scheduler_factory(config)  # parsed once, reused on restarts
         super().__init__(self._start_worker(), RemoteExecutor(link, self.WORKER_ID))
 
     def _start_worker(self) -> Scheduler:
         self.link.spawn(self.config, self.WORKER_ID, "mixed")
         self.link.wait_ready([self.WORKER_ID])
         ready = self.link.ready[self.WORKER_ID]
-        return build_scheduler(self.config, ready.num_blocks, ready.max_model_len)
+        return self._make_scheduler(ready.num_blocks, ready.max_model_len)
 
     def step(self) -> list[RequestDelta]:
         try:

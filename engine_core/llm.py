@@ -15,7 +15,7 @@ from engine_core.engine import EngineCore
 from engine_core.messages.frontend import AddRequest, RequestDelta
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
-from engine_core.scheduler import Scheduler, SchedulerConfig
+from engine_core.scheduler import scheduler_for
 from models.detokenizer import IncrementalDetokenizer
 from models.loader import resolve_model
 from models.runner import ModelRunner
@@ -45,15 +45,8 @@ class LLM:
         self.config = EngineConfig(model=model, kv_cache_memory=memory, **engine_args)
         self.tokenizer = load_tokenizer(resolve_model(model), chat_template=chat_template)
         self.runner = ModelRunner(self.config)
-        sched_config = SchedulerConfig(
-            max_num_seqs=self.config.max_num_seqs,
-            max_num_batched_tokens=self.config.max_num_batched_tokens,
-            max_model_len=self.runner.max_model_len,
-            block_size=self.config.block_size,
-            enable_prefix_caching=self.config.enable_prefix_caching,
-            policy=self.config.scheduling_policy,
-        )
-        scheduler = Scheduler(sched_config, self.runner.num_blocks, self.runner.model_config.eos_token_ids)
+        scheduler = scheduler_for(self.config, self.runner.model_config, self.runner.num_blocks,
+                                  self.runner.max_model_len)
         self.engine = EngineCore(scheduler, self.runner)
         self._ids = itertools.count()
 

@@ -15,6 +15,7 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from engine_core.config import EngineConfig
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.messages.common import FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
@@ -25,6 +26,7 @@ from engine_core.messages.worker import (
     StepResult,
 )
 from engine_core.request import Request, RequestStatus, Stop, check_stop
+from models.config import ModelConfig
 
 Policy = Literal["fcfs", "priority"]
 
@@ -446,3 +448,18 @@ class Scheduler:
         except ValueError as exc:
             return str(exc)
         return None
+
+
+def scheduler_for(config: EngineConfig, model: ModelConfig, num_blocks: int, max_model_len: int) -> Scheduler:
+    """The scheduler for one KV pool of `num_blocks`, with the engine's limits and the
+    model's EOS ids and vocabulary (the one place EngineConfig maps onto SchedulerConfig)."""
+    sched_config = SchedulerConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        block_size=config.block_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+        policy=config.scheduling_policy,
+        vocab_size=model.vocab_size,
+    )
+    return Scheduler(sched_config, num_blocks, model.eos_token_ids)

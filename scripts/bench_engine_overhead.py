@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import zmq
 
 from engine_core.config import EngineAddresses, EngineConfig
-from engine_core.core_proc import BusyLoop, RemoteExecutor, build_scheduler
+from engine_core.core_proc import BusyLoop, RemoteExecutor, scheduler_factory
 from engine_core.engine import EngineCore
 from engine_core.framing import encode
 from engine_core.frontend_io import FrontendIO
@@ -192,7 +192,7 @@ def main() -> int:
         worker.start()
         link.wait_ready(["worker-0"])
         ready = link.ready["worker-0"]
-        scheduler = build_scheduler(config, ready.num_blocks, ready.max_model_len)
+        scheduler = scheduler_factory(config)(ready.num_blocks, ready.max_model_len)
         loop = BusyLoop(EngineCore(scheduler, RemoteExecutor(link, "worker-0")), frontends)
         timer = StepTimer(loop)
         runner = threading.Thread(target=loop.run, name="busy-loop")
