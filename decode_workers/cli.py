@@ -8,4 +8,3 @@ from decode_workers.remote import main as join
 def main(argv: list[str] | None = None) -> None:
     """Entry point: see `duet decode-worker --help`."""
     join("decode", argv)
-

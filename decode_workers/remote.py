@@ -43,13 +43,24 @@ def main(role: str, argv: list[str] | None = None) -> None:
 
 
 def _parser(role: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"duet {role}-worker", description=f"Join a running engine core as a {role} worker.")
+    parser = argparse.ArgumentParser(
+        prog=f"duet {role}-worker", description=f"Join a running engine core as a {role} worker."
+    )
     add = parser.add_argument
-    add("--engine", required=True, metavar="ADDRESS", help="the core's worker socket, e.g. tcp://10.0.0.5:5571")
+    add(
+        "--engine",
+        required=True,
+        metavar="ADDRESS",
+        help="the core's worker socket, e.g. tcp://10.0.0.5:5571",
+    )
     add("--worker-id", default=None, help="a unique name (default: ROLE-HOSTNAME-PID)")
     add("--kv-host", default=None, help="address KV senders reach this host at (default: the "
         "address of the interface that routes to the engine)")  # fmt: skip
-    add("--cores", default=None, help="comma-separated CPU ids to pin to (default: this role's half)")
+    add(
+        "--cores",
+        default=None,
+        help="comma-separated CPU ids to pin to (default: this role's half)",
+    )
     add("--torch-threads", type=int, default=None)
     add("--timeout", type=float, default=30.0, help="seconds to wait for the core's answer")
     return parser
@@ -70,7 +81,9 @@ def fetch_config(engine: str, worker_id: str, role: str, timeout: float) -> Engi
             if sock.poll(2000):
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no answer from the engine core at {engine} within {timeout:.0f}s")
+                raise TimeoutError(
+                    f"no answer from the engine core at {engine} within {timeout:.0f}s"
+                )
         decoded = _CONFIG.decode(sock.recv_multipart())
         if decoded is None:
             raise RuntimeError(f"the engine core at {engine} sent no configuration")

@@ -83,7 +83,9 @@ def run_worker(
     `cores` pins the process (and sizes torch's thread pool unless `config.torch_threads`
     says otherwise); `kv_host` is the address KV senders use to reach a decode worker.
     """
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role}-worker %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {role}-worker %(levelname)s %(message)s"
+    )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the core decides when workers stop
     name_process(worker_id)
     pin_threads(config.torch_threads, cores)
@@ -97,7 +99,9 @@ def run_worker(
     if hand_off:
         hand_off.attach(ctx, runner.kv_cache)
     extra = hand_off.ready_fields() if hand_off else {}
-    ready = WorkerReady(worker_id, role, runner.num_blocks, runner.block_size, runner.max_model_len, **extra)
+    ready = WorkerReady(
+        worker_id, role, runner.num_blocks, runner.block_size, runner.max_model_len, **extra
+    )
     sock.send_multipart(encode(WorkerMsg.READY, ready))
     logger.info("ready: %d KV blocks, %d torch threads", runner.num_blocks, torch.get_num_threads())
     try:

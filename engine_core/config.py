@@ -53,4 +53,6 @@ class EngineAddresses:
 
     @classmethod
     def ipc(cls, directory: str) -> EngineAddresses:
-        return cls(frontend=f"ipc://{directory}/frontend.sock", workers=f"ipc://{directory}/workers.sock")
+        return cls(
+            frontend=f"ipc://{directory}/frontend.sock", workers=f"ipc://{directory}/workers.sock"
+        )

@@ -141,13 +141,19 @@ class BusyLoop:
         self._publish([_rejected(r, reason) for r in ids])
 
     def _check_drain_deadline(self) -> None:
-        if self.draining_since is not None and time.monotonic() - self.draining_since > DRAIN_TIMEOUT:
+        if (
+            self.draining_since is not None
+            and time.monotonic() - self.draining_since > DRAIN_TIMEOUT
+        ):
             logger.warning("drain timeout: aborting %d requests", len(self.owners))
             self._abort_all("server is shutting down")
 
     def _stats_due(self) -> bool:
         clock = time.monotonic()
-        return any(clock - self._last_sent.get(i, 0.0) > STATS_INTERVAL for i in list(self.frontends.frontends))
+        return any(
+            clock - self._last_sent.get(i, 0.0) > STATS_INTERVAL
+            for i in list(self.frontends.frontends)
+        )
 
     def _publish(self, deltas: list[RequestDelta]) -> None:
         """One StepOutputs per frontend with its requests' deltas, stats on each."""
@@ -248,13 +254,17 @@ def disaggregated_engine(config: EngineConfig, link: WorkerLink) -> DisaggEngine
 
 def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
     """Process entry point: bind, start the workers, serve until SIGTERM/SIGINT drains us."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s"
+    )
     if config.worker_address:
         addresses = replace(addresses, workers=config.worker_address)
     ctx = zmq.Context()
     frontends = FrontendIO(ctx, addresses.frontend)
     link = WorkerLink(ctx, addresses.workers)
-    engine = ColocatedEngine(config, link) if config.colocated else disaggregated_engine(config, link)
+    engine = (
+        ColocatedEngine(config, link) if config.colocated else disaggregated_engine(config, link)
+    )
     loop = BusyLoop(engine, frontends)
 
     def drain(signum: int, _frame: object) -> None:
@@ -264,7 +274,11 @@ def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
-    logger.info("serving on %s (%s)", addresses.frontend, "colocated" if config.colocated else "disaggregated")
+    logger.info(
+        "serving on %s (%s)",
+        addresses.frontend,
+        "colocated" if config.colocated else "disaggregated",
+    )
     try:
         loop.run()
     finally:

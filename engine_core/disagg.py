@@ -48,7 +48,9 @@ class DisaggEngine:
         self.make_scheduler = make_scheduler
         self.respawn = respawn
         self.workers: dict[str, Worker] = {}
-        self.transfers = TransferBook(self.workers, self._enqueue, self._recompute, transfer_timeout)
+        self.transfers = TransferBook(
+            self.workers, self._enqueue, self._recompute, transfer_timeout
+        )
         self.backlog: list[Request] = []  # requests no prefill worker has taken yet
         self.recomputed_prefills = 0
         self._retired_preemptions = 0  # of workers that died
@@ -56,10 +58,14 @@ class DisaggEngine:
 
     def add_worker(self, ready: WorkerReady) -> None:
         if ready.role not in ("prefill", "decode"):
-            logger.warning("ignoring a %s worker in disaggregated mode: %s", ready.role, ready.worker_id)
+            logger.warning(
+                "ignoring a %s worker in disaggregated mode: %s", ready.role, ready.worker_id
+            )
             return
         self.workers[ready.worker_id] = Worker(ready, self.make_scheduler(ready))
-        logger.info("%s worker %s joined (%d blocks)", ready.role, ready.worker_id, ready.num_blocks)
+        logger.info(
+            "%s worker %s joined (%d blocks)", ready.role, ready.worker_id, ready.num_blocks
+        )
 
     def add_request(self, msg: AddRequest) -> RequestDelta | None:
         """Queue a request; a returned delta means it was rejected (see its `error`)."""
@@ -147,7 +153,11 @@ class DisaggEngine:
 
     def _on_result(self, worker_id: str, result: StepResult) -> list[RequestDelta]:
         worker = self.workers.get(worker_id)
-        if worker is None or worker.inflight is None or worker.inflight.plan.step_id != result.step_id:
+        if (
+            worker is None
+            or worker.inflight is None
+            or worker.inflight.plan.step_id != result.step_id
+        ):
             return []  # from a worker given up for dead, or a stale step
         out, worker.inflight = worker.inflight, None
         deltas = worker.scheduler.update_from_output(out, result)
@@ -201,7 +211,10 @@ class DisaggEngine:
         logger.error("%s worker %s died: recomputing its %d requests", worker.role, worker_id,
                      len(worker.scheduler.requests))  # fmt: skip
         self._retired_preemptions += worker.scheduler.num_preemptions
-        for request in [*worker.scheduler.requests.values(), *self.transfers.worker_died(worker_id)]:
+        for request in [
+            *worker.scheduler.requests.values(),
+            *self.transfers.worker_died(worker_id),
+        ]:
             self._recompute(request, None)
         if self.respawn is not None and local:
             self.respawn(worker.role)

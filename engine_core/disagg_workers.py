@@ -48,6 +48,8 @@ class Worker:
         """The scheduled step plus pending KV orders; None when there is nothing to send."""
         if not (out.num_scheduled_tokens or self.cancels or self.recvs or self.sends):
             return None
-        plan = msgspec.structs.replace(out.plan, kv_cancels=self.cancels, kv_recvs=self.recvs, kv_sends=self.sends)
+        plan = msgspec.structs.replace(
+            out.plan, kv_cancels=self.cancels, kv_recvs=self.recvs, kv_sends=self.sends
+        )
         self.cancels, self.recvs, self.sends = [], [], []
         return plan

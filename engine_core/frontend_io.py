@@ -19,7 +19,9 @@ from engine_core.messages.frontend import AbortRequests, AddRequest, FrontendMsg
 
 logger = logging.getLogger(__name__)
 
-_INCOMING = Decoder({FrontendMsg.ADD: AddRequest, FrontendMsg.ABORT: AbortRequests, FrontendMsg.HELLO: None})
+_INCOMING = Decoder(
+    {FrontendMsg.ADD: AddRequest, FrontendMsg.ABORT: AbortRequests, FrontendMsg.HELLO: None}
+)
 
 
 class FrontendIO:

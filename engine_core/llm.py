@@ -39,14 +39,23 @@ class LLM:
     Hugging Face folder. Keyword arguments mirror the `duet serve` flags.
     """
 
-    def __init__(self, model: str | None = None, *, kv_cache_memory: str | int = "1GiB",
-                 chat_template: str | None = None, **engine_args: object) -> None:
-        memory = parse_size(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        kv_cache_memory: str | int = "1GiB",
+        chat_template: str | None = None,
+        **engine_args: object,
+    ) -> None:
+        memory = (
+            parse_size(kv_cache_memory) if isinstance(kv_cache_memory, str) else kv_cache_memory
+        )
         self.config = EngineConfig(model=model, kv_cache_memory=memory, **engine_args)
         self.tokenizer = load_tokenizer(resolve_model(model), chat_template=chat_template)
         self.runner = ModelRunner(self.config)
-        scheduler = scheduler_for(self.config, self.runner.model_config, self.runner.num_blocks,
-                                  self.runner.max_model_len)
+        scheduler = scheduler_for(
+            self.config, self.runner.model_config, self.runner.num_blocks, self.runner.max_model_len
+        )
         self.engine = EngineCore(scheduler, self.runner)
         self._ids = itertools.count()
 
@@ -72,7 +81,9 @@ class LLM:
         """Apply the model's chat template to each conversation, then generate."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
-        token_ids = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        token_ids = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations
+        ]
         return self._run([None] * len(token_ids), token_ids, sampling_params, use_tqdm)
 
     def _run(
@@ -93,7 +104,9 @@ class LLM:
             results.append(result)
             for child, child_params in enumerate(_child_params(p)):
                 child_id = f"{request_id}-{child}"
-                samples[child_id] = _Sample(result.outputs[child], IncrementalDetokenizer(self.tokenizer, child_params, ids))
+                samples[child_id] = _Sample(
+                    result.outputs[child], IncrementalDetokenizer(self.tokenizer, child_params, ids)
+                )
                 self.engine.add_request(AddRequest(child_id, ids, child_params, now))
         bar = tqdm(total=len(samples), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
@@ -111,7 +124,9 @@ class LLM:
         out.token_ids.extend(delta.new_token_ids)
         if delta.new_logprobs is not None:
             out.logprobs = (out.logprobs or []) + delta.new_logprobs
-        text, stop_string = sample.detokenizer.update(delta.new_token_ids, delta.finish_reason is not None)
+        text, stop_string = sample.detokenizer.update(
+            delta.new_token_ids, delta.finish_reason is not None
+        )
         out.text += text
         if stop_string is not None and delta.finish_reason is None:
             self.engine.abort_requests([delta.request_id])
@@ -124,7 +139,9 @@ class LLM:
         return False
 
 
-def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+def _per_prompt(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams()] * count
     if isinstance(params, SamplingParams):

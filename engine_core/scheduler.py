@@ -450,7 +450,9 @@ class Scheduler:
         return None
 
 
-def scheduler_for(config: EngineConfig, model: ModelConfig, num_blocks: int, max_model_len: int) -> Scheduler:
+def scheduler_for(
+    config: EngineConfig, model: ModelConfig, num_blocks: int, max_model_len: int
+) -> Scheduler:
     """The scheduler for one KV pool of `num_blocks`, with the engine's limits and the
     model's EOS ids and vocabulary (the one place EngineConfig maps onto SchedulerConfig)."""
     sched_config = SchedulerConfig(

@@ -81,7 +81,9 @@ class TransferBook:
         """The prefill result is in and the request detached: the blocks are ours to move."""
         transfer = self.by_request.get(request.request_id)
         if transfer is None:  # its planned transfer was dropped meanwhile: plan a new one
-            transfer = self.by_request[request.request_id] = Transfer(request, src_id, request.num_computed_tokens)
+            transfer = self.by_request[request.request_id] = Transfer(
+                request, src_id, request.num_computed_tokens
+            )
         transfer.prefilled_at = time.monotonic()
         if transfer.dst is not None:
             transfer.since = transfer.prefilled_at
@@ -148,7 +150,11 @@ class TransferBook:
         if transfer.prefilled_at is not None:
             transfer.since = time.monotonic()
         src_ids = src.pool.get_block_ids(transfer.request)[: len(dst_ids)]
-        src.sends.append(KVSendOrder(transfer_id, src_ids, dst.id, dst.ready.kv_address, dst_ids, dst.ready.kv_store))
+        src.sends.append(
+            KVSendOrder(
+                transfer_id, src_ids, dst.id, dst.ready.kv_address, dst_ids, dst.ready.kv_store
+            )
+        )
         dst.recvs.append(KVRecvOrder(transfer_id, dst_ids))
 
     def _unroute(self, transfer: Transfer, cancel: bool) -> None:

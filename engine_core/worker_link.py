@@ -65,7 +65,9 @@ class WorkerLink:
         self.config: EngineConfig | None = None  # what `duet *-worker` processes are told
         self.heard: dict[str, float] = {}  # remote worker id -> last heartbeat (monotonic)
 
-    def spawn(self, config: EngineConfig, worker_id: str, role: str, cores: list[int] | None = None) -> None:
+    def spawn(
+        self, config: EngineConfig, worker_id: str, role: str, cores: list[int] | None = None
+    ) -> None:
         """Start a local worker process that connects back to this link."""
         from decode_workers.worker import run_worker
 
@@ -88,7 +90,9 @@ class WorkerLink:
             if self.sock.poll(200):
                 frames = self.sock.recv_multipart()
                 decoded = _INCOMING.decode(frames[1:])
-                if decoded is not None and not self._answer_remote(frames[0].decode(errors="replace"), decoded[0]):
+                if decoded is not None and not self._answer_remote(
+                    frames[0].decode(errors="replace"), decoded[0]
+                ):
                     self._handle(frames)
 
     def execute(self, worker_id: str, plan: StepPlan) -> StepResult:
@@ -108,7 +112,9 @@ class WorkerLink:
     def send_plan(self, worker_id: str, plan: StepPlan) -> bool:
         """Queue a plan for a worker without waiting; False if the worker is unreachable."""
         try:
-            self.sock.send_multipart([worker_id.encode(), *encode(WorkerMsg.PLAN, plan)], zmq.NOBLOCK)
+            self.sock.send_multipart(
+                [worker_id.encode(), *encode(WorkerMsg.PLAN, plan)], zmq.NOBLOCK
+            )
         except zmq.ZMQError as exc:  # EHOSTUNREACH: its connection is gone
             logger.warning("could not send a plan to %s: %s", worker_id, exc)
             return False
@@ -146,7 +152,9 @@ class WorkerLink:
             return True
         if kind == WorkerMsg.JOIN and identity.endswith(JOIN_SUFFIX) and self.config is not None:
             with contextlib.suppress(zmq.ZMQError):
-                self.sock.send_multipart([identity.encode(), *encode(WorkerMsg.CONFIG, self.config)])
+                self.sock.send_multipart(
+                    [identity.encode(), *encode(WorkerMsg.CONFIG, self.config)]
+                )
             return True
         return False
 
@@ -163,7 +171,9 @@ class WorkerLink:
     def shutdown(self) -> None:
         for worker_id in list(self.ready):
             with contextlib.suppress(zmq.ZMQError):
-                self.sock.send_multipart([worker_id.encode(), *encode(WorkerMsg.SHUTDOWN)], zmq.NOBLOCK)
+                self.sock.send_multipart(
+                    [worker_id.encode(), *encode(WorkerMsg.SHUTDOWN)], zmq.NOBLOCK
+                )
         for worker_id in list(self.processes):
             proc = self.processes[worker_id]
             proc.join(timeout=5)
@@ -179,7 +189,12 @@ class WorkerLink:
         kind, message = decoded
         if kind == WorkerMsg.READY:
             self.ready[message.worker_id] = message
-            logger.info("worker %s ready (%s, %d blocks)", message.worker_id, message.role, message.num_blocks)
+            logger.info(
+                "worker %s ready (%s, %d blocks)",
+                message.worker_id,
+                message.role,
+                message.num_blocks,
+            )
         return message if kind == WorkerMsg.RESULT else None
 
     def _check_alive(self, worker_ids: list[str]) -> None:

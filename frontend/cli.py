@@ -103,10 +103,18 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     add("--colocated", action=argparse.BooleanOptionalAction, default=None,
         help="one worker runs prefill and decode in mixed batches (the default unless "
              "--prefill-workers or --decode-workers is given)")  # fmt: skip
-    add("--prefill-workers", type=_non_negative, default=None,
-        help=f"local prefill workers (default {default.prefill_workers}; 0: remote ones only)")
-    add("--decode-workers", type=_non_negative, default=None,
-        help=f"local decode workers (default {default.decode_workers}; 0: remote ones only)")
+    add(
+        "--prefill-workers",
+        type=_non_negative,
+        default=None,
+        help=f"local prefill workers (default {default.prefill_workers}; 0: remote ones only)",
+    )
+    add(
+        "--decode-workers",
+        type=_non_negative,
+        default=None,
+        help=f"local decode workers (default {default.decode_workers}; 0: remote ones only)",
+    )
     add("--kv-transfer-timeout", type=float, default=default.kv_transfer_timeout,
         help="seconds before a KV hand-off is given up and the prompt recomputed")  # fmt: skip
     add("--worker-address", default=None, metavar="ADDRESS",
@@ -148,8 +156,12 @@ def _serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory=args.kv_cache_memory,
         colocated=_colocated(args),
-        prefill_workers=default.prefill_workers if args.prefill_workers is None else args.prefill_workers,
-        decode_workers=default.decode_workers if args.decode_workers is None else args.decode_workers,
+        prefill_workers=default.prefill_workers
+        if args.prefill_workers is None
+        else args.prefill_workers,
+        decode_workers=default.decode_workers
+        if args.decode_workers is None
+        else args.decode_workers,
         kv_transfer_timeout=args.kv_transfer_timeout,
         worker_address=args.worker_address,
         kv_connector=args.kv_connector,

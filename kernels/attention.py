@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from kernels.metadata import AttentionMetadata
 
 # (query [B, Hq, D], key_cache, value_cache, meta, scale) -> [B, Hq, D]
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+DecodeFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor
+]
 
 
 def write_kv(
@@ -55,7 +57,9 @@ def paged_attention(
     out = query.new_empty(query.shape)  # [T, Hq, D]
     if meta.num_decodes > 0:
         decode_query = query[: meta.num_decodes]  # [B, Hq, D]
-        out[: meta.num_decodes] = (decode or decode_attention)(decode_query, key_cache, value_cache, meta, scale)
+        out[: meta.num_decodes] = (decode or decode_attention)(
+            decode_query, key_cache, value_cache, meta, scale
+        )
     for seq in range(meta.num_decodes, meta.num_seqs):
         start, end = meta.query_start_loc_cpu[seq], meta.query_start_loc_cpu[seq + 1]
         out[start:end] = _prefill_chunk(
@@ -157,7 +161,9 @@ def _prefill_chunk(
     shape = (num_kv_heads, group, seq_len, head_dim)
     k = key.transpose(0, 1)[:, None].expand(shape)  # [Hkv, G, S, D]
     v = value.transpose(0, 1)[:, None].expand(shape)  # [Hkv, G, S, D]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None, scale=scale)  # [Hkv, G, n, D]
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal, is_causal=causal is None, scale=scale
+    )  # [Hkv, G, n, D]
     return o.permute(2, 0, 1, 3).reshape(num_new, num_heads, head_dim)
 
 

@@ -15,7 +15,6 @@ from kernels.metadata import AttentionMetadata
 write_kv = attention.write_kv
 
 
-
 def native_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -40,9 +39,20 @@ def native_decode(
     tables = meta.block_tables.to(torch.int32).contiguous()
     seq_lens = meta.seq_lens.to(torch.int32).contiguous()
     lib.paged_decode_f32(
-        q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(),
-        out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, key_cache.shape[1], tables.shape[1],
-        scale, torch.get_num_threads(),
+        q.data_ptr(),
+        key_cache.data_ptr(),
+        value_cache.data_ptr(),
+        tables.data_ptr(),
+        seq_lens.data_ptr(),
+        out.data_ptr(),
+        batch,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        key_cache.shape[1],
+        tables.shape[1],
+        scale,
+        torch.get_num_threads(),
     )
     return out
 
@@ -55,4 +65,6 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """`kernels.attention.paged_attention` semantics, decode through the C kernel."""
-    return attention.paged_attention(query, key_cache, value_cache, meta, scale, decode=native_decode)
+    return attention.paged_attention(
+        query, key_cache, value_cache, meta, scale, decode=native_decode
+    )

@@ -24,7 +24,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-ffast-math",
+    "-fno-finite-math-only",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+]
 
 
 def _cache_dir() -> Path:
@@ -36,7 +45,14 @@ def _build_key() -> str:
     digest = hashlib.sha256(" ".join(_FLAGS).encode())
     for source in _SOURCES:
         digest.update(source.read_bytes())
-    cpu_flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    cpu_flags = next(
+        (
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        "",
+    )
     digest.update(cpu_flags.encode())
     return digest.hexdigest()[:16]
 
@@ -46,8 +62,16 @@ def _compile(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        cmd = [os.environ.get("CC", "cc"), *_FLAGS, *map(str, _SOURCES), "-o", str(partial),
-               f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lm"]
+        cmd = [
+            os.environ.get("CC", "cc"),
+            *_FLAGS,
+            *map(str, _SOURCES),
+            "-o",
+            str(partial),
+            f"-L{torch_lib}",
+            f"-Wl,-rpath,{torch_lib}",
+            "-lm",
+        ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         partial.replace(target)  # atomic: concurrent workers never load a half-written file
 
@@ -68,8 +92,12 @@ def load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        logger.warning("CPU kernels unavailable, using the torch path: %s", str(detail).strip()[:500])
+        logger.warning(
+            "CPU kernels unavailable, using the torch path: %s", str(detail).strip()[:500]
+        )
         return None
     lib.paged_decode_f32.restype = None
-    lib.paged_decode_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.paged_decode_f32.argtypes = (
+        [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+    )
     return lib

@@ -21,11 +21,23 @@ from kv_transfer.torch_dist import TorchReceiver, TorchSender
 
 CONNECTORS = ("shm", "torch", "tcp")
 
-__all__ = ["CONNECTORS", "KVHeader", "KVReceiver", "KVSender", "ShmAllocator", "make_receiver", "make_sender"]
+__all__ = [
+    "CONNECTORS",
+    "KVHeader",
+    "KVReceiver",
+    "KVSender",
+    "ShmAllocator",
+    "make_receiver",
+    "make_sender",
+]
 
 
 def make_sender(
-    kind: str, ctx: zmq.Context, worker_id: str, kv_cache: torch.Tensor, shm: ShmAllocator | None = None
+    kind: str,
+    ctx: zmq.Context,
+    worker_id: str,
+    kv_cache: torch.Tensor,
+    shm: ShmAllocator | None = None,
 ) -> KVSender:
     """The sending end of connector `kind`; shm needs the allocator that made `kv_cache`."""
     if kind == "shm":
@@ -39,7 +51,9 @@ def make_sender(
     raise ValueError(f"unknown KV connector {kind!r}; choose one of {CONNECTORS}")
 
 
-def make_receiver(kind: str, ctx: zmq.Context, kv_cache: torch.Tensor, host: str = "127.0.0.1") -> KVReceiver:
+def make_receiver(
+    kind: str, ctx: zmq.Context, kv_cache: torch.Tensor, host: str = "127.0.0.1"
+) -> KVReceiver:
     """The receiving end of connector `kind`, bound on `host` (an address senders can reach)."""
     receivers = {"shm": ShmReceiver, "torch": TorchReceiver, "tcp": TcpReceiver}
     if kind not in receivers:

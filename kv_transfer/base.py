@@ -81,7 +81,9 @@ class KVSender:
 
     def send(self, order: KVSendOrder) -> None:
         """Start shipping `order.src_block_ids`; returns once the bytes are on their way."""
-        header = KVHeader(order.transfer_id, self.worker_id, order.src_block_ids, order.dst_block_ids, time.time())
+        header = KVHeader(
+            order.transfer_id, self.worker_id, order.src_block_ids, order.dst_block_ids, time.time()
+        )
         self._ship(order, header)
 
     def poll(self) -> None:
@@ -132,7 +134,10 @@ class KVReceiver:
 
     def cancel(self, transfer_id: str) -> None:
         """Forget a transfer; its bytes, now or later, are dropped."""
-        if self._expected.pop(transfer_id, None) is None and self._arrived.pop(transfer_id, None) is None:
+        if (
+            self._expected.pop(transfer_id, None) is None
+            and self._arrived.pop(transfer_id, None) is None
+        ):
             self._cancelled.add(transfer_id)
 
     def poll(self) -> list[KVTransferDone]:
@@ -164,14 +169,18 @@ class KVReceiver:
         dst = self._expected.pop(transfer_id)
         header, landing = self._arrived.pop(transfer_id)
         if header.dst_block_ids != dst or len(header.src_block_ids) != len(dst):
-            return KVTransferDone(transfer_id, ok=False, error="block ids disagree with the core's order")
+            return KVTransferDone(
+                transfer_id, ok=False, error="block ids disagree with the core's order"
+            )
         try:
             landing(self.kv_cache, dst)
         except Exception as exc:  # a bad transfer must not take the worker down
             logger.exception("transfer %s failed to land", transfer_id)
             return KVTransferDone(transfer_id, ok=False, error=repr(exc))
         num_bytes = len(dst) * self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size()
-        return KVTransferDone(transfer_id, ok=True, num_bytes=num_bytes, seconds=time.time() - header.started_at)
+        return KVTransferDone(
+            transfer_id, ok=True, num_bytes=num_bytes, seconds=time.time() - header.started_at
+        )
 
     def _fetch(self, header: KVHeader, payload: list[zmq.Frame]) -> Landing:
         raise NotImplementedError

@@ -25,7 +25,9 @@ def shm_path(worker_id: str) -> str:
     return os.path.join(SHM_DIR, f"duet-kv-{worker_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def map_pool(path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool = False) -> torch.Tensor:
+def map_pool(
+    path: str, shape: tuple[int, ...], dtype: torch.dtype, create: bool = False
+) -> torch.Tensor:
     """The pool tensor [L, 2, N, bs, Hkv, D] backed by `path` (created and zeroed if asked)."""
     numel = math.prod(shape)
     if create:

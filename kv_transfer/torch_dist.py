@@ -56,7 +56,9 @@ class TorchSender(KVSender):
         if group is None:
             host, port = order.dst_store.rsplit(":", 1)
             store = dist.TCPStore(host, int(port), is_master=False, timeout=GROUP_TIMEOUT)
-            group = self._groups[order.dst_worker] = _pair_group(store, header.group, 1, blocks.device)
+            group = self._groups[order.dst_worker] = _pair_group(
+                store, header.group, 1, blocks.device
+            )
         self._in_flight.append((group.send([blocks], 0, 0), blocks))
         self.poll()
 
@@ -67,14 +69,18 @@ class TorchSender(KVSender):
 class TorchReceiver(KVReceiver):
     def __init__(self, ctx: zmq.Context, kv_cache: torch.Tensor, host: str = "127.0.0.1") -> None:
         super().__init__(ctx, kv_cache, host)
-        self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
+        self._store = dist.TCPStore(
+            host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT
+        )
         self.store_address = f"{host}:{self._store.port}"
         self._groups: dict[str, dist.ProcessGroup] = {}  # pair key -> group
 
     def _fetch(self, header: KVHeader, payload: list[zmq.Frame]) -> Landing:
         group = self._groups.get(header.group)
         if group is None:
-            group = self._groups[header.group] = _pair_group(self._store, header.group, 0, self.kv_cache.device)
+            group = self._groups[header.group] = _pair_group(
+                self._store, header.group, 0, self.kv_cache.device
+            )
         shape = blocks_shape(self.kv_cache, len(header.src_block_ids))
         blocks = torch.empty(shape, dtype=self.kv_cache.dtype, device=self.kv_cache.device)
         group.recv([blocks], 1, 0).wait()

@@ -12,7 +12,11 @@ from models.config import ModelConfig
 from models.loader import ModelSource, iter_weights, load_config
 from models.tokenizer import load_tokenizer
 
-_HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_ARCHITECTURE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 
 
 def hf_config_dict(config: ModelConfig) -> dict:
@@ -52,6 +56,9 @@ def export_hf_folder(source: ModelSource, folder: Path, dtype: torch.dtype = tor
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     load_tokenizer(source).hf.save_pretrained(folder)
     eos = list(config.eos_token_ids)
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
+    generation = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+    }
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return folder

@@ -48,7 +48,11 @@ class RunnerRequest:
 
     def token(self, index: int) -> int:
         prompt = self.sampling.prompt_token_ids
-        return prompt[index] if index < len(prompt) else self.sampling.output_token_ids[index - len(prompt)]
+        return (
+            prompt[index]
+            if index < len(prompt)
+            else self.sampling.output_token_ids[index - len(prompt)]
+        )
 
 
 class ModelRunner:
@@ -63,13 +67,26 @@ class ModelRunner:
         self.model = LlamaForCausalLM(self.model_config, max_positions=self.max_model_len)
         self.model.load_weights(iter_weights(source, self.dtype))
         self.model.to(self.dtype).eval()
-        self.num_blocks = config.kv_cache_memory // kv_block_bytes(self.model_config, self.block_size, self.dtype)
+        self.num_blocks = config.kv_cache_memory // kv_block_bytes(
+            self.model_config, self.block_size, self.dtype
+        )
         mc = self.model_config
-        shape = (mc.num_hidden_layers, 2, self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        shape = (
+            mc.num_hidden_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            mc.num_key_value_heads,
+            mc.head_dim,
+        )
         self.kv_cache = kv_allocator(shape, self.dtype)  # [L, 2, blocks, block_size, Hkv, D]
         self.requests: dict[str, RunnerRequest] = {}
-        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
-                    self.kv_cache.numel() * self.dtype.itemsize / 2**30)
+        logger.info(
+            "KV pool: %d blocks of %d tokens (%.2f GiB)",
+            self.num_blocks,
+            self.block_size,
+            self.kv_cache.numel() * self.dtype.itemsize / 2**30,
+        )
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -78,7 +95,9 @@ class ModelRunner:
         order = sorted(plan.num_scheduled_tokens, key=lambda r: plan.num_scheduled_tokens[r] != 1)
         if not order:
             return StepResult(step_id=plan.step_id, req_ids=[], sampled_token_ids=[])
-        input_ids, positions, meta, sample_rows, sample_ids = self._prepare(order, plan.num_scheduled_tokens)
+        input_ids, positions, meta, sample_rows, sample_ids = self._prepare(
+            order, plan.num_scheduled_tokens
+        )
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         for req_id in order:
             self.requests[req_id].num_computed_tokens += plan.num_scheduled_tokens[req_id]
@@ -115,7 +134,11 @@ class ModelRunner:
             output_token_ids=new.token_ids[new.num_prompt_tokens :],
             eos_token_ids=self.model_config.eos_token_ids,
         )
-        return RunnerRequest(block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens, sampling=state)
+        return RunnerRequest(
+            block_ids=list(new.block_ids),
+            num_computed_tokens=new.num_computed_tokens,
+            sampling=state,
+        )
 
     def _prepare(
         self, order: list[str], num_scheduled: dict[str, int]

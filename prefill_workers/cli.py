@@ -8,4 +8,3 @@ from decode_workers.remote import main as join
 def main(argv: list[str] | None = None) -> None:
     """Entry point: see `duet prefill-worker --help`."""
     join("prefill", argv)
-

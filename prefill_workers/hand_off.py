@@ -48,7 +48,9 @@ class SenderSide:
             try:
                 self.sender.send(order)
             except Exception:  # the core times the transfer out and recomputes; we live on
-                logger.exception("could not send transfer %s to %s", order.transfer_id, order.dst_worker)
+                logger.exception(
+                    "could not send transfer %s to %s", order.transfer_id, order.dst_worker
+                )
 
     def poll(self) -> list[KVTransferDone]:
         assert self.sender is not None

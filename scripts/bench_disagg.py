@@ -72,7 +72,10 @@ async def _workload(client: EngineClient, args: argparse.Namespace) -> tuple[lis
     def prompt(length: int) -> list[int]:
         return rng.integers(1000, 40000, length).tolist()
 
-    chat_prompts = [[prompt(args.chat_len) for _ in range(args.chats_per_stream)] for _ in range(args.concurrency)]
+    chat_prompts = [
+        [prompt(args.chat_len) for _ in range(args.chats_per_stream)]
+        for _ in range(args.concurrency)
+    ]
     long_prompts = [prompt(args.long_len) for _ in range(args.long)]
 
     async def stream(slot: int) -> list[Trace]:
@@ -81,7 +84,9 @@ async def _workload(client: EngineClient, args: argparse.Namespace) -> tuple[lis
 
     async def long_prompt(index: int) -> Trace:
         await asyncio.sleep(args.long_delay + index * args.long_every)
-        return await _request(client, f"long-{index}", long_prompts[index], args.long_output_len, "long")
+        return await _request(
+            client, f"long-{index}", long_prompts[index], args.long_output_len, "long"
+        )
 
     start = time.perf_counter()
     results = await asyncio.gather(*(stream(s) for s in range(args.concurrency)),
@@ -216,7 +221,9 @@ def bench_memcpy(num_blocks: int, repeats: int) -> dict[str, float]:
 
     return {
         "memcpy contiguous": best(lambda: flat.copy_(blocks)),
-        "memcpy into scattered blocks": best(lambda: scatter_blocks(dst, _scattered(num_blocks, 0), blocks)),
+        "memcpy into scattered blocks": best(
+            lambda: scatter_blocks(dst, _scattered(num_blocks, 0), blocks)
+        ),
     }
 
 

@@ -143,7 +143,9 @@ def wait_idle(loop: BusyLoop, timeout: float = 600.0) -> None:
 
 def summarize(records: list[dict[str, float]], worker: list[float], batch: int) -> dict[str, float]:
     rows = [
-        (r, w) for r, w in zip(records, worker, strict=True) if r["batch"] == batch and r["decode_only"]
+        (r, w)
+        for r, w in zip(records, worker, strict=True)
+        if r["batch"] == batch and r["decode_only"]
     ][WARMUP_STEPS:]
     if not rows:
         raise RuntimeError(f"no decode steps at batch {batch}")
@@ -168,7 +170,9 @@ def summarize(records: list[dict[str, float]], worker: list[float], batch: int) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--steps", type=int, default=40, help="decode steps per batch size")
     parser.add_argument("--torch-threads", type=int, default=None)

@@ -29,8 +29,15 @@ def decode_batch(batch: int, min_ctx: int, max_ctx: int, block_size: int = 16):
     key_cache = torch.randn(sum(blocks_each) + 1, block_size, 3, 64)
     value_cache = torch.randn_like(key_cache)
     starts = list(range(batch + 1))
-    meta = AttentionMetadata(torch.zeros(batch, dtype=torch.int64), torch.tensor(starts, dtype=torch.int32),
-                             torch.tensor(lengths, dtype=torch.int32), tables, batch, starts, lengths)
+    meta = AttentionMetadata(
+        torch.zeros(batch, dtype=torch.int64),
+        torch.tensor(starts, dtype=torch.int32),
+        torch.tensor(lengths, dtype=torch.int32),
+        tables,
+        batch,
+        starts,
+        lengths,
+    )
     return torch.randn(batch, 9, 64), key_cache, value_cache, meta
 
 
@@ -54,9 +61,14 @@ def main() -> None:
     args = parser.parse_args()
     query, key_cache, value_cache, meta = decode_batch(args.batch, args.min_ctx, args.max_ctx)
     call = (query, key_cache, value_cache, meta, 0.125)
-    print(f"decode attention, B={args.batch}, ctx {args.min_ctx}-{args.max_ctx}, best of {args.repeats}")
+    print(
+        f"decode attention, B={args.batch}, ctx {args.min_ctx}-{args.max_ctx}, best of {args.repeats}"
+    )
     print("| path | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |")
-    for name, fn in [("torch", attention.decode_attention), ("native", cpu_attention.native_decode)]:
+    for name, fn in [
+        ("torch", attention.decode_attention),
+        ("native", cpu_attention.native_decode),
+    ]:
         cells = []
         for threads in args.threads:
             torch.set_num_threads(threads)

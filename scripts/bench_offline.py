@@ -56,7 +56,9 @@ def bench_duet(prompts: list[list[int]], max_tokens: int) -> float:
     return len(prompts) * max_tokens / elapsed
 
 
-def bench_hf(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int, batch: int) -> float:
+def bench_hf(
+    model: torch.nn.Module, prompts: list[list[int]], max_tokens: int, batch: int
+) -> float:
     """HF greedy generate over left-padded batches; returns output tokens/s."""
     produced, elapsed = 0, 0.0
     for i in tqdm(range(0, len(prompts), batch), desc=f"HF batch {batch}"):
@@ -65,37 +67,64 @@ def bench_hf(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int, 
         ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
-                             min_new_tokens=max_tokens, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            pad_token_id=0,
+        )
         elapsed += time.perf_counter() - start
         produced += (out.shape[1] - width) * len(chunk)
     return produced / elapsed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--hf-single-prompts", type=int, default=8,
-                        help="prompts HF runs one at a time (a subset: ~15 tok/s)")
+    parser.add_argument(
+        "--hf-single-prompts",
+        type=int,
+        default=8,
+        help="prompts HF runs one at a time (a subset: ~15 tok/s)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     prompts = make_prompts(args.num_prompts, 50, 500, args.seed)
     gflops = matmul_gflops()
-    rows = [("duet LLM.generate (all prompts, continuous batching)", bench_duet(prompts, args.max_tokens))]
+    rows = [
+        (
+            "duet LLM.generate (all prompts, continuous batching)",
+            bench_duet(prompts, args.max_tokens),
+        )
+    ]
     if not args.skip_hf:
         with tempfile.TemporaryDirectory() as tmp:
             folder = export_hf_folder(resolve_model(None), Path(tmp))
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-            rows.append((f"HF generate, one at a time ({args.hf_single_prompts} prompts)",
-                         bench_hf(hf, prompts[: args.hf_single_prompts], args.max_tokens, 1)))
-            rows.append(("HF generate, padded batches of 16", bench_hf(hf, prompts, args.max_tokens, 16)))
+            rows.append(
+                (
+                    f"HF generate, one at a time ({args.hf_single_prompts} prompts)",
+                    bench_hf(hf, prompts[: args.hf_single_prompts], args.max_tokens, 1),
+                )
+            )
+            rows.append(
+                ("HF generate, padded batches of 16", bench_hf(hf, prompts, args.max_tokens, 16))
+            )
     duet = rows[0][1]
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"fp32 matmul {gflops:.0f} GFLOP/s, torch {torch.__version__}")
-    print(f"workload: {args.num_prompts} prompts of 50-500 tokens, {args.max_tokens} new tokens, greedy, fp32\n")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"fp32 matmul {gflops:.0f} GFLOP/s, torch {torch.__version__}"
+    )
+    print(
+        f"workload: {args.num_prompts} prompts of 50-500 tokens, {args.max_tokens} new tokens, greedy, fp32\n"
+    )
     print("| engine | output tok/s | duet / this |\n|---|---:|---:|")
     for name, rate in rows:
         print(f"| {name} | {rate:.1f} | {duet / rate:.2f}x |")

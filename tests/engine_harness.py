@@ -65,7 +65,9 @@ class EngineHarness:
         self._dir = tempfile.TemporaryDirectory(prefix="duet-test-")
         addresses = EngineAddresses.ipc(self._dir.name)
         if netns is None:
-            self.core: mp.Process | NetnsCore = mp.get_context("spawn").Process(target=_run_core, args=(config, addresses))
+            self.core: mp.Process | NetnsCore = mp.get_context("spawn").Process(
+                target=_run_core, args=(config, addresses)
+            )
             self.core.start()
         else:
             # NOTE: ipc:// is a socket file, reachable from any network namespace
@@ -82,7 +84,9 @@ class EngineHarness:
     def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         self.tokens[request_id] = []
-        self.sock.send_multipart(encode(FrontendMsg.ADD, AddRequest(request_id, prompt, params, time.time())))
+        self.sock.send_multipart(
+            encode(FrontendMsg.ADD, AddRequest(request_id, prompt, params, time.time()))
+        )
 
     def abort(self, request_ids: list[str]) -> None:
         self.sock.send_multipart(encode(FrontendMsg.ABORT, AbortRequests(request_ids)))
@@ -110,10 +114,14 @@ class EngineHarness:
         deadline = time.monotonic() + timeout
         while set(self.tokens) - set(self.finished):
             if time.monotonic() > deadline or not self.core.is_alive():
-                raise TimeoutError(f"unfinished: {sorted(set(self.tokens) - set(self.finished))[:5]}")
+                raise TimeoutError(
+                    f"unfinished: {sorted(set(self.tokens) - set(self.finished))[:5]}"
+                )
             self.pump(0.2)
 
-    def wait_stats(self, predicate: Callable[[SchedulerStats], bool], timeout: float = 30.0) -> SchedulerStats:
+    def wait_stats(
+        self, predicate: Callable[[SchedulerStats], bool], timeout: float = 30.0
+    ) -> SchedulerStats:
         deadline = time.monotonic() + timeout
         while not predicate(self.stats):
             if time.monotonic() > deadline:
@@ -142,7 +150,9 @@ def worker_pid(name: str, parent: int) -> int:
     """The pid of `parent`'s child process named `name` (workers name themselves by id)."""
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
         except OSError:
             continue
         if fields.get("Name", "").strip() == name[:15] and int(fields.get("PPid", "0")) == parent:

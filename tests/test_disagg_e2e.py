@@ -27,11 +27,15 @@ def prompts(tokenizer: Tokenizer, count: int) -> dict[str, list[int]]:
         text = f"Tell me one fact about {TOPICS[i % len(TOPICS)]}. Keep it short, number {i}."
         if i % 4 == 3:
             text = "Here are my notes: " + " ".join(TOPICS * 6) + ". " + text
-        chats[f"r{i}"] = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        chats[f"r{i}"] = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
     return chats
 
 
-def run(config: EngineConfig, chats: dict[str, list[int]]) -> tuple[dict[str, list[int]], EngineHarness]:
+def run(
+    config: EngineConfig, chats: dict[str, list[int]]
+) -> tuple[dict[str, list[int]], EngineHarness]:
     harness = EngineHarness(config)
     try:
         return harness.generate(chats, MAX_TOKENS), harness
@@ -98,12 +102,16 @@ def harness_factory() -> Iterator[Factory]:
 
 
 @pytest.mark.slow
-def test_abort_during_transfer_leaks_no_blocks(harness_factory: Factory, default_tokenizer: Tokenizer) -> None:
+def test_abort_during_transfer_leaks_no_blocks(
+    harness_factory: Factory, default_tokenizer: Tokenizer
+) -> None:
     harness = harness_factory(EngineConfig(colocated=False, kv_connector="tcp", **SMALL))
     long_text = " ".join(TOPICS * 40)
     for i in range(6):
         chat = [{"role": "user", "content": f"{i}: {long_text}"}]
-        harness.add(f"a{i}", default_tokenizer.apply_chat_template(chat, add_generation_prompt=True), 50)
+        harness.add(
+            f"a{i}", default_tokenizer.apply_chat_template(chat, add_generation_prompt=True), 50
+        )
     aborted: set[str] = set()
     deadline = time.monotonic() + 120
     while len(aborted) < 6 and time.monotonic() < deadline:
@@ -127,8 +135,11 @@ def test_abort_during_transfer_leaks_no_blocks(harness_factory: Factory, default
 @pytest.mark.slow
 @pytest.mark.parametrize(("colocated", "victim"), [(False, "decode-0"), (True, "worker-0")])
 def test_kill_9_of_the_decode_worker_loses_no_stream(
-    harness_factory: Factory, chats: dict[str, list[int]], reference: dict[str, list[int]],
-    colocated: bool, victim: str,
+    harness_factory: Factory,
+    chats: dict[str, list[int]],
+    reference: dict[str, list[int]],
+    colocated: bool,
+    victim: str,
 ) -> None:
     harness = harness_factory(EngineConfig(colocated=colocated, **SMALL))
     streams = dict(list(chats.items())[:16])

@@ -40,7 +40,9 @@ class FakeLink:
         self.processes.pop(worker_id, None)
 
 
-def make_engine(prefill: int = 1, decode: int = 1, timeout: float = 10.0) -> tuple[DisaggEngine, FakeLink, list[str]]:
+def make_engine(
+    prefill: int = 1, decode: int = 1, timeout: float = 10.0
+) -> tuple[DisaggEngine, FakeLink, list[str]]:
     link = FakeLink()
     respawned: list[str] = []
 
@@ -50,7 +52,9 @@ def make_engine(prefill: int = 1, decode: int = 1, timeout: float = 10.0) -> tup
     engine = DisaggEngine(link, make_scheduler, respawned.append, timeout)  # type: ignore[arg-type]
     for role, count in (("prefill", prefill), ("decode", decode)):
         for i in range(count):
-            engine.add_worker(WorkerReady(f"{role}-{i}", role, 16, 4, 32, kv_address=f"tcp://{role}-{i}"))
+            engine.add_worker(
+                WorkerReady(f"{role}-{i}", role, 16, 4, 32, kv_address=f"tcp://{role}-{i}")
+            )
             link.processes[f"{role}-{i}"] = object()
     return engine, link, respawned
 
@@ -64,12 +68,16 @@ def finish_step(engine: DisaggEngine, link: FakeLink, worker_id: str, token: int
     out = engine.workers[worker_id].inflight
     assert out is not None, f"{worker_id} has no plan in flight"
     ids = sorted(out.sampling_req_ids)
-    link.inbox.append((worker_id, WorkerMsg.RESULT, StepResult(out.plan.step_id, ids, [token] * len(ids))))
+    link.inbox.append(
+        (worker_id, WorkerMsg.RESULT, StepResult(out.plan.step_id, ids, [token] * len(ids)))
+    )
     return out.plan
 
 
 def confirm(link: FakeLink, transfer_id: str, ok: bool = True) -> None:
-    link.inbox.append(("decode-0", WorkerMsg.KV_DONE, KVTransferDone(transfer_id, ok, num_bytes=100)))
+    link.inbox.append(
+        ("decode-0", WorkerMsg.KV_DONE, KVTransferDone(transfer_id, ok, num_bytes=100))
+    )
 
 
 def usage(engine: DisaggEngine) -> dict[str, float]:

@@ -57,7 +57,9 @@ def start_worker(netns: str, role: str, log: Path) -> subprocess.Popen:
     module = f"{role}_workers"
     argv = ["ip", "netns", "exec", netns, sys.executable, "-m", module,
             "--engine", f"tcp://{NAMESPACES['core']}:{WORKER_PORT}", "--worker-id", f"{role}-remote"]  # fmt: skip
-    return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    return subprocess.Popen(
+        argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
+    )
 
 
 def test_three_namespaces_tcp_connector(
@@ -83,7 +85,9 @@ def test_three_namespaces_tcp_connector(
     assert all(len(t) == 6 for t in outputs.values()), logs
     assert stats.worker_requests == {"prefill-remote": 8, "decode-remote": 8}, logs
     assert stats.kv_transfer_bytes > 0 and stats.kv_transfer_failures == 0
-    reference = EngineHarness(EngineConfig(model=config.model, kv_cache_memory=64 * 2**20, max_model_len=512))
+    reference = EngineHarness(
+        EngineConfig(model=config.model, kv_cache_memory=64 * 2**20, max_model_len=512)
+    )
     try:
         assert reference.generate(chats, 6) == outputs
     finally:

@@ -21,7 +21,9 @@ ENGINE = "tcp://127.0.0.1:5581"
 
 def join(worker_id: str, log: Path) -> subprocess.Popen:
     argv = [sys.executable, "-m", "decode_workers", "--engine", ENGINE, "--worker-id", worker_id]
-    return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    return subprocess.Popen(
+        argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
+    )
 
 
 def test_remote_decode_worker_joins_and_its_death_is_survived(

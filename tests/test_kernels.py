@@ -231,4 +231,7 @@ def test_cpu_backend_is_the_torch_path_with_native_decode_when_built() -> None:
     if native.load() is None:
         assert backend.name == "torch" and backend.paged_attention is paged_attention
     else:
-        assert backend.name == "cpu-native" and backend.paged_attention is cpu_attention.paged_attention
+        assert (
+            backend.name == "cpu-native"
+            and backend.paged_attention is cpu_attention.paged_attention
+        )

@@ -8,10 +8,14 @@ import torch
 from kernels import attention, cpu_attention, native
 from kernels.metadata import AttentionMetadata
 
-pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler: the native kernel is not built")
+pytestmark = pytest.mark.skipif(
+    native.load() is None, reason="no C compiler: the native kernel is not built"
+)
 
 
-def _decode_batch(lengths: list[int], num_heads: int, num_kv_heads: int, block_size: int = 16, seed: int = 0):
+def _decode_batch(
+    lengths: list[int], num_heads: int, num_kv_heads: int, block_size: int = 16, seed: int = 0
+):
     gen = torch.Generator().manual_seed(seed)
     blocks_each = [(n + block_size - 1) // block_size for n in lengths]
     total = sum(blocks_each) + 1
@@ -37,7 +41,9 @@ def _decode_batch(lengths: list[int], num_heads: int, num_kv_heads: int, block_s
     return query, key_cache, value_cache, meta
 
 
-@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(9, 3), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads"), [(9, 3), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"]
+)
 @pytest.mark.parametrize("lengths", [[1], [15], [16], [17], [100], [1, 15, 16, 17, 100, 333]])
 def test_native_decode_matches_torch(lengths: list[int], num_heads: int, num_kv_heads: int) -> None:
     query, key_cache, value_cache, meta = _decode_batch(lengths, num_heads, num_kv_heads)

@@ -55,7 +55,9 @@ def start_sender(kind: str, orders: list[KVSendOrder], seed: int) -> tuple[mp.Pr
 
 
 def order(receiver, transfer_id: str, src: list[int], dst: list[int]) -> KVSendOrder:
-    return KVSendOrder(transfer_id, src, "test-receiver", receiver.address, dst, receiver.store_address)
+    return KVSendOrder(
+        transfer_id, src, "test-receiver", receiver.address, dst, receiver.store_address
+    )
 
 
 @pytest.mark.parametrize("kind", ["shm", "torch", "tcp"])

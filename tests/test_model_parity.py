@@ -99,7 +99,9 @@ def test_one_shot_chunked_and_token_by_token_prefill_agree(default_llm: LLM) -> 
     one_shot = [o.outputs[0].token_ids for o in default_llm.generate(prompts, params)]
     for budget in (7, 1):  # chunks of 7, then every prompt token through the decode path
         llm = LLM(
-            kv_cache_memory="256MiB", max_model_len=2048, max_num_batched_tokens=budget,
+            kv_cache_memory="256MiB",
+            max_model_len=2048,
+            max_num_batched_tokens=budget,
             enable_prefix_caching=False,
         )
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == one_shot, budget
