@@ -3,7 +3,8 @@
 Requests go out as ADD / ABORT frames; the core answers with one StepOutputs per step for
 everything this frontend owns, which a single receive task splits into one queue per
 request. While idle the core still sends stats (an empty StepOutputs, or STATS) every
-second, which doubles as a heartbeat.
+second, which doubles as a heartbeat. A core that dies is noticed at once when its
+connection drops (a local core, or a remote one whose host is up), else after the silence.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from engine_core.framing import Decoder, encode
 from engine_core.messages.common import FinishReason
@@ -65,6 +67,7 @@ class EngineClient:
         self._unstarted: set[str] = set()  # added, no token back yet
         self._started_at = time.monotonic()
         self._last_heard: float | None = None
+        self._disconnected = False  # the connection to the core dropped and is not back
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -82,6 +85,7 @@ class EngineClient:
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="engine-client-recv"),
             asyncio.create_task(self._watchdog(), name="engine-client-watchdog"),
+            asyncio.create_task(self._watch_connection(), name="engine-client-monitor"),
         ]
 
     async def close(self) -> None:
@@ -97,8 +101,12 @@ class EngineClient:
 
     @property
     def is_healthy(self) -> bool:
-        """True when the core has spoken within `health_timeout` seconds."""
-        return self._last_heard is not None and self._silence() < self.health_timeout
+        """True when the core is connected and has spoken within `health_timeout` seconds."""
+        return (
+            not self._disconnected
+            and self._last_heard is not None
+            and self._silence() < self.health_timeout
+        )
 
     @property
     def num_unstarted(self) -> int:
@@ -196,6 +204,32 @@ class EngineClient:
                     len(self._queues),
                 )
                 self._fail_all(EngineDeadError("the engine core is not responding"))
+
+    async def _watch_connection(self) -> None:
+        """Fail requests in flight as soon as the core's connection drops; greet its successor."""
+        assert self._socket is not None
+        monitor = self._socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._on_disconnected()
+                elif event == zmq.EVENT_CONNECTED and self._disconnected:
+                    # NOTE: only a message from the new core counts: the old one's last
+                    # stats may still have been read after the drop
+                    self._disconnected, self._last_heard = False, None
+                    self._started_at = time.monotonic()
+                    self._send(FrontendMsg.HELLO)
+        finally:
+            self._socket.disable_monitor()
+            monitor.close()
+
+    def _on_disconnected(self) -> None:
+        self._disconnected = True
+        logger.error(
+            "lost the engine core at %s: failing %d requests", self.address, len(self._queues)
+        )
+        self._fail_all(EngineDeadError("the engine core went away"))
 
     def _silence(self) -> float:
         return time.monotonic() - (self._last_heard or self._started_at)

@@ -127,3 +127,27 @@ def test_silent_core_fails_requests_in_flight() -> None:
         assert not client.is_healthy
 
     _run(scenario, health_timeout=1.0)
+
+
+def test_a_core_that_goes_away_fails_requests_at_once_and_its_successor_is_greeted() -> None:
+    async def scenario(core: Core, client: EngineClient) -> None:
+        identity, _, _ = await core.receive()
+        await core.send(identity)
+        deltas = client.add_request(_request("a"))
+        await core.receive()
+        address = core.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        core.router.close()  # a killed core: its connection drops
+        with pytest.raises(EngineDeadError, match="went away"):  # long before the 30 s silence
+            await asyncio.wait_for(anext(deltas), 5)
+        assert not client.is_healthy
+        core.router = core.router.context.socket(zmq.ROUTER)
+        core.router.setsockopt(zmq.LINGER, 0)
+        core.router.bind(address)  # the restarted core
+        identity, kind, _ = await core.receive()
+        assert (identity, kind) == (b"fe-0", FrontendMsg.HELLO)
+        assert not client.is_healthy  # not before the new core has spoken
+        await core.send(identity)
+        while not client.is_healthy:
+            await asyncio.sleep(0.01)  # bounded by pytest's timeout
+
+    _run(scenario)
