@@ -20,11 +20,14 @@ import zmq
 from engine_core.config import EngineConfig
 from engine_core.framing import Decoder, encode
 from engine_core.messages.worker import KVTransferDone, StepPlan, StepResult, WorkerMsg, WorkerReady
+from engine_core.supervision import die_with_parent, multiprocessing_parent, parent_gone
 from models.runner import KVAllocator, ModelRunner, zeros_allocator
 
 logger = logging.getLogger(__name__)
 
 _INCOMING = Decoder({WorkerMsg.PLAN: StepPlan, WorkerMsg.SHUTDOWN: None})
+
+PARENT_CHECK_MS = 1000  # how often an idle worker makes sure its core still exists
 
 
 class HandOff(Protocol):
@@ -86,7 +89,7 @@ def run_worker(
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {role}-worker %(levelname)s %(message)s"
     )
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the core decides when workers stop
+    core_pid = follow_core()
     name_process(worker_id)
     pin_threads(config.torch_threads, cores)
     hand_off = make_hand_off(config, role, worker_id, kv_host)
@@ -105,7 +108,7 @@ def run_worker(
     sock.send_multipart(encode(WorkerMsg.READY, ready))
     logger.info("ready: %d KV blocks, %d torch threads", runner.num_blocks, torch.get_num_threads())
     try:
-        _serve(sock, runner, hand_off)
+        _serve(sock, runner, hand_off, core_pid)
     finally:
         if hand_off:
             hand_off.close()
@@ -113,13 +116,40 @@ def run_worker(
         ctx.term()
 
 
-def _serve(sock: zmq.Socket, runner: ModelRunner, hand_off: HandOff | None) -> None:
+def follow_core() -> int | None:
+    """Stop when the core says so or when it is gone, not at the process group's signals.
+
+    Ctrl-C and `kill -TERM -<pgid>` reach every process of the server: the core then drains
+    and sends SHUTDOWN, which a worker dead at the signal could not serve. A SIGTERM that
+    comes once the core has exited is its death notice (PR_SET_PDEATHSIG): then we leave.
+    Returns the core's pid (None for a worker started by hand, which SIGTERM stops).
+    """
+    core_pid = multiprocessing_parent()
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        if core_pid is None or parent_gone(core_pid):
+            logger.info("SIGTERM: the engine core is gone, exiting")
+            raise SystemExit(0)
+        logger.info("SIGTERM: waiting for the engine core to stop this worker")
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    die_with_parent(core_pid, signal.SIGTERM)
+    return core_pid
+
+
+def _serve(
+    sock: zmq.Socket, runner: ModelRunner, hand_off: HandOff | None, core_pid: int | None
+) -> None:
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     if hand_off and hand_off.socket is not None:
         poller.register(hand_off.socket, zmq.POLLIN)
     while True:
-        events = dict(poller.poll())
+        events = dict(poller.poll(PARENT_CHECK_MS))
+        if parent_gone(core_pid):  # in case the death signal was lost
+            logger.warning("the engine core is gone: exiting")
+            return
         if sock in events and not _handle(sock, runner, hand_off):
             return
         if hand_off:

@@ -36,6 +36,7 @@ from engine_core.messages.frontend import (
 from engine_core.messages.worker import StepPlan, StepResult
 from engine_core.placement import cores_for
 from engine_core.scheduler import Scheduler, scheduler_for
+from engine_core.supervision import Backoff
 from engine_core.worker_link import WorkerDied, WorkerLink
 from models.loader import load_config, resolve_model
 
@@ -71,6 +72,7 @@ class Engine(Protocol):
     def has_unfinished_requests(self) -> bool: ...
     def wants_step(self) -> bool: ...
     def stats(self) -> SchedulerStats: ...
+    def drain(self) -> None: ...
 
 
 class BusyLoop:
@@ -92,6 +94,13 @@ class BusyLoop:
             self._check_drain_deadline()
             if self._stats_due():
                 self._publish([])
+
+    def start_draining(self) -> None:
+        """Finish what is in flight, accept nothing new, replace no worker that dies."""
+        if self.draining_since is None:
+            logger.info("draining %d requests", len(self.owners))
+            self.draining_since = time.monotonic()
+            self.engine.drain()
 
     def _step(self) -> None:
         try:
@@ -202,26 +211,45 @@ class ColocatedEngine(EngineCore):
     def __init__(self, config: EngineConfig, link: WorkerLink) -> None:
         self.config, self.link = config, link
         self._make_scheduler = scheduler_factory(config)  # parsed once, reused on restarts
+        # NOTE: capped well below the frontends' 30 s silence timeout: the loop sleeps
+        self._backoff = Backoff(first=1.0, maximum=8.0)
+        self._respawn = True
         super().__init__(self._start_worker(), RemoteExecutor(link, self.WORKER_ID))
 
     def _start_worker(self) -> Scheduler:
         self.link.spawn(self.config, self.WORKER_ID, "mixed")
         self.link.wait_ready([self.WORKER_ID])
+        self._ready_at = time.monotonic()
         ready = self.link.ready[self.WORKER_ID]
         return self._make_scheduler(ready.num_blocks, ready.max_model_len)
+
+    def drain(self) -> None:
+        self._respawn = False
 
     def step(self) -> list[RequestDelta]:
         try:
             return super().step()
         except WorkerDied as exc:
-            old = self.scheduler
-            logger.error("%s: restarting it, recomputing %d requests", exc, len(old.requests))
             self.link.forget(self.WORKER_ID)
-            self.scheduler = self._start_worker()
-            for request in old.requests.values():
-                request.num_computed_tokens = 0
-                self.scheduler.enqueue(request)
+            if not self._respawn:
+                raise StepFailed(f"{exc} while the server shuts down") from exc
+            self._restart_worker(exc)
             return []
+
+    def _restart_worker(self, cause: WorkerDied) -> None:
+        old = self.scheduler
+        delay = self._backoff.next_delay(time.monotonic() - self._ready_at)
+        logger.error(
+            "%s: restarting it in %.0f s, recomputing %d requests",
+            cause,
+            delay,
+            len(old.requests),
+        )
+        time.sleep(delay)
+        self.scheduler = self._start_worker()
+        for request in old.requests.values():
+            request.num_computed_tokens = 0
+            self.scheduler.enqueue(request)
 
 
 def disaggregated_engine(config: EngineConfig, link: WorkerLink) -> DisaggEngine:
@@ -252,8 +280,16 @@ def disaggregated_engine(config: EngineConfig, link: WorkerLink) -> DisaggEngine
     return engine
 
 
-def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
-    """Process entry point: bind, start the workers, serve until SIGTERM/SIGINT drains us."""
+def run_engine_core(
+    config: EngineConfig,
+    addresses: EngineAddresses,
+    on_serving: Callable[[], None] | None = None,
+) -> None:
+    """Process entry point: bind, start the workers, serve until SIGTERM/SIGINT drains us.
+
+    `on_serving` is called once the workers are ready and the loop is about to run (the
+    launcher's sign that a later death is a crash to recover from, not a bad start).
+    """
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s"
     )
@@ -268,9 +304,8 @@ def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
     loop = BusyLoop(engine, frontends)
 
     def drain(signum: int, _frame: object) -> None:
-        if loop.draining_since is None:
-            logger.info("signal %d: draining %d requests", signum, len(loop.owners))
-            loop.draining_since = time.monotonic()
+        logger.info("signal %s", signal.Signals(signum).name)
+        loop.start_draining()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
@@ -279,6 +314,8 @@ def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
         addresses.frontend,
         "colocated" if config.colocated else "disaggregated",
     )
+    if on_serving is not None:
+        on_serving()
     try:
         loop.run()
     finally:

@@ -90,6 +90,10 @@ class DisaggEngine:
             self.transfers.drop(req_id)
         return deltas
 
+    def drain(self) -> None:
+        """Replace no worker that dies from now on: the core is shutting down."""
+        self.respawn = None
+
     def has_unfinished_requests(self) -> bool:
         busy = any(w.scheduler.requests or w.inflight for w in self.workers.values())
         return busy or bool(self.backlog) or len(self.transfers) > 0

@@ -49,3 +49,6 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    def drain(self) -> None:
+        """The driver is shutting down: a subclass that replaces dead workers stops here."""
