@@ -6,6 +6,7 @@ fixtures with the flags they need.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,6 +40,12 @@ def healthy(url: str) -> bool:
         return False
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process left in a server's process group (a test that failed)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 @contextmanager
 def running_server(args: list[str], log: Path) -> Iterator[str]:
     """`duet serve --host 127.0.0.1 --port P *args` until the block ends; yields its URL.
@@ -46,26 +53,40 @@ def running_server(args: list[str], log: Path) -> Iterator[str]:
     Output goes to `log`. Fails the test if the server never becomes healthy or does not
     stop within STOP_TIMEOUT of SIGTERM.
     """
+    with server_process(args, log) as (_, url):
+        yield url
+
+
+@contextmanager
+def server_process(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Like `running_server`, yielding (the launcher's Popen, URL); `env` adds variables.
+
+    The server leads a process group of its own, so a test can signal all of it at once
+    (as Ctrl-C in a terminal does) with `os.killpg(proc.pid, ...)`.
+    """
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", "from frontend.cli import main; main()",
              "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "DUET_API_KEY": ""},
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "DUET_API_KEY": "", **(env or {})},
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while not healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            kill_group(proc.pid)
             pytest.fail(f"duet serve did not become healthy:\n{log.read_text()[-4000:]}")
         time.sleep(1)
     try:
-        yield url
+        yield proc, url
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            kill_group(proc.pid)
             pytest.fail(f"duet serve did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM")

@@ -1,0 +1,214 @@
+"""The supervised server: kill -9 of the engine core, and SIGTERM of the whole process group.
+
+A real `duet serve` over a tiny random checkpoint; streams are read as raw SSE (to see every
+event, `[DONE]` included) and through the official openai client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from server_process import healthy, server_process
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny"
+ARGS = ["--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-memory", "64MiB"]
+RECOVERY_TIMEOUT = 30.0  # the target: serving again this long after the core died
+LIVE_TIMEOUT = 120.0  # for every stream to have its first token on a busy machine
+
+
+def _body(max_tokens: int, stream: bool) -> dict:
+    return {"model": MODEL, "prompt": "hello", "max_tokens": max_tokens, "stream": stream,
+            "ignore_eos": True}  # fmt: skip
+
+
+async def _sse(
+    session: aiohttp.ClientSession, url: str, live: asyncio.Event, max_tokens: int
+) -> list[str]:
+    """Every `data:` payload of one streamed completion; sets `live` at the first token."""
+    events: list[str] = []
+    async with session.post(f"{url}/v1/completions", json=_body(max_tokens, True)) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                events.append(line[6:].decode().strip())
+                live.set()
+    return events
+
+
+async def _plain(session: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
+    async with session.post(f"{url}/v1/completions", json=_body(2000, False)) as resp:
+        return resp.status, await resp.json()
+
+
+async def _openai_stream(url: str, live: asyncio.Event) -> Exception | None:
+    """What iterating one openai-client stream raised (None if it ended normally)."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    stream = await client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+    )
+    try:
+        async for _ in stream:
+            live.set()
+    except Exception as exc:
+        return exc
+    finally:
+        await client.close()
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _descendants(pid: int) -> list[int]:
+    return [d for c in _children(pid) for d in [c, *_descendants(c)]]
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def _core_pid(launcher: int) -> int:
+    """The launcher's child whose own child is the worker (workers name themselves)."""
+    return next(c for c in _children(launcher) if any(_comm(g) == "worker-0" for g in _children(c)))
+
+
+def _exists(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _group(pgid: int) -> list[str]:
+    """'pid name' of every live process in process group `pgid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(f"{stat.parent.name} {name}")
+    return found
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def _duet_dirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("duet-"))
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    tmp: Path  # its TMPDIR: where its duet-* directories go
+    log: Path
+
+
+@contextmanager
+def serving(checkpoint: Path, folder: Path) -> Iterator[Server]:
+    tmp = folder / "tmp"
+    tmp.mkdir()
+    log = folder / "duet.log"
+    with server_process([str(checkpoint), *ARGS], log, env={"TMPDIR": str(tmp)}) as (proc, url):
+        yield Server(proc, url, tmp, log)
+
+
+async def _live_streams(
+    session: aiohttp.ClientSession, url: str, count: int, max_tokens: int
+) -> list[asyncio.Task[list[str]]]:
+    """`count` streams started, returned once every one of them has had a token."""
+    lives = [asyncio.Event() for _ in range(count)]
+    streams = [asyncio.create_task(_sse(session, url, e, max_tokens)) for e in lives]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in lives)), LIVE_TIMEOUT)
+    return streams
+
+
+def test_kill_9_of_the_core_fails_streams_cleanly_and_the_server_recovers(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    with serving(tiny_checkpoint(), tmp_path) as server:
+        url = server.url
+        assert len(_duet_dirs(server.tmp)) == 2  # the ipc dir and the prometheus dir
+        core = _core_pid(server.proc.pid)
+        doomed = [core, *_descendants(core)]
+
+        async def scenario() -> tuple[list[list[str]], tuple[int, dict], Exception | None, int]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+                plain = asyncio.create_task(_plain(session, url))
+                sdk_live = asyncio.Event()
+                sdk = asyncio.create_task(_openai_stream(url, sdk_live))
+                streams = await _live_streams(session, url, 4, 2000)
+                await asyncio.wait_for(sdk_live.wait(), LIVE_TIMEOUT)
+                os.kill(core, signal.SIGKILL)
+                events = await asyncio.gather(*streams)
+                async with session.get(f"{url}/health") as resp:
+                    health = resp.status
+                return events, await plain, await sdk, health
+
+        events, (status, body), sdk_error, health = asyncio.run(scenario())
+        for stream in events:
+            assert stream[-1] == "[DONE]"
+            error = json.loads(stream[-2])["error"]
+            assert error["code"] == "engine_unavailable" and error["type"] == "server_error"
+            assert error["message"] == "the engine core went away"  # not the 30 s silence
+            assert all("error" not in json.loads(e) for e in stream[:-2])
+        assert status == 503 and body["error"]["code"] == "engine_unavailable"
+        assert type(sdk_error) is openai.APIError and "went away" in sdk_error.message
+        assert health == 503
+
+        _wait_until(lambda: not any(map(_exists, doomed)), 30.0, "the worker outlived its core")
+        _wait_until(lambda: healthy(url), RECOVERY_TIMEOUT, "the server did not recover")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        reply = client.completions.create(model=MODEL, prompt="hello", max_tokens=4)
+        assert reply.usage is not None and reply.usage.completion_tokens == 4
+    assert server.proc.returncode == 0
+    assert _duet_dirs(server.tmp) == []
+    assert "engine-core exited with code -9; restarting it" in server.log.read_text()
+
+
+def test_sigterm_of_the_process_group_drains_and_cleans_up(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    with serving(tiny_checkpoint(), tmp_path) as server:
+
+        async def scenario() -> list[list[str]]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+                streams = await _live_streams(session, server.url, 4, 24)
+                os.killpg(server.proc.pid, signal.SIGTERM)  # what Ctrl-C in a terminal does
+                return await asyncio.gather(*streams)
+
+        events = asyncio.run(scenario())
+        server.proc.wait(timeout=90)
+    pgid = server.proc.pid
+    assert server.proc.returncode == 0
+    _wait_until(lambda: not _group(pgid), 10.0, f"left running: {_group(pgid)}")
+    assert _duet_dirs(server.tmp) == []
+    assert all(stream[-1] == "[DONE]" for stream in events)
+    text = server.log.read_text()
+    assert "SIGTERM: waiting for the engine core to stop this worker" in text
+    assert "restarting" not in text and "did not stop in time" not in text
