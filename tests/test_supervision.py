@@ -22,7 +22,7 @@ import openai
 import pytest
 from server_process import healthy, server_process
 
-pytestmark = pytest.mark.slow
+from engine_core.supervision import Backoff
 
 MODEL = "tiny"
 ARGS = ["--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-memory", "64MiB"]
@@ -148,6 +148,14 @@ async def _live_streams(
     return streams
 
 
+def test_backoff_grows_with_quick_crashes_and_resets_after_a_stable_run() -> None:
+    backoff = Backoff(first=1.0, maximum=5.0, stable_after=60.0)
+    assert [backoff.next_delay(uptime=2.0) for _ in range(6)] == [0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert backoff.next_delay(uptime=61.0) == 0.0
+    assert backoff.next_delay(uptime=2.0) == 1.0
+
+
+@pytest.mark.slow
 def test_kill_9_of_the_core_fails_streams_cleanly_and_the_server_recovers(
     tiny_checkpoint: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -191,6 +199,7 @@ def test_kill_9_of_the_core_fails_streams_cleanly_and_the_server_recovers(
     assert "engine-core exited with code -9; restarting it" in server.log.read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_of_the_process_group_drains_and_cleans_up(
     tiny_checkpoint: Callable[..., Path], tmp_path: Path
 ) -> None:
