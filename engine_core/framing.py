@@ -95,10 +95,11 @@ class Endpoint:
 
 
 def apply_socket_options(
-    sock: zmq.Socket, *, server: bool, options: Mapping[int, int | bytes]
+    sock: zmq.Socket, address: str, *, server: bool, options: Mapping[int, int | bytes]
 ) -> None:
     """The one place a duet socket gets its options, just before it binds (`server`) or
-    connects. Nothing lingers at close unless a caller asks: a dead peer must not hang exit."""
+    connects to `address` (security that depends on the transport belongs here too).
+    Nothing lingers at close unless a caller asks: a dead peer must not hang exit."""
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in options.items():
         sock.setsockopt(option, value)
@@ -120,16 +121,16 @@ class Channel:
         self.routed = endpoint.socket_type == zmq.ROUTER  # frames start with a peer identity
 
     def bind(self, address: str) -> None:
-        apply_socket_options(self.sock, server=True, options=self._options)
+        apply_socket_options(self.sock, address, server=True, options=self._options)
         self.sock.bind(address)
 
     def bind_to_random_port(self, host: str) -> str:
         """Bind `tcp://host` on a free port; returns the full address."""
-        apply_socket_options(self.sock, server=True, options=self._options)
+        apply_socket_options(self.sock, f"tcp://{host}", server=True, options=self._options)
         return f"tcp://{host}:{self.sock.bind_to_random_port(f'tcp://{host}')}"
 
     def connect(self, address: str) -> None:
-        apply_socket_options(self.sock, server=False, options=self._options)
+        apply_socket_options(self.sock, address, server=False, options=self._options)
         self.sock.connect(address)
 
     def frames(
