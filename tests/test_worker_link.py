@@ -35,12 +35,22 @@ def link(tmp_path: Path) -> Iterator[WorkerLink]:
     ctx.destroy(linger=0)
 
 
-def play_worker(
-    link: WorkerLink, answer: Callable[[Channel], None], beat_for: float
-) -> threading.Thread:
-    """A worker that heartbeats for `beat_for` seconds and `answer`s the first plan."""
+class PlayedWorker:
+    """A worker thread that heartbeats for `beat_for` seconds, `answer`s the first plan
+    halfway through, then stays connected but silent until `stop`."""
 
-    def run() -> None:
+    def __init__(
+        self, link: WorkerLink, answer: Callable[[Channel], None], beat_for: float
+    ) -> None:
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(link, answer, beat_for))
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _run(self, link: WorkerLink, answer: Callable[[Channel], None], beat_for: float) -> None:
         work = Channel(link.sock.context, WORKER, b"w0")
         beats = Channel(link.sock.context, HEARTBEAT, b"w0" + HEARTBEAT_SUFFIX.encode())
         work.connect(link.address)
@@ -56,13 +66,9 @@ def play_worker(
                 answer(work)
                 answered = True
             time.sleep(HEARTBEAT_TIMEOUT / 6)
-        time.sleep(HEARTBEAT_TIMEOUT * 3)  # silent, but connected: only heartbeats tell
+        self.done.wait(10)  # silent, but connected: only heartbeats tell
         work.close()
         beats.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def wait_connected(link: WorkerLink) -> None:
@@ -76,11 +82,11 @@ def test_an_undecodable_result_is_a_failed_step(link: WorkerLink) -> None:
     def garbled(work: Channel) -> None:
         work.sock.send_multipart([*encode(WorkerMsg.RESULT)[:1], b"\xc1not msgpack"])
 
-    worker = play_worker(link, garbled, beat_for=1.0)
+    worker = PlayedWorker(link, garbled, beat_for=1.0)
     wait_connected(link)
     result = link.execute("w0", PLAN)
     assert result.step_id == PLAN.step_id and result.error and result.req_ids == []
-    worker.join()
+    worker.stop()
 
 
 def test_a_step_longer_than_the_heartbeat_timeout_is_waited_for(link: WorkerLink) -> None:
@@ -90,18 +96,18 @@ def test_a_step_longer_than_the_heartbeat_timeout_is_waited_for(link: WorkerLink
     def late(work: Channel) -> None:
         work.send(WorkerMsg.RESULT, StepResult(PLAN.step_id, [], []))
 
-    worker = play_worker(link, late, beat_for=HEARTBEAT_TIMEOUT * 3)
+    worker = PlayedWorker(link, late, beat_for=HEARTBEAT_TIMEOUT * 3)
     wait_connected(link)
     started = time.monotonic()
     result = link.execute("w0", PLAN)
     assert result == StepResult(PLAN.step_id, [], []) and result.error is None
     assert waits and waits[-1] - started > HEARTBEAT_TIMEOUT  # it kept the core talking
-    worker.join()
+    worker.stop()
 
 
 def test_a_worker_that_stops_heartbeating_is_dead(link: WorkerLink) -> None:
-    worker = play_worker(link, lambda work: None, beat_for=0.5)
+    worker = PlayedWorker(link, lambda work: None, beat_for=0.5)
     wait_connected(link)
     with pytest.raises(WorkerDied):
         link.execute("w0", PLAN)
-    worker.join()
+    worker.stop()
