@@ -61,6 +61,9 @@ class WorkerLink:
         self.processes: dict[str, mp.process.BaseProcess] = {}
         self.config: EngineConfig | None = None  # what `duet *-worker` processes are told
         self.heard: dict[str, float] = {}  # worker id -> last heartbeat (monotonic)
+        # NOTE: silence is measured up to the last time the socket was read empty, so that
+        # the core's own pauses (building a scheduler, a slow machine) kill no worker
+        self._drained_at = time.monotonic()
         self.sent: dict[str, tuple[int, float]] = {}  # worker id -> (step id, monotonic) in flight
         # called while `execute` waits, so the core keeps talking to its frontends
         self.on_wait: Callable[[], None] = lambda: None
@@ -87,8 +90,7 @@ class WorkerLink:
             self._check_alive(worker_ids)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers not ready after {timeout:.0f}s: {worker_ids}")
-            if self.sock.poll(POLL_MS):
-                self._receive()
+            self._receive_or_drained()
             self.on_wait()  # a restart reloads the model: frontends must not give up meanwhile
 
     def execute(self, worker_id: str, plan: StepPlan) -> StepResult:
@@ -100,12 +102,11 @@ class WorkerLink:
             raise WorkerDied(f"worker {worker_id} is unreachable: {exc}") from exc
         self.sent[worker_id] = (plan.step_id, time.monotonic())
         while True:
-            if self.sock.poll(POLL_MS):
-                got = self._receive()
-                if got is not None and got[0] == worker_id and got[1] == WorkerMsg.RESULT:
-                    result: StepResult = got[2]
-                    if result.step_id == plan.step_id:
-                        return result
+            got = self._receive_or_drained()
+            if got is not None and got[0] == worker_id and got[1] == WorkerMsg.RESULT:
+                result: StepResult = got[2]
+                if result.step_id == plan.step_id:
+                    return result
             if worker_id in self.dead_workers():
                 self._check_alive([worker_id])
                 raise WorkerDied(f"worker {worker_id} stopped answering during step {plan.step_id}")
@@ -125,11 +126,13 @@ class WorkerLink:
         """Every message waiting (after up to `timeout_ms` for the first); READYs are recorded."""
         messages: list[Incoming] = []
         if not self.sock.poll(timeout_ms):
+            self._drained_at = time.monotonic()
             return messages
         while True:
             try:
                 got = self._receive(zmq.NOBLOCK)
             except zmq.Again:
+                self._drained_at = time.monotonic()
                 return messages
             if got is not None:
                 messages.append(got)
@@ -137,13 +140,20 @@ class WorkerLink:
     def dead_workers(self) -> list[str]:
         """Workers to give up on: local ones whose process exited (a kill -9 shows at once),
         any silent for HEARTBEAT_TIMEOUT, any whose step in flight overran STEP_TIMEOUT."""
-        now = time.monotonic()
+        now, read = time.monotonic(), self._drained_at
         dead = [w for w, proc in self.processes.items() if not proc.is_alive()]
-        dead += [w for w, last in self.heard.items() if now - last > HEARTBEAT_TIMEOUT]
+        dead += [w for w, last in self.heard.items() if read - last > HEARTBEAT_TIMEOUT]
         hung = [w for w, (_, since) in self.sent.items() if now - since > STEP_TIMEOUT]
         for worker_id in hung:
             logger.error("worker %s has run one step for over %.0f s", worker_id, STEP_TIMEOUT)
         return list(dict.fromkeys(dead + hung))
+
+    def _receive_or_drained(self) -> Incoming | None:
+        """The next message within POLL_MS, or None (and the socket is known empty)."""
+        if self.sock.poll(POLL_MS):
+            return self._receive()
+        self._drained_at = time.monotonic()
+        return None
 
     def _receive(self, flags: int = 0) -> Incoming | None:
         """One message off the socket: heartbeats and JOINs are answered here, READYs

@@ -111,3 +111,15 @@ def test_a_worker_that_stops_heartbeating_is_dead(link: WorkerLink) -> None:
     with pytest.raises(WorkerDied):
         link.execute("w0", PLAN)
     worker.stop()
+
+
+def test_a_pause_of_the_core_itself_kills_no_worker(link: WorkerLink) -> None:
+    worker = PlayedWorker(link, lambda work: None, beat_for=HEARTBEAT_TIMEOUT * 4)
+    wait_connected(link)
+    link.channel.send(WorkerMsg.PLAN, PLAN, to=b"w0")  # from here on it beats steadily
+    link.poll(500)
+    time.sleep(HEARTBEAT_TIMEOUT * 2)  # e.g. the core building a scheduler: nothing read
+    assert link.dead_workers() == []
+    link.poll(0)
+    assert link.dead_workers() == []
+    worker.stop()
