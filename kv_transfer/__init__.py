@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import zmq
 
-from kv_transfer.base import KVHeader, KVReceiver, KVSender
+from engine_core.messages.kv import KVHeader
+from kv_transfer.base import KVReceiver, KVSender
 from kv_transfer.shm import ShmAllocator, ShmReceiver, ShmSender
 from kv_transfer.tcp import TcpReceiver, TcpSender
 from kv_transfer.torch_dist import TorchReceiver, TorchSender

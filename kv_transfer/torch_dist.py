@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from engine_core.messages.kv import KVHeader
 from engine_core.messages.worker import KVSendOrder
 from kv_transfer.base import (
-    KVHeader,
     KVReceiver,
     KVSender,
     Landing,
