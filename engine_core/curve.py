@@ -111,6 +111,11 @@ def dial(sock: zmq.Socket, address: str, keys: CurveKeys | None) -> None:
     sock.connect(address)
 
 
+def listening_host(host: str, keys: CurveKeys | None) -> str:
+    """Where a listener asked for `host` may listen: loopback unless there are keys."""
+    return host if keys is not None or is_loopback(f"tcp://{_bracketed(host)}") else "127.0.0.1"
+
+
 def is_loopback(address: str) -> bool:
     """True for a tcp address on 127.0.0.0/8, ::1 or localhost."""
     host = urlsplit(address).hostname or ""
@@ -126,7 +131,7 @@ def _secure_server(sock: zmq.Socket, address: str, keys: CurveKeys | None) -> st
     if keys is None:
         if is_loopback(address):
             return address
-        narrowed = f"tcp://127.0.0.1:{address.rsplit(':', 1)[1]}"
+        narrowed = f"tcp://127.0.0.1:{address.rsplit(':', 1)[1]}"  # same port, loopback only
         logger.warning("no --curve-keys: binding %s to %s instead (loopback only); run "
                        "`duet keys DIR` and pass --curve-keys DIR to every role to accept other "
                        "hosts", address, narrowed)  # fmt: skip

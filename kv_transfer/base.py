@@ -21,6 +21,7 @@ import msgspec
 import torch
 import zmq
 
+from engine_core.curve import CurveKeys, dial, listen_on_random_port, listening_host
 from engine_core.messages.worker import KVRecvOrder, KVSendOrder, KVTransferDone
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,17 @@ def blocks_shape(kv: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
 class KVSender:
     """Ships blocks of this worker's pool to receivers named by the core."""
 
-    def __init__(self, ctx: zmq.Context, worker_id: str, kv_cache: torch.Tensor) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        worker_id: str,
+        kv_cache: torch.Tensor,
+        keys: CurveKeys | None = None,
+    ) -> None:
         self.ctx = ctx
         self.worker_id = worker_id
         self.kv_cache = kv_cache
+        self.keys = keys
         self._pushes: dict[str, zmq.Socket] = {}
 
     def send(self, order: KVSendOrder) -> None:
@@ -105,7 +113,7 @@ class KVSender:
             # died are dropped with its connection instead of piling up here forever
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
+            dial(sock, address, self.keys)
         if not sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
             raise ConnectionError(f"KV receiver at {address} is unreachable")
         sock.send_multipart([_encoder.encode(header), *payload], copy=False)
@@ -118,12 +126,18 @@ class KVReceiver:
     a transfer completes when both are here and its bytes are in the pool.
     """
 
-    def __init__(self, ctx: zmq.Context, kv_cache: torch.Tensor, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        kv_cache: torch.Tensor,
+        host: str = "127.0.0.1",
+        keys: CurveKeys | None = None,
+    ) -> None:
         self.kv_cache = kv_cache
         self.sock = ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
-        port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        self.address = listen_on_random_port(self.sock, host, keys)  # a CURVE server with keys
+        self.host = listening_host(host, keys)
         self.store_address = ""  # set by connectors that need a rendezvous store
         self._expected: dict[str, list[int]] = {}
         self._arrived: dict[str, tuple[KVHeader, Landing]] = {}

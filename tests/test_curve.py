@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+from listeners import non_loopback_address
 
 from engine_core.curve import (
     CurveKeyError,
@@ -121,17 +122,6 @@ def test_frontend_hosts_need_no_server_secret(key_dir: Path, ctx: zmq.Context) -
     (key_dir / "client.key_secret").unlink()
     with pytest.raises(CurveKeyError, match=r"client\.key_secret"):
         load_keys(key_dir)
-
-
-def non_loopback_address() -> str | None:
-    """This host's address on the interface that routes outwards, if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.1", 9))  # TEST-NET-1; no packet is sent
-        except OSError:
-            return None
-        address = probe.getsockname()[0]
-    return None if address.startswith("127.") else address
 
 
 def test_without_keys_a_wildcard_bind_is_narrowed_to_loopback(
