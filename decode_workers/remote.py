@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.curve import CurveKeyError, CurveKeys, add_curve_keys_argument, dial, load_keys
 from engine_core.framing import Decoder, encode
 from engine_core.messages.worker import WorkerJoin, WorkerMsg
 from engine_core.placement import cores_for
@@ -32,14 +33,21 @@ def main(role: str, argv: list[str] | None = None) -> None:
     args = _parser(role).parse_args(argv)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
     kv_host = args.kv_host or local_address_towards(args.engine)
-    config = fetch_config(args.engine, worker_id, role, args.timeout)
+    try:
+        keys = load_keys(args.curve_keys)
+    except CurveKeyError as exc:
+        raise SystemExit(f"duet: {exc}") from None
+    config = fetch_config(args.engine, worker_id, role, args.timeout, keys)
     if args.torch_threads:
         config.torch_threads = args.torch_threads
     cores = [int(c) for c in args.cores.split(",")] if args.cores else cores_for(role)
-    threading.Thread(target=_heartbeat, args=(args.engine, worker_id), daemon=True).start()
+    heartbeat = threading.Thread(
+        target=_heartbeat, args=(args.engine, worker_id, keys), daemon=True
+    )
+    heartbeat.start()
     from decode_workers.worker import run_worker
 
-    run_worker(config, args.engine, worker_id, role, cores, kv_host)
+    run_worker(config, args.engine, worker_id, role, cores, kv_host, keys)
 
 
 def _parser(role: str) -> argparse.ArgumentParser:
@@ -63,16 +71,19 @@ def _parser(role: str) -> argparse.ArgumentParser:
     )
     add("--torch-threads", type=int, default=None)
     add("--timeout", type=float, default=30.0, help="seconds to wait for the core's answer")
+    add_curve_keys_argument(parser)
     return parser
 
 
-def fetch_config(engine: str, worker_id: str, role: str, timeout: float) -> EngineConfig:
+def fetch_config(
+    engine: str, worker_id: str, role: str, timeout: float, keys: CurveKeys | None = None
+) -> EngineConfig:
     """Ask the core for its EngineConfig."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, (worker_id + JOIN_SUFFIX).encode())
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(engine)
+    dial(sock, engine, keys)
     deadline = time.monotonic() + timeout
     try:
         # NOTE: asked again every 2 s: a core still starting up may have missed the first
@@ -100,13 +111,13 @@ def local_address_towards(engine: str) -> str:
         return probe.getsockname()[0]
 
 
-def _heartbeat(engine: str, worker_id: str) -> None:
+def _heartbeat(engine: str, worker_id: str, keys: CurveKeys | None) -> None:
     # NOTE: own socket and thread: the worker loop may sit in a long forward pass
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, (worker_id + HEARTBEAT_SUFFIX).encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 2)  # never queue a backlog of stale beats
-    sock.connect(engine)
+    dial(sock, engine, keys)
     while True:
         with contextlib.suppress(zmq.Again):
             sock.send_multipart(encode(WorkerMsg.HEARTBEAT), zmq.NOBLOCK)

@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.curve import CurveKeys, authenticate, dial
 from engine_core.framing import Decoder, encode
 from engine_core.messages.worker import KVTransferDone, StepPlan, StepResult, WorkerMsg, WorkerReady
 from models.runner import KVAllocator, ModelRunner, zeros_allocator
@@ -55,16 +56,18 @@ def name_process(name: str) -> None:
     libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
 
 
-def make_hand_off(config: EngineConfig, role: str, worker_id: str, kv_host: str) -> HandOff | None:
+def make_hand_off(
+    config: EngineConfig, role: str, worker_id: str, kv_host: str, keys: CurveKeys | None
+) -> HandOff | None:
     """The KV side of a disaggregated role; None for the colocated "mixed" worker."""
     if role == "prefill":
         from prefill_workers.hand_off import SenderSide
 
-        return SenderSide(config, worker_id, kv_host)
+        return SenderSide(config, worker_id, kv_host, keys)
     if role == "decode":
         from decode_workers.hand_off import ReceiverSide
 
-        return ReceiverSide(config, worker_id, kv_host)
+        return ReceiverSide(config, worker_id, kv_host, keys)
     if role != "mixed":
         raise ValueError(f"unknown worker role {role!r}")
     return None
@@ -77,11 +80,13 @@ def run_worker(
     role: str = "mixed",
     cores: list[int] | None = None,
     kv_host: str = "127.0.0.1",
+    keys: CurveKeys | None = None,
 ) -> None:
     """Serve step plans from the core at `engine_address` until told to shut down.
 
     `cores` pins the process (and sizes torch's thread pool unless `config.torch_threads`
-    says otherwise); `kv_host` is the address KV senders use to reach a decode worker.
+    says otherwise); `kv_host` is the address KV senders use to reach a decode worker;
+    `keys` secure its tcp links (engine_core/curve.py).
     """
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {role}-worker %(levelname)s %(message)s"
@@ -89,13 +94,14 @@ def run_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the core decides when workers stop
     name_process(worker_id)
     pin_threads(config.torch_threads, cores)
-    hand_off = make_hand_off(config, role, worker_id, kv_host)
+    hand_off = make_hand_off(config, role, worker_id, kv_host, keys)
     runner = ModelRunner(config, hand_off.allocator if hand_off else zeros_allocator)
     ctx = zmq.Context()
+    authenticator = authenticate(ctx, keys)  # for a decode worker's KV receiver
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, worker_id.encode())
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(engine_address)
+    dial(sock, engine_address, keys)
     if hand_off:
         hand_off.attach(ctx, runner.kv_cache)
     extra = hand_off.ready_fields() if hand_off else {}
@@ -110,6 +116,8 @@ def run_worker(
         if hand_off:
             hand_off.close()
         sock.close()
+        if authenticator is not None:
+            authenticator.stop()
         ctx.term()
 
 

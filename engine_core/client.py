@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 import zmq
 import zmq.asyncio
 
+from engine_core.curve import CurveKeys, dial
 from engine_core.framing import Decoder, encode
 from engine_core.messages.common import FinishReason
 from engine_core.messages.frontend import (
@@ -53,9 +54,11 @@ class EngineClient:
         identity: bytes,
         health_timeout: float = HEALTH_TIMEOUT,
         on_stats: Callable[[SchedulerStats], None] | None = None,
+        keys: CurveKeys | None = None,
     ) -> None:
         self.address = address
         self.identity = identity
+        self.keys = keys  # CURVE client keys for a tcp core
         self.health_timeout = health_timeout
         self.on_stats = on_stats  # called with every SchedulerStats (e.g. for /metrics)
         self.latest_stats: SchedulerStats | None = None
@@ -75,7 +78,7 @@ class EngineClient:
         # NOTE: 0 = no high-water mark; dropping or blocking a frame would lose a request.
         socket.setsockopt(zmq.SNDHWM, 0)
         socket.setsockopt(zmq.RCVHWM, 0)
-        socket.connect(self.address)
+        dial(socket, self.address, self.keys)
         self._socket = socket
         self._started_at = time.monotonic()
         self._send(FrontendMsg.HELLO)

@@ -13,6 +13,7 @@ same port instead, with one warning: an unauthenticated core never listens beyon
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import os
@@ -45,6 +46,14 @@ class CurveKeys:
     client_public: bytes
     client_secret: bytes
     server_secret: bytes | None = None  # absent on hosts that only connect (frontends)
+
+
+def add_curve_keys_argument(parser: argparse.ArgumentParser) -> None:
+    """--curve-keys DIR, the same on every role's command line."""
+    parser.add_argument("--curve-keys", default=os.environ.get("DUET_CURVE_KEYS") or None,
+        metavar="DIR", help="a `duet keys` directory: encrypt and authenticate every tcp link "
+        "with ZeroMQ CURVE; without it, tcp sockets bind to loopback only "
+        "(default: $DUET_CURVE_KEYS)")  # fmt: skip
 
 
 def generate_keys(directory: str | os.PathLike[str]) -> list[Path]:
@@ -116,6 +125,13 @@ def listening_host(host: str, keys: CurveKeys | None) -> str:
     return host if keys is not None or is_loopback(f"tcp://{_bracketed(host)}") else "127.0.0.1"
 
 
+def narrowed(address: str, secured: bool) -> str:
+    """Where `listen` binds `address`: itself, or loopback on its port for keyless tcp."""
+    if not _is_tcp(address) or secured or is_loopback(address):
+        return address
+    return f"tcp://127.0.0.1:{address.rsplit(':', 1)[1]}"
+
+
 def is_loopback(address: str) -> bool:
     """True for a tcp address on 127.0.0.0/8, ::1 or localhost."""
     host = urlsplit(address).hostname or ""
@@ -129,13 +145,12 @@ def is_loopback(address: str) -> bool:
 
 def _secure_server(sock: zmq.Socket, address: str, keys: CurveKeys | None) -> str:
     if keys is None:
-        if is_loopback(address):
-            return address
-        narrowed = f"tcp://127.0.0.1:{address.rsplit(':', 1)[1]}"  # same port, loopback only
-        logger.warning("no --curve-keys: binding %s to %s instead (loopback only); run "
-                       "`duet keys DIR` and pass --curve-keys DIR to every role to accept other "
-                       "hosts", address, narrowed)  # fmt: skip
-        return narrowed
+        bound = narrowed(address, secured=False)
+        if bound != address:
+            logger.warning("no --curve-keys: binding %s to %s instead (loopback only); run "
+                           "`duet keys DIR` and pass --curve-keys DIR to every role to accept "
+                           "other hosts", address, bound)  # fmt: skip
+        return bound
     if keys.server_secret is None:
         raise CurveKeyError(f"{keys.directory / 'server.key_secret'} is missing: "
                             f"this host cannot accept connections on {address}")  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from engine_core.curve import CurveKeys, listen
 from engine_core.framing import Decoder, encode
 from engine_core.messages.frontend import AbortRequests, AddRequest, FrontendMsg, StepOutputs
 
@@ -27,14 +28,14 @@ _INCOMING = Decoder(
 class FrontendIO:
     """Bound ROUTER for all frontends; `inbox` yields (identity, type, message)."""
 
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, keys: CurveKeys | None = None) -> None:
         self.inbox: queue.Queue[tuple[bytes, int, Any]] = queue.Queue()
         self.frontends: set[bytes] = set()
         self._ctx = ctx
         self._pipe = f"inproc://frontend-out-{id(self)}"
         self._router = ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.bind(address)
+        self.address = listen(self._router, address, keys)  # where it ended up bound
         self._pull = ctx.socket(zmq.PULL)
         self._pull.bind(self._pipe)
         self._push = ctx.socket(zmq.PUSH)  # used by the busy loop only

@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.curve import CurveKeys, listen
 from engine_core.framing import Decoder, encode
 from engine_core.messages.worker import (
     KVTransferDone,
@@ -54,12 +55,12 @@ class WorkerDied(RuntimeError):
 class WorkerLink:
     """One bound ROUTER for workers; `execute` is a blocking round trip to one worker."""
 
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, keys: CurveKeys | None = None) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.bind(address)
-        self.address = address
+        self.address = listen(self.sock, address, keys)
+        self.keys = keys  # local workers get them too: their KV links may be tcp
         self.ready: dict[str, WorkerReady] = {}
         self.processes: dict[str, mp.process.BaseProcess] = {}
         self.config: EngineConfig | None = None  # what `duet *-worker` processes are told
@@ -73,7 +74,7 @@ class WorkerLink:
 
         proc = mp.get_context("spawn").Process(
             target=run_worker,
-            args=(config, self.address, worker_id, role, cores),
+            args=(config, self.address, worker_id, role, cores, "127.0.0.1", self.keys),
             name=f"duet-{worker_id}",
             daemon=True,
         )

@@ -14,6 +14,7 @@ import re
 import sys
 
 from engine_core.config import EngineConfig, parse_size
+from engine_core.curve import add_curve_keys_argument
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
 from frontend.bench.args import add_arguments as add_bench_arguments
 from frontend.settings import FrontendSettings, setup_logging
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = build_parser().parse_args(argv)
     setup_logging("duet")
+    if getattr(args, "curve_keys", None):
+        _check_keys(args.curve_keys)
     sys.exit(args.run(args))
 
 
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", dest="model_option", help="same as the positional MODEL")
     _add_http_args(serve)
     _add_engine_args(serve)
-    add_curve_keys_arg(serve)
+    add_curve_keys_argument(serve)
     serve.set_defaults(run=_serve)
     frontend = commands.add_parser("frontend", help="run frontends against a remote engine core")
     frontend.add_argument("model", nargs="?", help="the model the core serves (for its tokenizer)")
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     frontend.add_argument("--engine", required=True, metavar="ADDRESS",
                           help="the core's frontend socket, e.g. tcp://10.0.0.5:5570")  # fmt: skip
     _add_http_args(frontend)
-    add_curve_keys_arg(frontend)
+    add_curve_keys_argument(frontend)
     frontend.set_defaults(run=_frontend)
     for role in ("prefill", "decode"):
         worker = commands.add_parser(f"{role}-worker", add_help=False,
@@ -94,14 +97,6 @@ def _add_http_args(parser: argparse.ArgumentParser) -> None:
     add("--disable-log-requests", action="store_true", help="no log line per request")
     add("--max-waiting-requests", type=_positive, default=None,
         help="answer 429 while this many requests wait to be scheduled")  # fmt: skip
-
-
-def add_curve_keys_arg(parser: argparse.ArgumentParser) -> None:
-    """--curve-keys, shared by every role (see engine_core/curve.py)."""
-    parser.add_argument("--curve-keys", default=os.environ.get("DUET_CURVE_KEYS") or None,
-        metavar="DIR", help="a `duet keys` directory: encrypt and authenticate every tcp link "
-        "with ZeroMQ CURVE; without it, tcp sockets bind to loopback only "
-        "(default: $DUET_CURVE_KEYS)")  # fmt: skip
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +186,16 @@ def _frontend(args: argparse.Namespace) -> int:
     from frontend.launcher import serve_frontends
 
     return serve_frontends(_frontend_settings(args, args.engine), args.api_server_count)
+
+
+def _check_keys(directory: str) -> None:
+    """Fail at once, in the terminal, on a key directory no process could use."""
+    from engine_core.curve import CurveKeyError, load_keys
+
+    try:
+        load_keys(directory)
+    except CurveKeyError as exc:
+        sys.exit(f"duet: {exc}")
 
 
 def _keys(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
 from engine_core.config import EngineAddresses, EngineConfig
+from engine_core.curve import narrowed
 from frontend.metrics import setup_multiproc_dir
 from frontend.settings import FrontendSettings
 
@@ -40,10 +41,12 @@ def serve(
         addresses = EngineAddresses(
             frontend=engine_address or f"ipc://{ipc_dir}/frontend.sock",
             workers=f"ipc://{ipc_dir}/workers.sock",
+            curve_keys=settings.curve_keys,
         )
         spawn = multiprocessing.get_context("spawn")
         core = spawn.Process(target=_run_core, args=(config, addresses), name="engine-core")
-        local = replace(settings, engine_address=_local_address(addresses.frontend))
+        bound = narrowed(addresses.frontend, secured=settings.curve_keys is not None)
+        local = replace(settings, engine_address=_local_address(bound))
         return Supervisor(_frontends(local, count), core, settings.shutdown_timeout).run()
 
 

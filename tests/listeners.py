@@ -24,6 +24,17 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return found
 
 
+def listening_anywhere() -> set[tuple[str, int]]:
+    """(address, port) of every TCP listener of every process we can inspect."""
+    found: set[tuple[str, int]] = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            found |= listening(int(proc.name))
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+    return found
+
+
 def non_loopback_address() -> str | None:
     """This host's address on the interface that routes outwards, if it has one."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
