@@ -1,31 +1,26 @@
 """Workers started by hand, possibly on another host: `duet prefill-worker --engine tcp://...`.
 
 Such a worker first asks the core for its EngineConfig (so model, block size, dtype and
-connector match the core's), then runs the ordinary worker loop. A heartbeat thread on a
-socket of its own lets the core notice within HEARTBEAT_TIMEOUT that the host or process
-is gone; the core then recomputes its requests elsewhere (it cannot restart it).
+connector match the core's), then runs the ordinary worker loop, whose heartbeats let the
+core notice within HEARTBEAT_TIMEOUT that the host or process is gone; the core then
+recomputes its requests elsewhere (it cannot restart it).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import socket
-import threading
 import time
 from urllib.parse import urlsplit
 
 import zmq
 
 from engine_core.config import EngineConfig
-from engine_core.curve import CurveKeyError, CurveKeys, add_curve_keys_argument, dial, load_keys
-from engine_core.framing import Decoder, encode
-from engine_core.messages.worker import WorkerJoin, WorkerMsg
+from engine_core.curve import CurveKeyError, CurveKeys, add_curve_keys_argument, load_keys
+from engine_core.framing import Channel
+from engine_core.messages.worker import JOIN_SUFFIX, WORKER, WorkerJoin, WorkerMsg
 from engine_core.placement import cores_for
-from engine_core.worker_link import HEARTBEAT_SUFFIX, HEARTBEAT_TIMEOUT, JOIN_SUFFIX
-
-_CONFIG = Decoder({WorkerMsg.CONFIG: EngineConfig})
 
 
 def main(role: str, argv: list[str] | None = None) -> None:
@@ -41,10 +36,6 @@ def main(role: str, argv: list[str] | None = None) -> None:
     if args.torch_threads:
         config.torch_threads = args.torch_threads
     cores = [int(c) for c in args.cores.split(",")] if args.cores else cores_for(role)
-    heartbeat = threading.Thread(
-        target=_heartbeat, args=(args.engine, worker_id, keys), daemon=True
-    )
-    heartbeat.start()
     from decode_workers.worker import run_worker
 
     run_worker(config, args.engine, worker_id, role, cores, kv_host, keys)
@@ -79,28 +70,25 @@ def fetch_config(
     engine: str, worker_id: str, role: str, timeout: float, keys: CurveKeys | None = None
 ) -> EngineConfig:
     """Ask the core for its EngineConfig."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, (worker_id + JOIN_SUFFIX).encode())
-    sock.setsockopt(zmq.LINGER, 0)
-    dial(sock, engine, keys)
+    channel = Channel(zmq.Context.instance(), WORKER, (worker_id + JOIN_SUFFIX).encode(), keys)
+    channel.connect(engine)
     deadline = time.monotonic() + timeout
     try:
         # NOTE: asked again every 2 s: a core still starting up may have missed the first
         while True:
-            sock.send_multipart(encode(WorkerMsg.JOIN, WorkerJoin(worker_id, role)))
-            if sock.poll(2000):
+            channel.send(WorkerMsg.JOIN, WorkerJoin(worker_id, role))
+            if channel.poll(2000):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"no answer from the engine core at {engine} within {timeout:.0f}s"
                 )
-        decoded = _CONFIG.decode(sock.recv_multipart())
-        if decoded is None:
+        received = channel.recv()
+        if received is None or received[1] != WorkerMsg.CONFIG:
             raise RuntimeError(f"the engine core at {engine} sent no configuration")
-        return decoded[1]
+        return received[2]
     finally:
-        sock.close()
+        channel.close()
 
 
 def local_address_towards(engine: str) -> str:
@@ -109,16 +97,3 @@ def local_address_towards(engine: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((host, 9))
         return probe.getsockname()[0]
-
-
-def _heartbeat(engine: str, worker_id: str, keys: CurveKeys | None) -> None:
-    # NOTE: own socket and thread: the worker loop may sit in a long forward pass
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, (worker_id + HEARTBEAT_SUFFIX).encode())
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 2)  # never queue a backlog of stale beats
-    dial(sock, engine, keys)
-    while True:
-        with contextlib.suppress(zmq.Again):
-            sock.send_multipart(encode(WorkerMsg.HEARTBEAT), zmq.NOBLOCK)
-        time.sleep(HEARTBEAT_TIMEOUT / 6)

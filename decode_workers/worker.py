@@ -4,28 +4,40 @@ The same loop serves the colocated "mixed" role (prefill and decode in one batch
 disaggregated roles, which plug a KV hand-off side into it: a prefill worker ships blocks
 after the step that finished a prompt (prefill_workers/hand_off.py), a decode worker
 lands transfers between its steps and confirms each to the core (decode_workers/hand_off.py).
+A heartbeat thread on its own socket tells the core this worker lives, also during a
+long step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
+import threading
 from typing import Protocol
 
 import torch
 import zmq
 
 from engine_core.config import EngineConfig
-from engine_core.curve import CurveKeys, authenticate, dial
-from engine_core.framing import Decoder, encode
-from engine_core.messages.worker import KVTransferDone, StepPlan, StepResult, WorkerMsg, WorkerReady
+from engine_core.curve import CurveKeys, authenticate
+from engine_core.framing import Channel
+from engine_core.messages.worker import (
+    HEARTBEAT,
+    HEARTBEAT_SUFFIX,
+    HEARTBEAT_TIMEOUT,
+    WORKER,
+    KVTransferDone,
+    StepPlan,
+    StepResult,
+    WorkerMsg,
+    WorkerReady,
+)
 from models.runner import KVAllocator, ModelRunner, zeros_allocator
 
 logger = logging.getLogger(__name__)
-
-_INCOMING = Decoder({WorkerMsg.PLAN: StepPlan, WorkerMsg.SHUTDOWN: None})
 
 
 class HandOff(Protocol):
@@ -98,54 +110,75 @@ def run_worker(
     runner = ModelRunner(config, hand_off.allocator if hand_off else zeros_allocator)
     ctx = zmq.Context()
     authenticator = authenticate(ctx, keys)  # for a decode worker's KV receiver
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, worker_id.encode())
-    sock.setsockopt(zmq.LINGER, 0)
-    dial(sock, engine_address, keys)
+    channel = Channel(ctx, WORKER, worker_id.encode(), keys)
+    channel.connect(engine_address)
     if hand_off:
         hand_off.attach(ctx, runner.kv_cache)
     extra = hand_off.ready_fields() if hand_off else {}
     ready = WorkerReady(
         worker_id, role, runner.num_blocks, runner.block_size, runner.max_model_len, **extra
     )
-    sock.send_multipart(encode(WorkerMsg.READY, ready))
+    channel.send(WorkerMsg.READY, ready)
     logger.info("ready: %d KV blocks, %d torch threads", runner.num_blocks, torch.get_num_threads())
+    stop = threading.Event()
+    beats = threading.Thread(target=_heartbeat, args=(ctx, engine_address, worker_id, keys, stop),
+                             name="heartbeat", daemon=True)  # fmt: skip
+    beats.start()
     try:
-        _serve(sock, runner, hand_off)
+        _serve(channel, runner, hand_off)
     finally:
+        stop.set()
+        beats.join()
         if hand_off:
             hand_off.close()
-        sock.close()
+        channel.close()
         if authenticator is not None:
             authenticator.stop()
         ctx.term()
 
 
-def _serve(sock: zmq.Socket, runner: ModelRunner, hand_off: HandOff | None) -> None:
+def _heartbeat(
+    ctx: zmq.Context,
+    engine_address: str,
+    worker_id: str,
+    keys: CurveKeys | None,
+    stop: threading.Event,
+) -> None:
+    # NOTE: own socket and thread: the worker loop may sit in a long forward pass
+    channel = Channel(ctx, HEARTBEAT, (worker_id + HEARTBEAT_SUFFIX).encode(), keys)
+    channel.connect(engine_address)
+    while not stop.wait(HEARTBEAT_TIMEOUT / 6):
+        with contextlib.suppress(zmq.Again):
+            channel.send(WorkerMsg.HEARTBEAT, flags=zmq.NOBLOCK)
+    channel.close()
+
+
+def _serve(channel: Channel, runner: ModelRunner, hand_off: HandOff | None) -> None:
+    sock = channel.sock
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     if hand_off and hand_off.socket is not None:
         poller.register(hand_off.socket, zmq.POLLIN)
     while True:
         events = dict(poller.poll())
-        if sock in events and not _handle(sock, runner, hand_off):
+        if sock in events and not _handle(channel, runner, hand_off):
             return
         if hand_off:
             for done in hand_off.poll():
-                sock.send_multipart(encode(WorkerMsg.KV_DONE, done))
+                channel.send(WorkerMsg.KV_DONE, done)
 
 
-def _handle(sock: zmq.Socket, runner: ModelRunner, hand_off: HandOff | None) -> bool:
+def _handle(channel: Channel, runner: ModelRunner, hand_off: HandOff | None) -> bool:
     """Run one message from the core; False when it says to shut down."""
-    decoded = _INCOMING.decode(sock.recv_multipart())
-    if decoded is None:
+    received = channel.recv()
+    if received is None or received[1] == WorkerMsg.CONFIG:
         return True
-    kind, plan = decoded
+    _, kind, plan = received
     if kind == WorkerMsg.SHUTDOWN:
         return False
     if hand_off:
         hand_off.before_step(plan)
-    sock.send_multipart(encode(WorkerMsg.RESULT, _execute(runner, plan)))
+    channel.send(WorkerMsg.RESULT, _execute(runner, plan))
     if hand_off:
         # NOTE: after the result is out, so the first token streams before any copying
         hand_off.after_step(plan)

@@ -16,10 +16,12 @@ from collections.abc import AsyncGenerator, Callable
 import zmq
 import zmq.asyncio
 
-from engine_core.curve import CurveKeys, dial
-from engine_core.framing import Decoder, encode
+from engine_core.config import env_seconds
+from engine_core.curve import CurveKeys
+from engine_core.framing import Channel
 from engine_core.messages.common import FinishReason
 from engine_core.messages.frontend import (
+    FRONTEND,
     AbortRequests,
     AddRequest,
     FrontendMsg,
@@ -30,11 +32,9 @@ from engine_core.messages.frontend import (
 
 logger = logging.getLogger(__name__)
 
-# The core speaks at least every second when idle, but not during a long step (a big
-# prefill chunk on a busy CPU can take seconds), so silence must last well beyond that.
-HEALTH_TIMEOUT = 30.0
-
-_INCOMING = Decoder({FrontendMsg.OUTPUTS: StepOutputs, FrontendMsg.STATS: SchedulerStats})
+# The core speaks at least every second, also while a long step runs, so silence this
+# long means it is gone (or wedged).
+HEALTH_TIMEOUT = env_seconds("DUET_HEALTH_TIMEOUT", 30.0)
 
 
 class EngineDeadError(RuntimeError):
@@ -63,7 +63,7 @@ class EngineClient:
         self.on_stats = on_stats  # called with every SchedulerStats (e.g. for /metrics)
         self.latest_stats: SchedulerStats | None = None
         self._ctx = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
+        self._channel: Channel | None = None
         self._queues: dict[str, asyncio.Queue[RequestDelta | Exception]] = {}
         self._unstarted: set[str] = set()  # added, no token back yet
         self._started_at = time.monotonic()
@@ -72,14 +72,9 @@ class EngineClient:
 
     async def start(self) -> None:
         """Connect, say HELLO so the core knows this identity, and start listening."""
-        socket = self._ctx.socket(zmq.DEALER)
-        socket.setsockopt(zmq.IDENTITY, self.identity)
-        socket.setsockopt(zmq.LINGER, 0)
-        # NOTE: 0 = no high-water mark; dropping or blocking a frame would lose a request.
-        socket.setsockopt(zmq.SNDHWM, 0)
-        socket.setsockopt(zmq.RCVHWM, 0)
-        dial(socket, self.address, self.keys)
-        self._socket = socket
+        channel = Channel(self._ctx, FRONTEND, self.identity, self.keys)
+        channel.connect(self.address)
+        self._channel = channel
         self._started_at = time.monotonic()
         self._send(FrontendMsg.HELLO)
         self._tasks = [
@@ -94,8 +89,8 @@ class EngineClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._socket is not None:
-            self._socket.close(linger=100)  # let the aborts leave
+        if self._channel is not None:
+            self._channel.close(linger=100)  # let the aborts leave
         self._ctx.term()
 
     @property
@@ -149,19 +144,19 @@ class EngineClient:
             self._forget(request_id)
 
     def _send(self, kind: FrontendMsg, message: AddRequest | AbortRequests | None = None) -> None:
-        assert self._socket is not None, "EngineClient.start() was not awaited"
+        assert self._channel is not None, "EngineClient.start() was not awaited"
         # NOTE: with no HWM a DEALER send never blocks, so the returned future is already
         # done; not awaiting it keeps abort() callable from `finally` blocks.
-        self._socket.send_multipart(encode(kind, message), copy=False)
+        self._channel.send(kind, message)
 
     async def _receive_loop(self) -> None:
-        assert self._socket is not None
+        assert self._channel is not None
         while True:
-            frames = await self._socket.recv_multipart()
+            frames = await self._channel.sock.recv_multipart()
             if self._last_heard is None or not self.is_healthy:
                 logger.info("engine core at %s is up", self.address)
             self._last_heard = time.monotonic()
-            decoded = _INCOMING.decode(frames)
+            decoded = self._channel.decode(frames)
             if decoded is None:
                 continue
             kind, message = decoded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,12 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r} (try 2GiB or 512MiB)")
     number, unit = float(match.group(1)), match.group(2).upper()
     return int(number * 1024 ** ("KMGT".index(unit) + 1)) if unit else int(number)
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A timeout from the environment (`name`, in seconds), for tests and odd deployments."""
+    value = os.environ.get(name)
+    return float(value) if value else default
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):

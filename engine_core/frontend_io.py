@@ -14,15 +14,11 @@ from typing import Any
 
 import zmq
 
-from engine_core.curve import CurveKeys, listen
-from engine_core.framing import Decoder, encode
-from engine_core.messages.frontend import AbortRequests, AddRequest, FrontendMsg, StepOutputs
+from engine_core.curve import CurveKeys
+from engine_core.framing import Channel
+from engine_core.messages.frontend import CORE, FrontendMsg, StepOutputs
 
 logger = logging.getLogger(__name__)
-
-_INCOMING = Decoder(
-    {FrontendMsg.ADD: AddRequest, FrontendMsg.ABORT: AbortRequests, FrontendMsg.HELLO: None}
-)
 
 
 class FrontendIO:
@@ -33,9 +29,9 @@ class FrontendIO:
         self.frontends: set[bytes] = set()
         self._ctx = ctx
         self._pipe = f"inproc://frontend-out-{id(self)}"
-        self._router = ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self.address = listen(self._router, address, keys)  # where it ended up bound
+        self._channel = Channel(ctx, CORE, keys=keys)
+        self.address = self._channel.bind(address)  # where it ended up bound
+        self._router = self._channel.sock
         self._pull = ctx.socket(zmq.PULL)
         self._pull.bind(self._pipe)
         self._push = ctx.socket(zmq.PUSH)  # used by the busy loop only
@@ -46,7 +42,9 @@ class FrontendIO:
 
     def send(self, identity: bytes, outputs: StepOutputs) -> None:
         """Queue one StepOutputs for one frontend (called from the busy loop)."""
-        self._push.send_multipart([identity, *encode(FrontendMsg.OUTPUTS, outputs)], copy=False)
+        self._push.send_multipart(
+            self._channel.frames(FrontendMsg.OUTPUTS, outputs, to=identity), copy=False
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -83,7 +81,7 @@ class FrontendIO:
             except zmq.Again:
                 return
             identity, body = frames[0], frames[1:]
-            decoded = _INCOMING.decode(body)
+            decoded = self._channel.decode(body)
             if decoded is None:
                 continue
             self.frontends.add(identity)

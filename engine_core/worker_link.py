@@ -3,6 +3,10 @@
 Colocated mode uses `execute`, a blocking round trip to its one worker. Disaggregated
 mode keeps a plan in flight on every worker at once: `send_plan` never waits, and `poll`
 returns whatever any worker said, as it arrives.
+
+Every worker heartbeats on a socket of its own ("<id>/hb"), also while a step runs, so
+a slow step is not a dead worker; silence, an exit or a step past STEP_TIMEOUT is. A
+result that cannot be decoded comes back as a failed StepResult, never as a lost one.
 """
 
 from __future__ import annotations
@@ -12,37 +16,31 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from engine_core.config import EngineConfig
-from engine_core.curve import CurveKeys, listen
-from engine_core.framing import Decoder, encode
+from engine_core.config import EngineConfig, env_seconds
+from engine_core.curve import CurveKeys
+from engine_core.framing import Channel
 from engine_core.messages.worker import (
-    KVTransferDone,
+    CORE,
+    HEARTBEAT_SUFFIX,
+    HEARTBEAT_TIMEOUT,
+    JOIN_SUFFIX,
+    TO_CORE,
     StepPlan,
     StepResult,
-    WorkerJoin,
     WorkerMsg,
     WorkerReady,
 )
 
 logger = logging.getLogger(__name__)
 
-_INCOMING = Decoder(
-    {
-        WorkerMsg.READY: WorkerReady,
-        WorkerMsg.RESULT: StepResult,
-        WorkerMsg.HEARTBEAT: None,
-        WorkerMsg.KV_DONE: KVTransferDone,
-        WorkerMsg.JOIN: WorkerJoin,
-    }
-)
-
-HEARTBEAT_SUFFIX = "/hb"  # identity of a remote worker's heartbeat socket: "<worker id>/hb"
-JOIN_SUFFIX = "/join"  # identity of its configuration request
-HEARTBEAT_TIMEOUT = 1.5  # seconds of silence after which a remote worker counts as dead
+# seconds one step may take on a live worker before it counts as hung (and is restarted)
+STEP_TIMEOUT = env_seconds("DUET_STEP_TIMEOUT", 600.0)
+POLL_MS = 200  # how often a blocked `execute` checks liveness and lets the core speak
 
 # (worker id, message type, message) as `poll` returns them
 Incoming = tuple[str, int, Any]
@@ -56,15 +54,17 @@ class WorkerLink:
     """One bound ROUTER for workers; `execute` is a blocking round trip to one worker."""
 
     def __init__(self, ctx: zmq.Context, address: str, keys: CurveKeys | None = None) -> None:
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.address = listen(self.sock, address, keys)
+        self.channel = Channel(ctx, CORE, keys=keys)
+        self.address = self.channel.bind(address)
+        self.sock = self.channel.sock
         self.keys = keys  # local workers get them too: their KV links may be tcp
         self.ready: dict[str, WorkerReady] = {}
         self.processes: dict[str, mp.process.BaseProcess] = {}
         self.config: EngineConfig | None = None  # what `duet *-worker` processes are told
-        self.heard: dict[str, float] = {}  # remote worker id -> last heartbeat (monotonic)
+        self.heard: dict[str, float] = {}  # worker id -> last heartbeat (monotonic)
+        self.sent: dict[str, tuple[int, float]] = {}  # worker id -> (step id, monotonic) in flight
+        # called while `execute` waits, so the core keeps talking to its frontends
+        self.on_wait: Callable[[], None] = lambda: None
 
     def spawn(
         self, config: EngineConfig, worker_id: str, role: str, cores: list[int] | None = None
@@ -88,37 +88,38 @@ class WorkerLink:
             self._check_alive(worker_ids)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers not ready after {timeout:.0f}s: {worker_ids}")
-            if self.sock.poll(200):
-                frames = self.sock.recv_multipart()
-                decoded = _INCOMING.decode(frames[1:])
-                if decoded is not None and not self._answer_remote(
-                    frames[0].decode(errors="replace"), decoded[0]
-                ):
-                    self._handle(frames)
+            if self.sock.poll(POLL_MS):
+                self._receive()
+            self.on_wait()  # a restart reloads the model: frontends must not give up meanwhile
 
     def execute(self, worker_id: str, plan: StepPlan) -> StepResult:
-        """Send a plan and wait for its result, noticing a dead worker within ~0.2 s."""
+        """Send a plan and wait for its result; WorkerDied if the worker exits, goes silent
+        or overruns STEP_TIMEOUT (noticed within ~POLL_MS)."""
         try:
-            self.sock.send_multipart([worker_id.encode(), *encode(WorkerMsg.PLAN, plan)])
+            self.channel.send(WorkerMsg.PLAN, plan, to=worker_id.encode())
         except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the worker's connection is gone
             raise WorkerDied(f"worker {worker_id} is unreachable: {exc}") from exc
+        self.sent[worker_id] = (plan.step_id, time.monotonic())
         while True:
-            if self.sock.poll(200):
-                result = self._handle(self.sock.recv_multipart())
-                if isinstance(result, StepResult) and result.step_id == plan.step_id:
-                    return result
-            else:
+            if self.sock.poll(POLL_MS):
+                got = self._receive()
+                if got is not None and got[0] == worker_id and got[1] == WorkerMsg.RESULT:
+                    result: StepResult = got[2]
+                    if result.step_id == plan.step_id:
+                        return result
+            if worker_id in self.dead_workers():
                 self._check_alive([worker_id])
+                raise WorkerDied(f"worker {worker_id} stopped answering during step {plan.step_id}")
+            self.on_wait()
 
     def send_plan(self, worker_id: str, plan: StepPlan) -> bool:
         """Queue a plan for a worker without waiting; False if the worker is unreachable."""
         try:
-            self.sock.send_multipart(
-                [worker_id.encode(), *encode(WorkerMsg.PLAN, plan)], zmq.NOBLOCK
-            )
+            self.channel.send(WorkerMsg.PLAN, plan, to=worker_id.encode(), flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: its connection is gone
             logger.warning("could not send a plan to %s: %s", worker_id, exc)
             return False
+        self.sent[worker_id] = (plan.step_id, time.monotonic())
         return True
 
     def poll(self, timeout_ms: int) -> list[Incoming]:
@@ -128,43 +129,74 @@ class WorkerLink:
             return messages
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                got = self._receive(zmq.NOBLOCK)
             except zmq.Again:
                 return messages
-            decoded = _INCOMING.decode(frames[1:])
-            identity = frames[0].decode(errors="replace")
-            if decoded is None or self._answer_remote(identity, decoded[0]):
-                continue
-            if decoded[0] == WorkerMsg.READY:
-                self._handle(frames)
-            messages.append((identity, *decoded))
+            if got is not None:
+                messages.append(got)
 
     def dead_workers(self) -> list[str]:
         """Workers to give up on: local ones whose process exited (a kill -9 shows at once),
-        remote ones silent for HEARTBEAT_TIMEOUT."""
+        any silent for HEARTBEAT_TIMEOUT, any whose step in flight overran STEP_TIMEOUT."""
         now = time.monotonic()
         dead = [w for w, proc in self.processes.items() if not proc.is_alive()]
-        return dead + [w for w, last in self.heard.items() if now - last > HEARTBEAT_TIMEOUT]
+        dead += [w for w, last in self.heard.items() if now - last > HEARTBEAT_TIMEOUT]
+        hung = [w for w, (_, since) in self.sent.items() if now - since > STEP_TIMEOUT]
+        for worker_id in hung:
+            logger.error("worker %s has run one step for over %.0f s", worker_id, STEP_TIMEOUT)
+        return list(dict.fromkeys(dead + hung))
 
-    def _answer_remote(self, identity: str, kind: int) -> bool:
-        """Heartbeats and configuration requests of remote workers; True if it was one."""
+    def _receive(self, flags: int = 0) -> Incoming | None:
+        """One message off the socket: heartbeats and JOINs are answered here, READYs
+        recorded; a result that cannot be decoded becomes a failed one for its step."""
+        frames = self.sock.recv_multipart(flags)
+        identity = frames[0].decode(errors="replace")
         if identity.endswith(HEARTBEAT_SUFFIX):
             self.heard[identity.removesuffix(HEARTBEAT_SUFFIX)] = time.monotonic()
-            return True
-        if kind == WorkerMsg.JOIN and identity.endswith(JOIN_SUFFIX) and self.config is not None:
+            return None
+        decoded = TO_CORE.decode(frames[1:])
+        if decoded is None:
+            return self._undecodable(identity, frames[1:])
+        kind, message = decoded
+        if kind == WorkerMsg.JOIN:
+            self._answer_join(identity)
+            return None
+        if kind == WorkerMsg.READY:
+            self.ready[message.worker_id] = message
+            logger.info("worker %s ready (%s, %d blocks)", message.worker_id, message.role,
+                        message.num_blocks)  # fmt: skip
+        if kind == WorkerMsg.RESULT and self.sent.get(identity, (None,))[0] == message.step_id:
+            del self.sent[identity]
+        return identity, kind, message
+
+    def _undecodable(self, identity: str, frames: list[bytes]) -> Incoming | None:
+        in_flight = self.sent.get(identity)
+        if TO_CORE.kind_of(frames) != WorkerMsg.RESULT or in_flight is None:
+            return None
+        del self.sent[identity]
+        logger.error("worker %s sent a result for step %d that cannot be decoded",
+                     identity, in_flight[0])  # fmt: skip
+        return (
+            identity,
+            WorkerMsg.RESULT,
+            StepResult(in_flight[0], [], [], error="the worker's result could not be decoded"),
+        )
+
+    def _answer_join(self, identity: str) -> None:
+        if identity.endswith(JOIN_SUFFIX) and self.config is not None:
             with contextlib.suppress(zmq.ZMQError):
-                self.sock.send_multipart(
-                    [identity.encode(), *encode(WorkerMsg.CONFIG, self.config)]
-                )
-            return True
-        return False
+                self.channel.send(WorkerMsg.CONFIG, self.config, to=identity.encode())
 
     def forget(self, worker_id: str) -> None:
         """Drop a dead worker: reap its process and remove the shared memory it left behind."""
         self.heard.pop(worker_id, None)
+        self.sent.pop(worker_id, None)
         proc = self.processes.pop(worker_id, None)
         if proc is not None:
             proc.join(timeout=1)
+            if proc.is_alive():  # hung, not dead: it must not hold its cores and KV on
+                proc.kill()
+                proc.join()
         ready = self.ready.pop(worker_id, None)
         if proc is not None and ready is not None and ready.kv_shm and os.path.exists(ready.kv_shm):
             os.unlink(ready.kv_shm)
@@ -172,9 +204,7 @@ class WorkerLink:
     def shutdown(self) -> None:
         for worker_id in list(self.ready):
             with contextlib.suppress(zmq.ZMQError):
-                self.sock.send_multipart(
-                    [worker_id.encode(), *encode(WorkerMsg.SHUTDOWN)], zmq.NOBLOCK
-                )
+                self.channel.send(WorkerMsg.SHUTDOWN, to=worker_id.encode(), flags=zmq.NOBLOCK)
         for worker_id in list(self.processes):
             proc = self.processes[worker_id]
             proc.join(timeout=5)
@@ -182,21 +212,6 @@ class WorkerLink:
                 proc.kill()
             self.forget(worker_id)
         self.sock.close()
-
-    def _handle(self, frames: list[bytes]) -> StepResult | None:
-        decoded = _INCOMING.decode(frames[1:])
-        if decoded is None:
-            return None
-        kind, message = decoded
-        if kind == WorkerMsg.READY:
-            self.ready[message.worker_id] = message
-            logger.info(
-                "worker %s ready (%s, %d blocks)",
-                message.worker_id,
-                message.role,
-                message.num_blocks,
-            )
-        return message if kind == WorkerMsg.RESULT else None
 
     def _check_alive(self, worker_ids: list[str]) -> None:
         for worker_id in worker_ids:

@@ -15,7 +15,8 @@ import torch
 import zmq
 
 from engine_core.curve import CurveKeys
-from kv_transfer.base import KVHeader, KVReceiver, KVSender
+from engine_core.messages.kv import KVHeader
+from kv_transfer.base import KVReceiver, KVSender
 from kv_transfer.shm import ShmAllocator, ShmReceiver, ShmSender
 from kv_transfer.tcp import TcpReceiver, TcpSender
 from kv_transfer.torch_dist import TorchReceiver, TorchSender

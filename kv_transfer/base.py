@@ -1,7 +1,7 @@
 """The connector interface: a sender ships KV blocks, a receiver lands them and has the last word.
 
-Every connector shares the control path: the sender PUSHes a `KVHeader` to the receiver's
-PULL socket (`WorkerReady.kv_address`); how the bytes travel is the connector's business
+Every connector shares the control path (engine_core/messages/kv.py): the sender PUSHes a
+`KVHeader` to the receiver's PULL socket (`WorkerReady.kv_address`); how the bytes travel is the connector's business
 (beside the header as zero-copy ZeroMQ frames, through torch.distributed, or not at all
 for shared memory, where the receiver reads the sender's pool itself).
 
@@ -17,11 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import msgspec
 import torch
 import zmq
 
-from engine_core.curve import CurveKeys, dial, listen_on_random_port, listening_host
+from engine_core.curve import CurveKeys, listening_host
+from engine_core.framing import Channel
+from engine_core.messages.kv import RECEIVER, SENDER, KVHeader, KVMsg
 from engine_core.messages.worker import KVRecvOrder, KVSendOrder, KVTransferDone
 
 logger = logging.getLogger(__name__)
@@ -29,25 +30,8 @@ logger = logging.getLogger(__name__)
 # Writes a transfer's blocks into the receiver's pool at the given block ids.
 Landing = Callable[[torch.Tensor, list[int]], None]
 
-_encoder = msgspec.msgpack.Encoder()
-
 # how long a send waits for its receiver's connection (the core times the transfer out)
 CONNECT_TIMEOUT_MS = 2000
-
-
-class KVHeader(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """Sender -> receiver: one transfer's metadata (never its bytes)."""
-
-    transfer_id: str
-    src_worker: str
-    src_block_ids: list[int]
-    dst_block_ids: list[int]
-    started_at: float  # sender's time.time() when it began, for the transfer's duration
-    shm_path: str = ""  # shm: the sender's pool file
-    group: str = ""  # torch: the sender/receiver pair's process group key
-
-
-_header_decoder = msgspec.msgpack.Decoder(KVHeader)
 
 
 def gather_blocks(kv: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
@@ -85,7 +69,7 @@ class KVSender:
         self.worker_id = worker_id
         self.kv_cache = kv_cache
         self.keys = keys
-        self._pushes: dict[str, zmq.Socket] = {}
+        self._pushes: dict[str, Channel] = {}
 
     def send(self, order: KVSendOrder) -> None:
         """Start shipping `order.src_block_ids`; returns once the bytes are on their way."""
@@ -98,25 +82,20 @@ class KVSender:
         """Finish bookkeeping of sends in flight (connectors that have any)."""
 
     def close(self) -> None:
-        for sock in self._pushes.values():
-            sock.close(linger=1000)  # let the last transfers leave
+        for channel in self._pushes.values():
+            channel.close(linger=1000)  # let the last transfers leave
 
     def _ship(self, order: KVSendOrder, header: KVHeader) -> None:
         raise NotImplementedError
 
     def _push(self, address: str, header: KVHeader, payload: Sequence[object] = ()) -> None:
-        sock = self._pushes.get(address)
-        if sock is None:
-            sock = self._pushes[address] = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            # NOTE: queue only on a live connection, so blocks bound for a receiver that
-            # died are dropped with its connection instead of piling up here forever
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.LINGER, 0)
-            dial(sock, address, self.keys)
-        if not sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+        channel = self._pushes.get(address)
+        if channel is None:
+            channel = self._pushes[address] = Channel(self.ctx, SENDER, keys=self.keys)
+            channel.connect(address)
+        if not channel.sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
             raise ConnectionError(f"KV receiver at {address} is unreachable")
-        sock.send_multipart([_encoder.encode(header), *payload], copy=False)
+        channel.send(KVMsg.HEADER, header, data=payload)
 
 
 class KVReceiver:
@@ -134,9 +113,9 @@ class KVReceiver:
         keys: CurveKeys | None = None,
     ) -> None:
         self.kv_cache = kv_cache
-        self.sock = ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.address = listen_on_random_port(self.sock, host, keys)  # a CURVE server with keys
+        self.channel = Channel(ctx, RECEIVER, keys=keys)  # a CURVE server with keys
+        self.sock = self.channel.sock
+        self.address = self.channel.bind_to_random_port(host)
         self.host = listening_host(host, keys)
         self.store_address = ""  # set by connectors that need a rendezvous store
         self._expected: dict[str, list[int]] = {}
@@ -165,15 +144,14 @@ class KVReceiver:
         return [self._land(tid) for tid in list(self._expected) if tid in self._arrived]
 
     def close(self) -> None:
-        self.sock.close()
+        self.channel.close()
 
     def _take(self, frames: list[zmq.Frame]) -> None:
-        try:
-            header = _header_decoder.decode(frames[0].buffer)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            logger.warning("dropped an undecodable KV header: %s", exc)
+        decoded = self.channel.decode(frames)
+        if decoded is None:
             return
-        landing = self._fetch(header, frames[1:])  # NOTE: always, so a channel stays drained
+        header: KVHeader = decoded[1]
+        landing = self._fetch(header, frames[2:])  # NOTE: always, so a channel stays drained
         if header.transfer_id in self._cancelled:
             self._cancelled.discard(header.transfer_id)
             return

@@ -15,8 +15,9 @@ import torch
 import zmq
 
 from engine_core.curve import CurveKeys
+from engine_core.messages.kv import KVHeader
 from engine_core.messages.worker import KVSendOrder
-from kv_transfer.base import KVHeader, KVReceiver, KVSender, Landing
+from kv_transfer.base import KVReceiver, KVSender, Landing
 
 SHM_DIR = "/dev/shm"
 

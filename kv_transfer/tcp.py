@@ -13,9 +13,9 @@ import warnings
 import torch
 import zmq
 
+from engine_core.messages.kv import KVHeader
 from engine_core.messages.worker import KVSendOrder
 from kv_transfer.base import (
-    KVHeader,
     KVReceiver,
     KVSender,
     Landing,

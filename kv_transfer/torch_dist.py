@@ -22,9 +22,9 @@ import torch.distributed as dist
 import zmq
 
 from engine_core.curve import CurveKeys, listening_host
+from engine_core.messages.kv import KVHeader
 from engine_core.messages.worker import KVSendOrder
 from kv_transfer.base import (
-    KVHeader,
     KVReceiver,
     KVSender,
     Landing,

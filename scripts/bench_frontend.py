@@ -41,11 +41,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import aiohttp  # noqa: E402
 import zmq  # noqa: E402
 
-from engine_core.framing import Decoder, encode  # noqa: E402
+from engine_core.framing import Channel  # noqa: E402
 from engine_core.messages.common import FinishReason  # noqa: E402
 from engine_core.messages.frontend import (  # noqa: E402
-    AbortRequests,
-    AddRequest,
+    CORE,
     FrontendMsg,
     RequestDelta,
     SchedulerStats,
@@ -54,10 +53,6 @@ from engine_core.messages.frontend import (  # noqa: E402
 
 STATS_INTERVAL = 1.0  # as the real core: an idle frontend still hears from it every second
 FIRST_TOKEN_ID = 1000  # ordinary vocabulary tokens, so detokenization does real work
-
-_INCOMING = Decoder(
-    {FrontendMsg.ADD: AddRequest, FrontendMsg.ABORT: AbortRequests, FrontendMsg.HELLO: None}
-)
 
 
 @dataclass
@@ -71,9 +66,7 @@ def run_synthetic_core(address: str, step_interval: float) -> None:
     """Serve frontends at `address` forever: one token per live request per step."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.SNDHWM, 0)
-    router.setsockopt(zmq.RCVHWM, 0)
+    router = Channel(ctx, CORE)
     router.bind(address)
     live: dict[str, _Live] = {}
     last_sent: dict[bytes, float] = {}
@@ -94,13 +87,13 @@ def run_synthetic_core(address: str, step_interval: float) -> None:
                 _send(router, identity, [], live, last_sent)
 
 
-def _drain(router: zmq.Socket, live: dict[str, _Live], last_sent: dict[bytes, float]) -> None:
+def _drain(router: Channel, live: dict[str, _Live], last_sent: dict[bytes, float]) -> None:
     while True:
         try:
-            identity, *frames = router.recv_multipart(zmq.NOBLOCK)
+            identity, *frames = router.sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        decoded = _INCOMING.decode(frames)
+        decoded = router.decode(frames)
         if decoded is None:
             continue
         kind, message = decoded
@@ -113,7 +106,7 @@ def _drain(router: zmq.Socket, live: dict[str, _Live], last_sent: dict[bytes, fl
                 live.pop(request_id, None)
 
 
-def _step(router: zmq.Socket, live: dict[str, _Live], last_sent: dict[bytes, float]) -> None:
+def _step(router: Channel, live: dict[str, _Live], last_sent: dict[bytes, float]) -> None:
     by_owner: dict[bytes, list[RequestDelta]] = collections.defaultdict(list)
     for request_id, req in list(live.items()):
         req.remaining -= 1
@@ -128,16 +121,14 @@ def _step(router: zmq.Socket, live: dict[str, _Live], last_sent: dict[bytes, flo
 
 
 def _send(
-    router: zmq.Socket,
+    router: Channel,
     identity: bytes,
     deltas: list[RequestDelta],
     live: dict[str, _Live],
     last_sent: dict[bytes, float],
 ) -> None:
     stats = SchedulerStats(num_running=len(live), kv_cache_usage={"mixed": 0.0})
-    router.send_multipart(
-        [identity, *encode(FrontendMsg.OUTPUTS, StepOutputs(deltas, time.time(), stats))]
-    )
+    router.send(FrontendMsg.OUTPUTS, StepOutputs(deltas, time.time(), stats), to=identity)
     last_sent[identity] = time.monotonic()
 
 

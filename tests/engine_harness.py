@@ -17,17 +17,15 @@ import msgspec
 import zmq
 
 from engine_core.config import EngineAddresses, EngineConfig
-from engine_core.framing import Decoder, encode
+from engine_core.framing import encode
 from engine_core.messages.frontend import (
+    TO_FRONTEND,
     AbortRequests,
     AddRequest,
     FrontendMsg,
     SchedulerStats,
-    StepOutputs,
 )
 from engine_core.sampling_params import SamplingParams
-
-_INCOMING = Decoder({FrontendMsg.OUTPUTS: StepOutputs, FrontendMsg.STATS: SchedulerStats})
 
 
 def _run_core(config: EngineConfig, addresses: EngineAddresses) -> None:
@@ -97,7 +95,7 @@ class EngineHarness:
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000) + 1):
                 return
-            decoded = _INCOMING.decode(self.sock.recv_multipart())
+            decoded = TO_FRONTEND.decode(self.sock.recv_multipart())
             if decoded is None:
                 continue
             kind, message = decoded

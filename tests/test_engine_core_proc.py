@@ -27,14 +27,14 @@ import zmq.asyncio
 from engine_core.client import EngineClient
 from engine_core.config import EngineAddresses, EngineConfig
 from engine_core.core_proc import run_engine_core
-from engine_core.framing import Decoder, encode
+from engine_core.framing import encode
 from engine_core.messages.common import FinishReason
 from engine_core.messages.frontend import (
+    TO_FRONTEND,
     AbortRequests,
     AddRequest,
     FrontendMsg,
     SchedulerStats,
-    StepOutputs,
 )
 from engine_core.sampling_params import SamplingParams
 from models.loader import ModelSource, load_config
@@ -51,7 +51,6 @@ TIMEOUT = 240.0  # any one scenario
 T = TypeVar("T")
 
 _request_ids = itertools.count()
-_OUTPUTS = Decoder({FrontendMsg.OUTPUTS: StepOutputs})
 
 
 class CoreProcess:
@@ -189,8 +188,10 @@ class RawFrontend:
             return out is None or (until_finished and out.finish_reason is None)
 
         while any(pending(r) for r in request_ids):
-            decoded = _OUTPUTS.decode(await self.sock.recv_multipart())
+            decoded = TO_FRONTEND.decode(await self.sock.recv_multipart())
             assert decoded is not None
+            if decoded[0] != FrontendMsg.OUTPUTS:
+                continue
             for delta in decoded[1].outputs:
                 out = self.received.setdefault(delta.request_id, Completion())
                 out.token_ids += delta.new_token_ids

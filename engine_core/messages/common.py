@@ -19,6 +19,13 @@ class FinishReason(enum.IntEnum):
         return ("stop", "length", "abort")[self]
 
 
+class ErrorKind(enum.IntEnum):
+    """Who is to blame for a request's error: the frontend answers 400 or 503 from it."""
+
+    SERVER = 0  # the engine or a worker failed; retrying later may work
+    CLIENT = 1  # the request itself is invalid; retrying it as is never works
+
+
 class TokenLogprobs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """Logprobs for one sampled token, computed from the raw logits (as vLLM does).
 

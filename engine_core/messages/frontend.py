@@ -1,7 +1,8 @@
 """Frontend <-> core wire: requests and aborts in, per-step output batches out.
 
 Each frontend process is a DEALER with its own identity on the core's ROUTER; the core
-sends one StepOutputs per frontend per step. Every message is [type byte, msgpack payload].
+sends one StepOutputs per frontend per step. Every message is [type byte, msgpack payload];
+TO_CORE and TO_FRONTEND are the only type -> Struct tables, CORE and FRONTEND the sockets.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import enum
 
 import msgspec
+import zmq
 
-from engine_core.messages.common import FinishReason, TokenLogprobs
+from engine_core.framing import Endpoint, MessageTable
+from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.sampling_params import SamplingParams
 
 
@@ -45,8 +48,9 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     # the stop token id that finished the request, if any
     stop_reason: int | None = None
     num_cached_tokens: int = 0
-    # an error that rejected the request (e.g. prompt longer than max_model_len)
+    # why the request failed (e.g. a prompt longer than max_model_len); never a traceback
     error: str | None = None
+    error_kind: ErrorKind = ErrorKind.SERVER
 
 
 class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -69,3 +73,18 @@ class StepOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     outputs: list[RequestDelta]
     timestamp: float
     stats: SchedulerStats | None = None
+
+
+TO_CORE = MessageTable(
+    "frontend->core",
+    {FrontendMsg.ADD: AddRequest, FrontendMsg.ABORT: AbortRequests, FrontendMsg.HELLO: None},
+)
+TO_FRONTEND = MessageTable(
+    "core->frontend", {FrontendMsg.OUTPUTS: StepOutputs, FrontendMsg.STATS: SchedulerStats}
+)
+
+CORE = Endpoint(zmq.ROUTER, sends=TO_FRONTEND, receives=TO_CORE)
+# NOTE: no high-water marks: dropping or blocking a frame would lose a request or a token
+FRONTEND = Endpoint(
+    zmq.DEALER, sends=TO_CORE, receives=TO_FRONTEND, options={zmq.SNDHWM: 0, zmq.RCVHWM: 0}
+)

@@ -3,7 +3,8 @@
 Following vLLM v1, a worker keeps its own copy of each running request (tokens, block
 table, sampling state); a plan carries new requests in full and running ones as diffs.
 A request resumed after preemption comes back as a new request with all of its tokens.
-Every message is framed as [type byte, msgpack payload].
+Every message is framed as [type byte, msgpack payload]; TO_WORKER and TO_CORE are the
+only type -> Struct tables, and the endpoints below the only socket set-ups.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import enum
 
 import msgspec
+import zmq
 
+from engine_core.config import EngineConfig, env_seconds
+from engine_core.framing import Endpoint, MessageTable
 from engine_core.messages.common import TokenLogprobs
 from engine_core.sampling_params import SamplingParams
 
@@ -25,6 +29,12 @@ class WorkerMsg(enum.IntEnum):
     KV_DONE = 5  # receiving worker -> core: KVTransferDone
     JOIN = 6  # a worker started by hand -> core: WorkerJoin, before loading anything
     CONFIG = 7  # core -> that worker: the core's EngineConfig, so both sides agree
+
+
+HEARTBEAT_SUFFIX = "/hb"  # identity of a worker's heartbeat socket: "<worker id>/hb"
+JOIN_SUFFIX = "/join"  # identity of a remote worker's configuration request
+# seconds of heartbeat silence after which a worker counts as dead; beats come 6x as often
+HEARTBEAT_TIMEOUT = env_seconds("DUET_HEARTBEAT_TIMEOUT", 1.5)
 
 
 class WorkerJoin(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -111,10 +121,36 @@ class StepPlan(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
 
 
 class StepResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """What a worker computed for one plan: one sampled token per sampling request."""
+    """What a worker computed for one plan: one sampled token per sampling request.
+
+    `logprobs` is None when no request of the step asked for them; otherwise one row per
+    req_id, None for the requests that did not ask.
+    """
 
     step_id: int
     req_ids: list[str]
     sampled_token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None = None
-    error: str | None = None
+    logprobs: list[TokenLogprobs | None] | None = None
+    error: str | None = None  # the step failed on the worker (logged there, not for clients)
+
+
+TO_WORKER = MessageTable(
+    "core->worker",
+    {WorkerMsg.PLAN: StepPlan, WorkerMsg.SHUTDOWN: None, WorkerMsg.CONFIG: EngineConfig},
+)
+TO_CORE = MessageTable(
+    "worker->core",
+    {
+        WorkerMsg.READY: WorkerReady,
+        WorkerMsg.RESULT: StepResult,
+        WorkerMsg.HEARTBEAT: None,
+        WorkerMsg.KV_DONE: KVTransferDone,
+        WorkerMsg.JOIN: WorkerJoin,
+    },
+)
+
+# NOTE: ROUTER_MANDATORY, so a plan for a worker whose connection is gone fails at once
+CORE = Endpoint(zmq.ROUTER, sends=TO_WORKER, receives=TO_CORE, options={zmq.ROUTER_MANDATORY: 1})
+WORKER = Endpoint(zmq.DEALER, sends=TO_CORE, receives=TO_WORKER)
+# a worker's heartbeat socket ("<id>/hb"): never queue a backlog of stale beats
+HEARTBEAT = Endpoint(zmq.DEALER, sends=TO_CORE, receives=TO_WORKER, options={zmq.SNDHWM: 2})
