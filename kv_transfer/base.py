@@ -64,12 +64,18 @@ class KVSender:
         worker_id: str,
         kv_cache: torch.Tensor,
         keys: CurveKeys | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.ctx = ctx
         self.worker_id = worker_id
         self.kv_cache = kv_cache
         self.keys = keys
+        self.host = listening_host(host, keys)  # this worker's address, for senders that listen
         self._pushes: dict[str, Channel] = {}
+        self._open()
+
+    def _open(self) -> None:
+        """A connector's own set-up."""
 
     def send(self, order: KVSendOrder) -> None:
         """Start shipping `order.src_block_ids`; returns once the bytes are on their way."""
@@ -121,6 +127,10 @@ class KVReceiver:
         self._expected: dict[str, list[int]] = {}
         self._arrived: dict[str, tuple[KVHeader, Landing]] = {}
         self._cancelled: set[str] = set()
+        self._open()
+
+    def _open(self) -> None:
+        """A connector's own set-up, once the header socket is bound (`self.host` is final)."""
 
     def expect(self, order: KVRecvOrder) -> None:
         self._expected[order.transfer_id] = order.dst_block_ids

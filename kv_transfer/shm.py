@@ -74,14 +74,7 @@ class ShmSender(KVSender):
 class ShmReceiver(KVReceiver):
     """Maps each sender's pool file once and copies blocks out of it."""
 
-    def __init__(
-        self,
-        ctx: zmq.Context,
-        kv_cache: torch.Tensor,
-        host: str = "127.0.0.1",
-        keys: CurveKeys | None = None,
-    ) -> None:
-        super().__init__(ctx, kv_cache, host, keys)
+    def _open(self) -> None:
         # sender worker id -> (its pool file, the mapped pool); a restarted sender has a new file
         self._pools: dict[str, tuple[str, torch.Tensor]] = {}
 

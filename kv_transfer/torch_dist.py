@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from engine_core.curve import CurveKeys, listening_host
 from engine_core.messages.kv import KVHeader
 from engine_core.messages.worker import KVSendOrder
 from kv_transfer.base import (
@@ -61,16 +60,8 @@ def _store_on(host: str) -> dist.TCPStore:
 
 
 class TorchSender(KVSender):
-    def __init__(
-        self,
-        ctx: zmq.Context,
-        worker_id: str,
-        kv_cache: torch.Tensor,
-        keys: CurveKeys | None = None,
-        host: str = "127.0.0.1",
-    ) -> None:
-        super().__init__(ctx, worker_id, kv_cache, keys)
-        self.host = listening_host(host, keys)  # gloo's pair sockets listen here
+    def _open(self) -> None:
+        # NOTE: gloo's pair sockets listen on self.host
         self._nonce = uuid.uuid4().hex[:8]  # new pairs for every incarnation of this worker
         self._groups: dict[str, dist.ProcessGroup] = {}  # receiver worker id -> pair group
         self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []
@@ -95,14 +86,7 @@ class TorchSender(KVSender):
 
 
 class TorchReceiver(KVReceiver):
-    def __init__(
-        self,
-        ctx: zmq.Context,
-        kv_cache: torch.Tensor,
-        host: str = "127.0.0.1",
-        keys: CurveKeys | None = None,
-    ) -> None:
-        super().__init__(ctx, kv_cache, host, keys)
+    def _open(self) -> None:
         self._store = _store_on(self.host)
         self.store_address = f"{self.host}:{self._store.port}"
         self._groups: dict[str, dist.ProcessGroup] = {}  # pair key -> group
