@@ -25,7 +25,7 @@ from engine_core.curve import authenticate, load_keys
 from engine_core.disagg import DisaggEngine
 from engine_core.engine import EngineCore
 from engine_core.frontend_io import FrontendIO
-from engine_core.messages.common import FinishReason
+from engine_core.messages.common import ErrorKind
 from engine_core.messages.frontend import (
     AbortRequests,
     AddRequest,
@@ -36,7 +36,7 @@ from engine_core.messages.frontend import (
 )
 from engine_core.messages.worker import StepPlan, StepResult
 from engine_core.placement import cores_for
-from engine_core.scheduler import Scheduler, scheduler_for
+from engine_core.scheduler import Scheduler, rejected, scheduler_for
 from engine_core.worker_link import WorkerDied, WorkerLink
 from models.loader import load_config, resolve_model
 
@@ -46,21 +46,15 @@ STATS_INTERVAL = 1.0  # seconds between stats messages while idle (frontends' li
 DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for in-flight requests before aborting them
 
 
-class StepFailed(RuntimeError):
-    pass
-
-
 class RemoteExecutor:
-    """Runs plans on one worker process over the worker link."""
+    """Runs plans on one worker process over the worker link (a failed step comes back
+    as a result with `error` set, for the scheduler to recover from)."""
 
     def __init__(self, link: WorkerLink, worker_id: str) -> None:
         self.link, self.worker_id = link, worker_id
 
     def execute(self, plan: StepPlan) -> StepResult:
-        result = self.link.execute(self.worker_id, plan)
-        if result.error:
-            raise StepFailed(result.error)
-        return result
+        return self.link.execute(self.worker_id, plan)
 
 
 class Engine(Protocol):
@@ -94,13 +88,14 @@ class BusyLoop:
             if self._stats_due():
                 self._publish([])
 
+    def keep_alive(self) -> None:
+        """Stats to the frontends that are due some: called while a long step runs, so
+        that they know the core is alive (their health check gives up on silence)."""
+        if self._stats_due():
+            self._publish([])
+
     def _step(self) -> None:
-        try:
-            deltas = self.engine.step()
-        except StepFailed as exc:
-            logger.error("step failed on the worker, aborting its requests: %s", exc)
-            self._abort_all(f"internal error in the model worker: {exc}")
-            return
+        deltas = self.engine.step()
         # NOTE: a disaggregated step often just waited for workers; the idle stats cover it
         if deltas:
             self._publish(deltas)
@@ -182,7 +177,7 @@ class BusyLoop:
 
 
 def _rejected(request_id: str, reason: str) -> RequestDelta:
-    return RequestDelta(request_id, [], finish_reason=FinishReason.ABORT, error=reason)
+    return rejected(request_id, reason, ErrorKind.SERVER)
 
 
 def scheduler_factory(config: EngineConfig) -> Callable[[int, int], Scheduler]:
@@ -269,6 +264,7 @@ def run_engine_core(config: EngineConfig, addresses: EngineAddresses) -> None:
         ColocatedEngine(config, link) if config.colocated else disaggregated_engine(config, link)
     )
     loop = BusyLoop(engine, frontends)
+    link.on_wait = loop.keep_alive
 
     def drain(signum: int, _frame: object) -> None:
         if loop.draining_since is None:

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from engine_core.disagg_workers import Worker
-from engine_core.messages.common import FinishReason
+from engine_core.messages.common import ErrorKind, FinishReason
 from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
 from engine_core.messages.worker import StepResult, WorkerMsg, WorkerReady
 from engine_core.request import Request, RequestStatus
-from engine_core.scheduler import Scheduler, SchedulerOutput
+from engine_core.scheduler import Scheduler, SchedulerOutput, rejected
 from engine_core.transfers import TransferBook
 from engine_core.worker_link import WorkerLink
 
@@ -69,9 +69,11 @@ class DisaggEngine:
 
     def add_request(self, msg: AddRequest) -> RequestDelta | None:
         """Queue a request; a returned delta means it was rejected (see its `error`)."""
+        if not self.workers:
+            return rejected(msg.request_id, "no workers are ready", ErrorKind.SERVER)
         error = self._rejection(msg)
         if error is not None:
-            return RequestDelta(msg.request_id, [], finish_reason=FinishReason.ABORT, error=error)
+            return rejected(msg.request_id, error, ErrorKind.CLIENT)
         block_size = next(iter(self.workers.values())).scheduler.config.block_size
         self.backlog.append(Request.from_add_request(msg, block_size))
         self._assign_backlog()
@@ -223,8 +225,6 @@ class DisaggEngine:
         return next((w for w in self.workers.values() if req_id in w.scheduler.requests), None)
 
     def _rejection(self, msg: AddRequest) -> str | None:
-        if not self.workers:
-            return "no workers are ready"
         known = self._owner(msg.request_id) or msg.request_id in self.transfers
         if known or any(r.request_id == msg.request_id for r in self.backlog):
             return f"request id {msg.request_id!r} is already in use"

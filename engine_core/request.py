@@ -89,6 +89,8 @@ class Request:
         # prefix-cache hit at first admission (resumption after preemption keeps it)
         self.num_cached_tokens = 0
         self.num_preemptions = 0
+        # in a step that failed: scheduled alone until it samples, failed if that fails too
+        self.suspect = False
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None
         self.block_hashes: list[BlockHash] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 
@@ -41,7 +43,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, kw_only=True)
         """Raise ValueError with an OpenAI-style message for out-of-range values."""
         checks = [
             (self.n >= 1, "n must be at least 1"),
-            (self.temperature >= 0.0, "temperature must be non-negative"),
+            (
+                self.temperature >= 0.0 and math.isfinite(self.temperature),
+                "temperature must be a non-negative number",
+            ),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k >= -1, "top_k must be -1 (disable) or at least 1"),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
@@ -55,6 +60,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, kw_only=True)
                 "min_tokens must not exceed max_tokens",
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                all(-100.0 <= v <= 100.0 for v in (self.logit_bias or {}).values()),
+                "logit_bias values must be in [-100, 100]",
+            ),
         ]
         for ok, message in checks:
             if not ok:

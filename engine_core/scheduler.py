@@ -11,13 +11,15 @@ are freed and it is recomputed from its tokens later.
 from __future__ import annotations
 
 import bisect
+import logging
+import math
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from engine_core.config import EngineConfig
 from engine_core.kv_cache_manager import KVCacheManager
-from engine_core.messages.common import FinishReason, TokenLogprobs
+from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
 from engine_core.messages.worker import (
     CachedRequestData,
@@ -28,7 +30,12 @@ from engine_core.messages.worker import (
 from engine_core.request import Request, RequestStatus, Stop, check_stop
 from models.config import ModelConfig
 
+logger = logging.getLogger(__name__)
+
 Policy = Literal["fcfs", "priority"]
+
+# what a client is told when its request keeps failing on the worker (details are logged)
+STEP_FAILED = "the model worker failed to run this request"
 
 
 @dataclass
@@ -197,7 +204,7 @@ class Scheduler:
         """Queue a request; returns a finished delta carrying the error if it is rejected."""
         error = self.rejection(msg)
         if error is not None:
-            return RequestDelta(msg.request_id, [], finish_reason=FinishReason.ABORT, error=error)
+            return rejected(msg.request_id, error, ErrorKind.CLIENT)
         request = Request.from_add_request(msg, self.config.block_size)
         self.requests[request.request_id] = request
         self.waiting.add(request)
@@ -255,12 +262,18 @@ class Scheduler:
         )
 
     def schedule(self) -> SchedulerOutput:
-        """Plan one step: running requests first, then admit waiting ones."""
+        """Plan one step: running requests first, then admit waiting ones.
+
+        A suspect (a request from a failed step) runs in a step of its own, so a request
+        that breaks steps is found and failed alone, and the others go on.
+        """
         step = _Step(token_budget=self.config.max_num_batched_tokens)
-        self._schedule_running(step)
-        # NOTE: a step that had to preempt is out of blocks; admitting now would thrash.
-        if not step.preempted:
-            self._schedule_waiting(step)
+        suspect = next((r for r in self.requests.values() if r.suspect), None)
+        if suspect is None or not self._schedule_alone(suspect, step):
+            self._schedule_running(step)
+            # NOTE: a step that had to preempt is out of blocks; admitting now would thrash.
+            if not step.preempted:
+                self._schedule_waiting(step)
         return self._emit(step)
 
     def update_from_output(
@@ -270,10 +283,11 @@ class Scheduler:
         plan = sched_out.plan
         if result.step_id != plan.step_id:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
-        if result.error is not None:
-            return self._fail_step(plan, result.error)
+        problem = result.error or self._result_problem(sched_out, result)
+        if problem is not None:
+            return self._fail_step(plan, problem)
         sampled = dict(zip(result.req_ids, result.sampled_token_ids, strict=True))
-        logprobs: dict[str, TokenLogprobs] = {}
+        logprobs: dict[str, TokenLogprobs | None] = {}
         if result.logprobs is not None:
             logprobs = dict(zip(result.req_ids, result.logprobs, strict=True))
         deltas: list[RequestDelta] = []
@@ -284,13 +298,23 @@ class Scheduler:
             request.num_computed_tokens += num_tokens
             self._pool_for(request).cache_blocks(request)
             if req_id in sched_out.sampling_req_ids:
-                if req_id not in sampled:
-                    raise ValueError(f"worker sampled no token for {req_id}")
+                request.suspect = False
                 deltas.append(self._append(request, sampled[req_id], logprobs.get(req_id)))
         self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
         return deltas
 
     # -- scheduling ----------------------------------------------------------------------
+
+    def _schedule_alone(self, request: Request, step: _Step) -> bool:
+        """Put only `request` in this step; False if it cannot run now."""
+        if request.status == RequestStatus.RUNNING:
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, step)
+            new_block_ids = self._pool_for(request).allocate_slots(request, num_new)
+            if new_block_ids is None:
+                return False
+            step.add_cached(request, num_new, new_block_ids)
+            return True
+        return len(self.running) < self.config.max_num_seqs and self._admit(request, step)
 
     def _schedule_running(self, step: _Step) -> None:
         index = 0
@@ -330,7 +354,7 @@ class Scheduler:
         num_new = self._chunk(request.num_tokens - num_hit_tokens, step)
         if pool.allocate_slots(request, num_new, hits) is None:
             return False
-        self.waiting.popleft()
+        self.waiting.remove(request)
         if request.status == RequestStatus.WAITING:
             request.num_cached_tokens = num_hit_tokens
         request.num_computed_tokens = num_hit_tokens
@@ -391,17 +415,45 @@ class Scheduler:
             self._finish(request, stop)
         return self._delta(request, [token_id], None if logprobs is None else [logprobs])
 
+    def _result_problem(self, sched_out: SchedulerOutput, result: StepResult) -> str | None:
+        """What is wrong with a decodable result that does not fit its plan, if anything."""
+        num = len(result.req_ids)
+        lp_rows = num if result.logprobs is None else len(result.logprobs)
+        if len(result.sampled_token_ids) != num or lp_rows != num:
+            return "the result's lists differ in length"
+        if not sched_out.sampling_req_ids <= set(result.req_ids):
+            return "the result lacks a token for a sampling request"
+        vocab = self.config.vocab_size
+        if vocab is not None and not all(0 <= t < vocab for t in result.sampled_token_ids):
+            return "the result has a token id outside the vocabulary"
+        return None
+
     def _fail_step(self, plan: StepPlan, error: str) -> list[RequestDelta]:
-        """The worker could not run the step: abort its requests, reporting the error."""
+        """The worker could not run the step: recompute its requests, each alone; a
+        request already in a failed step fails now, with a generic error (never `error`)."""
+        in_step = [self.requests.get(req_id) for req_id in plan.num_scheduled_tokens]
+        running = [r for r in in_step if r is not None and r.status == RequestStatus.RUNNING]
+        failed = [r for r in running if r.suspect]
+        logger.error("step %d failed on the worker (%s): recomputing %d requests, failing %d",
+                     plan.step_id, error, len(running) - len(failed), len(failed))  # fmt: skip
         deltas: list[RequestDelta] = []
-        for req_id in plan.num_scheduled_tokens:
-            request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue
+        for request in running:
             self.running.remove(request)
-            self._finish(request, Stop(RequestStatus.FINISHED_ABORTED))
-            deltas.append(self._delta(request, [], error=error))
+            if request.suspect:
+                self._finish(request, Stop(RequestStatus.FINISHED_ABORTED))
+                deltas.append(self._delta(request, [], error=STEP_FAILED))
+            else:
+                self._requeue(request)
         return deltas
+
+    def _requeue(self, request: Request) -> None:
+        """Back to the front of the queue, holding nothing, to be recomputed alone."""
+        self._pool_for(request).free(request)
+        self._forget_ids.append(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.suspect = True
+        self.waiting.prepend(request)
 
     def _finish(self, request: Request, stop: Stop) -> None:
         if request.status == RequestStatus.RUNNING:
@@ -435,9 +487,13 @@ class Scheduler:
             return f"request id {msg.request_id!r} is already in use"
         if num_prompt == 0:
             return "the prompt is empty"
-        ids, vocab = msg.prompt_token_ids, self.config.vocab_size
-        if vocab is not None and not 0 <= min(ids) <= max(ids) < vocab:
-            return f"the prompt has token ids outside the vocabulary [0, {vocab})"
+        vocab = self.config.vocab_size
+        if vocab is not None:
+            for name, ids in _token_id_fields(msg):
+                if ids and not 0 <= min(ids) <= max(ids) < vocab:
+                    return f"{name} has token ids outside the vocabulary [0, {vocab})"
+        if not math.isfinite(msg.arrival_time):
+            return "arrival_time must be a finite number"
         if num_prompt >= self.config.max_model_len:
             return (
                 f"the prompt has {num_prompt} tokens, but max_model_len is "
@@ -448,6 +504,23 @@ class Scheduler:
         except ValueError as exc:
             return str(exc)
         return None
+
+
+def _token_id_fields(msg: AddRequest) -> list[tuple[str, list[int]]]:
+    """Every token id a request names, by where it names it (for the vocabulary check)."""
+    params = msg.sampling_params
+    return [
+        ("the prompt", msg.prompt_token_ids),
+        ("stop_token_ids", params.stop_token_ids),
+        ("logit_bias", list(params.logit_bias or ())),
+    ]
+
+
+def rejected(request_id: str, error: str, kind: ErrorKind) -> RequestDelta:
+    """The final delta of a request the engine will not (or can no longer) serve."""
+    return RequestDelta(
+        request_id, [], finish_reason=FinishReason.ABORT, error=error, error_kind=kind
+    )
 
 
 def scheduler_for(

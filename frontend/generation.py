@@ -18,7 +18,7 @@ from typing import TypeVar
 import msgspec
 
 from engine_core.client import EngineDeadError
-from engine_core.messages.common import FinishReason, TokenLogprobs
+from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest, RequestDelta
 from engine_core.sampling_params import SamplingParams
 from frontend.context import ServerContext
@@ -98,11 +98,7 @@ class Generation:
                 async for delta in core:
                     timer.on_delta(delta)
                     if delta.error is not None:
-                        raise APIError(
-                            503,
-                            f"the engine could not run the request: {delta.error}",
-                            code="engine_error",
-                        )
+                        raise _engine_error(delta)
                     out = _choice_delta(index, delta, detok)
                     finished = out.finish_reason is not None
                     yield out
@@ -199,3 +195,14 @@ async def _close_all(pending: dict[asyncio.Future, AsyncIterator], streams: list
     await asyncio.gather(*pending, return_exceptions=True)
     for stream in streams:
         await stream.aclose()
+
+
+def _engine_error(delta: RequestDelta) -> APIError:
+    """The core's word on a failed request: 400 if the request is at fault, else 503."""
+    if delta.error_kind == ErrorKind.CLIENT:
+        return APIError(
+            400, f"the engine rejected the request: {delta.error}", code="invalid_value"
+        )
+    return APIError(
+        503, f"the engine could not run the request: {delta.error}", code="engine_error"
+    )

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from engine_core.messages.common import FinishReason, TokenLogprobs
+from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest, RequestDelta
 from frontend.app import build_app
 from frontend.context import ServerContext
@@ -30,6 +30,7 @@ class FakeEngine:
         self.token_ids = token_ids
         self.delay = 0.001
         self.error: str | None = None
+        self.error_kind = ErrorKind.SERVER
         self.is_healthy = True
         self.latest_stats = None
         self.num_unstarted = 0
@@ -43,7 +44,13 @@ class FakeEngine:
     async def _deltas(self, request: AddRequest) -> AsyncGenerator[RequestDelta]:
         params, rid, finished = request.sampling_params, request.request_id, False
         if self.error:
-            yield RequestDelta(rid, [], finish_reason=FinishReason.ABORT, error=self.error)
+            yield RequestDelta(
+                rid,
+                [],
+                finish_reason=FinishReason.ABORT,
+                error=self.error,
+                error_kind=self.error_kind,
+            )
             return
         try:
             ids = self.token_ids[: params.max_tokens]
@@ -265,6 +272,16 @@ def test_engine_error_before_output_keeps_http_status(run: Callable, engine: Fak
         lambda client: _post(client, "/v1/chat/completions", {**CHAT, "stream": True})
     )
     assert status == 503 and "shutting down" in error["error"]["message"]
+
+
+def test_a_request_the_core_rejects_as_invalid_is_a_400(run: Callable, engine: FakeEngine) -> None:
+    engine.error, engine.error_kind = (
+        "stop_token_ids has token ids outside the vocabulary",
+        ErrorKind.CLIENT,
+    )
+    status, error = run(lambda client: _post(client, "/v1/chat/completions", CHAT))
+    assert status == 400 and error["error"]["type"] == "invalid_request_error"
+    assert "vocabulary" in error["error"]["message"]
 
 
 def test_tokenize_roundtrip(run: Callable) -> None:

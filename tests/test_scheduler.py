@@ -9,12 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_core.engine import EngineCore
-from engine_core.messages.common import FinishReason, TokenLogprobs
+from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest, RequestDelta
 from engine_core.messages.worker import StepPlan, StepResult
 from engine_core.request import RequestStatus
 from engine_core.sampling_params import SamplingParams
-from engine_core.scheduler import Policy, Scheduler, SchedulerConfig, SchedulerOutput
+from engine_core.scheduler import (
+    STEP_FAILED,
+    Policy,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 
 EOS = 99
 
@@ -126,13 +132,51 @@ def test_a_result_for_another_step_is_refused() -> None:
         sched.update_from_output(out, StepResult(out.plan.step_id + 1, ["a"], [7]))
 
 
-def test_a_failed_step_aborts_its_requests_with_the_error() -> None:
+def fail(sched: Scheduler) -> tuple[StepPlan, list[RequestDelta]]:
+    """Schedule a step and have the worker report it failed."""
+    out = sched.schedule()
+    error = StepResult(out.plan.step_id, [], [], error="RuntimeError('boom')")
+    return out.plan, sched.update_from_output(out, error)
+
+
+def test_a_failed_step_recomputes_its_requests_each_alone_then_batched_again() -> None:
+    sched = make_scheduler()
+    add(sched, "a", [1, 2, 3], max_tokens=4)
+    add(sched, "b", [4, 5, 6], max_tokens=4)
+    plan, deltas = fail(sched)
+    assert set(plan.num_scheduled_tokens) == {"a", "b"} and deltas == []
+    assert sched.requests["a"].suspect and sched.requests["b"].suspect
+    alone = [set(step(sched)[0].num_scheduled_tokens) for _ in range(2)]
+    assert sorted(map(sorted, alone)) == [["a"], ["b"]]
+    plan, deltas = step(sched)
+    assert set(plan.num_scheduled_tokens) == {"a", "b"}
+    assert all(d.error is None for d in deltas.values())
+
+
+def test_a_request_that_fails_alone_too_is_failed_without_the_workers_error() -> None:
+    sched = make_scheduler()
+    add(sched, "a", [1, 2, 3], max_tokens=4)
+    add(sched, "b", [4, 5, 6], max_tokens=4)
+    fail(sched)
+    plan, deltas = fail(sched)
+    (culprit,) = plan.num_scheduled_tokens
+    (delta,) = deltas
+    assert delta.request_id == culprit and delta.finish_reason == FinishReason.ABORT
+    assert delta.error == STEP_FAILED and delta.error_kind == ErrorKind.SERVER
+    assert "boom" not in delta.error
+    other = ({"a", "b"} - {culprit}).pop()
+    tokens: list[int] = []
+    while sched.has_unfinished_requests():
+        tokens += step(sched)[1][other].new_token_ids
+    assert tokens == [7, 7, 7, 7] and blocks_in_use(sched) == 0
+
+
+def test_a_result_that_does_not_fit_its_plan_is_a_failed_step() -> None:
     sched = make_scheduler()
     add(sched, "a", [1, 2, 3])
     out = sched.schedule()
-    (delta,) = sched.update_from_output(out, StepResult(out.plan.step_id, [], [], error="boom"))
-    assert (delta.finish_reason, delta.error) == (FinishReason.ABORT, "boom")
-    assert not sched.has_unfinished_requests() and blocks_in_use(sched) == 0
+    assert sched.update_from_output(out, StepResult(out.plan.step_id, [], [])) == []
+    assert sched.requests["a"].suspect and sched.requests["a"].num_computed_tokens == 0
 
 
 # -- admission -------------------------------------------------------------------------
@@ -149,6 +193,21 @@ def test_add_request_rejects(prompt: list[int], error: str) -> None:
     assert delta is not None and error in (delta.error or "")
     assert delta.finish_reason == FinishReason.ABORT
     assert not sched.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"stop_token_ids": [10**9], "min_tokens": 2},
+        {"stop_token_ids": [-1]},
+        {"logit_bias": {1000: 1.0}},
+    ],
+)
+def test_token_ids_outside_the_vocabulary_are_a_client_error(params: dict) -> None:
+    sched = make_scheduler(vocab_size=100)
+    delta = sched.add_request(AddRequest("a", [1, 2], SamplingParams(**params), 0.0))
+    assert delta is not None and "outside the vocabulary" in (delta.error or "")
+    assert delta.error_kind == ErrorKind.CLIENT and not sched.has_unfinished_requests()
 
 
 def test_duplicate_request_id_is_rejected() -> None:
