@@ -12,9 +12,11 @@ from pathlib import Path
 import openai
 import pytest
 import zmq
-from listeners import listening_anywhere, non_loopback_address
+from engine_harness import EngineHarness, worker_pid
+from listeners import listening, listening_anywhere, non_loopback_address
 from server_process import free_port, running_server
 
+from engine_core.config import EngineConfig
 from engine_core.curve import CurveKeys, dial, generate_keys, load_keys
 from engine_core.framing import encode
 from engine_core.messages.frontend import AddRequest, FrontendMsg
@@ -111,3 +113,34 @@ def test_keyless_wildcard_engine_address_listens_on_loopback_only(
     assert bound == {("127.0.0.1", port)}
     text = log.read_text()
     assert f"binding tcp://0.0.0.0:{port} to tcp://127.0.0.1:{port} instead" in text
+
+
+def writable(address: str, keys: CurveKeys | None) -> bool:
+    """Does a PUSH (queueing only on completed handshakes) to `address` become writable?"""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    dial(sock, address, keys)
+    ready = bool(sock.poll(2000, zmq.POLLOUT))
+    sock.close()
+    ctx.term()
+    return ready
+
+
+def test_local_workers_hand_off_kv_under_curve(keys: Path, model: str) -> None:
+    """With keys every tcp socket is CURVE, so the core's own workers must hold them too."""
+    config = EngineConfig(model=model, colocated=False, kv_connector="tcp",
+                          kv_cache_memory=32 * 2**20, max_model_len=256)  # fmt: skip
+    harness = EngineHarness(config, curve_keys=str(keys))
+    try:
+        outputs = harness.generate({f"r{i}": [1, 2, 3, 10 + i] for i in range(4)}, 4)
+        stats = harness.wait_stats(lambda s: s.num_running == 0)
+        (port,) = [p for _, p in listening(worker_pid("decode-0", harness.core.pid))]
+        receiver = f"tcp://127.0.0.1:{port}"  # the decode worker's KV socket
+        assert not writable(receiver, None)
+        assert writable(receiver, load_keys(keys))
+    finally:
+        harness.close()
+    assert all(len(tokens) == 4 for tokens in outputs.values())
+    assert stats.kv_transfer_bytes > 0 and stats.kv_transfer_failures == 0
