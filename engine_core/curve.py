@@ -3,9 +3,9 @@
 `duet keys DIR` writes two key pairs: "server" for every socket that binds (the core's
 frontend and worker sockets, a decode worker's KV receiver) and "client" for every socket
 that connects. A bound tcp socket only completes a handshake with a peer holding the client
-secret (checked by a ZAP authenticator on its context); a connecting socket pins the server's
-public key, so it cannot be talked into serving a stranger. ipc:// and inproc:// sockets are
-file- or process-local and stay as they are.
+secret (checked by a ZAP authenticator on its context, which logs every refusal); a
+connecting socket pins the server's public key, so it never talks to an impostor. ipc://
+and inproc:// sockets are file- or process-local and stay as they are.
 
 Without keys a tcp socket that asks for a non-loopback address is bound to 127.0.0.1 on the
 same port instead, with one warning: an unauthenticated core never listens beyond its host.
