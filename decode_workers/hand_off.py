@@ -6,6 +6,7 @@ import torch
 import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.curve import CurveKeys
 from engine_core.messages.worker import KVTransferDone, StepPlan
 from kv_transfer import KVReceiver, make_receiver
 from models.runner import KVAllocator, zeros_allocator
@@ -14,9 +15,12 @@ from models.runner import KVAllocator, zeros_allocator
 class ReceiverSide:
     """Owns the KV receiver; its socket joins the worker's poll loop."""
 
-    def __init__(self, config: EngineConfig, worker_id: str, kv_host: str) -> None:
+    def __init__(
+        self, config: EngineConfig, worker_id: str, kv_host: str, keys: CurveKeys | None
+    ) -> None:
         self.kind = config.kv_connector
         self.kv_host = kv_host
+        self.keys = keys
         self.receiver: KVReceiver | None = None
 
     @property
@@ -24,7 +28,7 @@ class ReceiverSide:
         return zeros_allocator
 
     def attach(self, ctx: zmq.Context, kv_cache: torch.Tensor) -> None:
-        self.receiver = make_receiver(self.kind, ctx, kv_cache, self.kv_host)
+        self.receiver = make_receiver(self.kind, ctx, kv_cache, self.kv_host, self.keys)
 
     def ready_fields(self) -> dict[str, str]:
         assert self.receiver is not None

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.curve import CurveKeyError, CurveKeys, add_curve_keys_argument, load_keys
 from engine_core.framing import Channel
 from engine_core.messages.worker import JOIN_SUFFIX, WORKER, WorkerJoin, WorkerMsg
 from engine_core.placement import cores_for
@@ -27,13 +28,17 @@ def main(role: str, argv: list[str] | None = None) -> None:
     args = _parser(role).parse_args(argv)
     worker_id = args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
     kv_host = args.kv_host or local_address_towards(args.engine)
-    config = fetch_config(args.engine, worker_id, role, args.timeout)
+    try:
+        keys = load_keys(args.curve_keys)
+    except CurveKeyError as exc:
+        raise SystemExit(f"duet: {exc}") from None
+    config = fetch_config(args.engine, worker_id, role, args.timeout, keys)
     if args.torch_threads:
         config.torch_threads = args.torch_threads
     cores = [int(c) for c in args.cores.split(",")] if args.cores else cores_for(role)
     from decode_workers.worker import run_worker
 
-    run_worker(config, args.engine, worker_id, role, cores, kv_host)
+    run_worker(config, args.engine, worker_id, role, cores, kv_host, keys)
 
 
 def _parser(role: str) -> argparse.ArgumentParser:
@@ -57,12 +62,15 @@ def _parser(role: str) -> argparse.ArgumentParser:
     )
     add("--torch-threads", type=int, default=None)
     add("--timeout", type=float, default=30.0, help="seconds to wait for the core's answer")
+    add_curve_keys_argument(parser)
     return parser
 
 
-def fetch_config(engine: str, worker_id: str, role: str, timeout: float) -> EngineConfig:
+def fetch_config(
+    engine: str, worker_id: str, role: str, timeout: float, keys: CurveKeys | None = None
+) -> EngineConfig:
     """Ask the core for its EngineConfig."""
-    channel = Channel(zmq.Context.instance(), WORKER, (worker_id + JOIN_SUFFIX).encode())
+    channel = Channel(zmq.Context.instance(), WORKER, (worker_id + JOIN_SUFFIX).encode(), keys)
     channel.connect(engine)
     deadline = time.monotonic() + timeout
     try:

@@ -22,6 +22,7 @@ import torch
 import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.curve import CurveKeys, authenticate
 from engine_core.framing import Channel
 from engine_core.messages.worker import (
     HEARTBEAT,
@@ -70,16 +71,18 @@ def name_process(name: str) -> None:
     libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
 
 
-def make_hand_off(config: EngineConfig, role: str, worker_id: str, kv_host: str) -> HandOff | None:
+def make_hand_off(
+    config: EngineConfig, role: str, worker_id: str, kv_host: str, keys: CurveKeys | None
+) -> HandOff | None:
     """The KV side of a disaggregated role; None for the colocated "mixed" worker."""
     if role == "prefill":
         from prefill_workers.hand_off import SenderSide
 
-        return SenderSide(config, worker_id, kv_host)
+        return SenderSide(config, worker_id, kv_host, keys)
     if role == "decode":
         from decode_workers.hand_off import ReceiverSide
 
-        return ReceiverSide(config, worker_id, kv_host)
+        return ReceiverSide(config, worker_id, kv_host, keys)
     if role != "mixed":
         raise ValueError(f"unknown worker role {role!r}")
     return None
@@ -92,11 +95,13 @@ def run_worker(
     role: str = "mixed",
     cores: list[int] | None = None,
     kv_host: str = "127.0.0.1",
+    keys: CurveKeys | None = None,
 ) -> None:
     """Serve step plans from the core at `engine_address` until told to shut down.
 
     `cores` pins the process (and sizes torch's thread pool unless `config.torch_threads`
-    says otherwise); `kv_host` is the address KV senders use to reach a decode worker.
+    says otherwise); `kv_host` is the address KV senders use to reach a decode worker;
+    `keys` secure its tcp links (engine_core/curve.py).
     """
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {role}-worker %(levelname)s %(message)s"
@@ -104,10 +109,11 @@ def run_worker(
     core_pid = follow_core()
     name_process(worker_id)
     pin_threads(config.torch_threads, cores)
-    hand_off = make_hand_off(config, role, worker_id, kv_host)
+    hand_off = make_hand_off(config, role, worker_id, kv_host, keys)
     runner = ModelRunner(config, hand_off.allocator if hand_off else zeros_allocator)
     ctx = zmq.Context()
-    channel = Channel(ctx, WORKER, worker_id.encode())
+    authenticator = authenticate(ctx, keys)  # for a decode worker's KV receiver
+    channel = Channel(ctx, WORKER, worker_id.encode(), keys)
     channel.connect(engine_address)
     if hand_off:
         hand_off.attach(ctx, runner.kv_cache)
@@ -118,7 +124,7 @@ def run_worker(
     channel.send(WorkerMsg.READY, ready)
     logger.info("ready: %d KV blocks, %d torch threads", runner.num_blocks, torch.get_num_threads())
     stop = threading.Event()
-    beats = threading.Thread(target=_heartbeat, args=(ctx, engine_address, worker_id, stop),
+    beats = threading.Thread(target=_heartbeat, args=(ctx, engine_address, worker_id, keys, stop),
                              name="heartbeat", daemon=True)  # fmt: skip
     beats.start()
     try:
@@ -129,6 +135,8 @@ def run_worker(
         if hand_off:
             hand_off.close()
         channel.close()
+        if authenticator is not None:
+            authenticator.stop()
         ctx.term()
 
 
@@ -155,10 +163,14 @@ def follow_core() -> int | None:
 
 
 def _heartbeat(
-    ctx: zmq.Context, engine_address: str, worker_id: str, stop: threading.Event
+    ctx: zmq.Context,
+    engine_address: str,
+    worker_id: str,
+    keys: CurveKeys | None,
+    stop: threading.Event,
 ) -> None:
     # NOTE: own socket and thread: the worker loop may sit in a long forward pass
-    channel = Channel(ctx, HEARTBEAT, (worker_id + HEARTBEAT_SUFFIX).encode())
+    channel = Channel(ctx, HEARTBEAT, (worker_id + HEARTBEAT_SUFFIX).encode(), keys)
     channel.connect(engine_address)
     while not stop.wait(HEARTBEAT_TIMEOUT / 6):
         with contextlib.suppress(zmq.Again):

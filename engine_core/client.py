@@ -19,6 +19,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from engine_core.config import env_seconds
+from engine_core.curve import CurveKeys
 from engine_core.framing import Channel
 from engine_core.messages.common import FinishReason
 from engine_core.messages.frontend import (
@@ -55,9 +56,11 @@ class EngineClient:
         identity: bytes,
         health_timeout: float = HEALTH_TIMEOUT,
         on_stats: Callable[[SchedulerStats], None] | None = None,
+        keys: CurveKeys | None = None,
     ) -> None:
         self.address = address
         self.identity = identity
+        self.keys = keys  # CURVE client keys for a tcp core
         self.health_timeout = health_timeout
         self.on_stats = on_stats  # called with every SchedulerStats (e.g. for /metrics)
         self.latest_stats: SchedulerStats | None = None
@@ -72,7 +75,7 @@ class EngineClient:
 
     async def start(self) -> None:
         """Connect, say HELLO so the core knows this identity, and start listening."""
-        channel = Channel(self._ctx, FRONTEND, self.identity)
+        channel = Channel(self._ctx, FRONTEND, self.identity, self.keys)
         channel.connect(self.address)
         self._channel = channel
         self._started_at = time.monotonic()

@@ -57,6 +57,7 @@ class EngineAddresses:
 
     frontend: str  # ROUTER: frontends' DEALERs
     workers: str  # ROUTER: workers' DEALERs
+    curve_keys: str | None = None  # a `duet keys` directory: CURVE on the tcp ones
 
     @classmethod
     def ipc(cls, directory: str) -> EngineAddresses:

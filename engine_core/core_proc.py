@@ -21,6 +21,7 @@ from typing import Protocol
 import zmq
 
 from engine_core.config import EngineAddresses, EngineConfig
+from engine_core.curve import authenticate, load_keys
 from engine_core.disagg import DisaggEngine
 from engine_core.engine import EngineCore
 from engine_core.frontend_io import FrontendIO
@@ -298,8 +299,10 @@ def run_engine_core(
     if config.worker_address:
         addresses = replace(addresses, workers=config.worker_address)
     ctx = zmq.Context()
-    frontends = FrontendIO(ctx, addresses.frontend)
-    link = WorkerLink(ctx, addresses.workers)
+    keys = load_keys(addresses.curve_keys)
+    authenticator = authenticate(ctx, keys)
+    frontends = FrontendIO(ctx, addresses.frontend, keys)
+    link = WorkerLink(ctx, addresses.workers, keys)
     engine = (
         ColocatedEngine(config, link) if config.colocated else disaggregated_engine(config, link)
     )
@@ -314,7 +317,7 @@ def run_engine_core(
     signal.signal(signal.SIGINT, drain)
     logger.info(
         "serving on %s (%s)",
-        addresses.frontend,
+        frontends.address,
         "colocated" if config.colocated else "disaggregated",
     )
     if on_serving is not None:
@@ -324,5 +327,7 @@ def run_engine_core(
     finally:
         link.shutdown()
         frontends.close()
+        if authenticator is not None:
+            authenticator.stop()
         ctx.term()
     logger.info("stopped")

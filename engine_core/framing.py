@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 import zmq
 
+from engine_core.curve import CurveKeys, dial, listen, listen_on_random_port
+
 logger = logging.getLogger(__name__)
 
 _encoder = msgspec.msgpack.Encoder()
@@ -95,11 +97,10 @@ class Endpoint:
 
 
 def apply_socket_options(
-    sock: zmq.Socket, address: str, *, server: bool, options: Mapping[int, int | bytes]
+    sock: zmq.Socket, *, server: bool, options: Mapping[int, int | bytes]
 ) -> None:
     """The one place a duet socket gets its options, just before it binds (`server`) or
-    connects to `address` (security that depends on the transport belongs here too).
-    Nothing lingers at close unless a caller asks: a dead peer must not hang exit."""
+    connects. Nothing lingers at close unless a caller asks: a dead peer must not hang exit."""
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in options.items():
         sock.setsockopt(option, value)
@@ -109,29 +110,38 @@ class Channel:
     """A socket speaking one `Endpoint`: owns its options and its encode/decode.
 
     Works over a plain or an asyncio context; with asyncio, receive with
-    `decode(await channel.sock.recv_multipart())`.
+    `decode(await channel.sock.recv_multipart())`. With `keys`, a tcp channel is a CURVE
+    server (bind) or client (connect); without, a tcp bind stays on loopback (curve.py).
     """
 
-    def __init__(self, ctx: zmq.Context, endpoint: Endpoint, identity: bytes | None = None) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: Endpoint,
+        identity: bytes | None = None,
+        keys: CurveKeys | None = None,
+    ) -> None:
         self.endpoint = endpoint
+        self.keys = keys
         self.sock = ctx.socket(endpoint.socket_type)
         self._options: dict[int, int | bytes] = dict(endpoint.options)
         if identity is not None:
             self._options[zmq.IDENTITY] = identity
         self.routed = endpoint.socket_type == zmq.ROUTER  # frames start with a peer identity
 
-    def bind(self, address: str) -> None:
-        apply_socket_options(self.sock, address, server=True, options=self._options)
-        self.sock.bind(address)
+    def bind(self, address: str) -> str:
+        """Bind to `address`; returns where it is bound (loopback for keyless tcp)."""
+        apply_socket_options(self.sock, server=True, options=self._options)
+        return listen(self.sock, address, self.keys)
 
     def bind_to_random_port(self, host: str) -> str:
         """Bind `tcp://host` on a free port; returns the full address."""
-        apply_socket_options(self.sock, f"tcp://{host}", server=True, options=self._options)
-        return f"tcp://{host}:{self.sock.bind_to_random_port(f'tcp://{host}')}"
+        apply_socket_options(self.sock, server=True, options=self._options)
+        return listen_on_random_port(self.sock, host, self.keys)
 
     def connect(self, address: str) -> None:
-        apply_socket_options(self.sock, address, server=False, options=self._options)
-        self.sock.connect(address)
+        apply_socket_options(self.sock, server=False, options=self._options)
+        dial(self.sock, address, self.keys)
 
     def frames(
         self, kind: int, message: msgspec.Struct | None = None, to: bytes | None = None

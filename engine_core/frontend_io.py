@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from engine_core.curve import CurveKeys
 from engine_core.framing import Channel
 from engine_core.messages.frontend import CORE, FrontendMsg, StepOutputs
 
@@ -23,13 +24,13 @@ logger = logging.getLogger(__name__)
 class FrontendIO:
     """Bound ROUTER for all frontends; `inbox` yields (identity, type, message)."""
 
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, keys: CurveKeys | None = None) -> None:
         self.inbox: queue.Queue[tuple[bytes, int, Any]] = queue.Queue()
         self.frontends: set[bytes] = set()
         self._ctx = ctx
         self._pipe = f"inproc://frontend-out-{id(self)}"
-        self._channel = Channel(ctx, CORE)
-        self._channel.bind(address)
+        self._channel = Channel(ctx, CORE, keys=keys)
+        self.address = self._channel.bind(address)  # where it ended up bound
         self._router = self._channel.sock
         self._pull = ctx.socket(zmq.PULL)
         self._pull.bind(self._pipe)

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from engine_core.config import EngineConfig, env_seconds
+from engine_core.curve import CurveKeys
 from engine_core.framing import Channel
 from engine_core.messages.worker import (
     CORE,
@@ -52,11 +53,11 @@ class WorkerDied(RuntimeError):
 class WorkerLink:
     """One bound ROUTER for workers; `execute` is a blocking round trip to one worker."""
 
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
-        self.channel = Channel(ctx, CORE)
-        self.channel.bind(address)
+    def __init__(self, ctx: zmq.Context, address: str, keys: CurveKeys | None = None) -> None:
+        self.channel = Channel(ctx, CORE, keys=keys)
+        self.address = self.channel.bind(address)
         self.sock = self.channel.sock
-        self.address = address
+        self.keys = keys  # local workers get them too: their KV links may be tcp
         self.ready: dict[str, WorkerReady] = {}
         self.processes: dict[str, mp.process.BaseProcess] = {}
         self.config: EngineConfig | None = None  # what `duet *-worker` processes are told
@@ -76,7 +77,7 @@ class WorkerLink:
 
         proc = mp.get_context("spawn").Process(
             target=run_worker,
-            args=(config, self.address, worker_id, role, cores),
+            args=(config, self.address, worker_id, role, cores, "127.0.0.1", self.keys),
             name=f"duet-{worker_id}",
             daemon=True,
         )

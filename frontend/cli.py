@@ -1,5 +1,6 @@
-"""The `duet` console script: `duet serve [MODEL]`, `duet frontend --engine ADDRESS` and
-`duet bench serve` (the load generator in frontend/bench).
+"""The `duet` console script: `duet serve [MODEL]`, `duet frontend --engine ADDRESS`,
+`duet keys DIR` (CURVE keys for multi-host links) and `duet bench serve` (the load generator
+in frontend/bench).
 
 Flag names and meanings follow `vllm serve`. This module stays light to import (no torch,
 no aiohttp): the processes it launches load the heavy parts themselves.
@@ -13,6 +14,7 @@ import re
 import sys
 
 from engine_core.config import EngineConfig, parse_size
+from engine_core.curve import add_curve_keys_argument
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
 from frontend.bench.args import add_arguments as add_bench_arguments
 from frontend.settings import FrontendSettings, setup_logging
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = build_parser().parse_args(argv)
     setup_logging("duet")
+    if getattr(args, "curve_keys", None):
+        _check_keys(args.curve_keys)
     sys.exit(args.run(args))
 
 
@@ -46,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", dest="model_option", help="same as the positional MODEL")
     _add_http_args(serve)
     _add_engine_args(serve)
+    add_curve_keys_argument(serve)
     serve.set_defaults(run=_serve)
     frontend = commands.add_parser("frontend", help="run frontends against a remote engine core")
     frontend.add_argument("model", nargs="?", help="the model the core serves (for its tokenizer)")
@@ -53,11 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     frontend.add_argument("--engine", required=True, metavar="ADDRESS",
                           help="the core's frontend socket, e.g. tcp://10.0.0.5:5570")  # fmt: skip
     _add_http_args(frontend)
+    add_curve_keys_argument(frontend)
     frontend.set_defaults(run=_frontend)
     for role in ("prefill", "decode"):
         worker = commands.add_parser(f"{role}-worker", add_help=False,
                                      help=f"join a running core as a {role} worker (see --help)")  # fmt: skip
         worker.add_argument("worker_args", nargs=argparse.REMAINDER)
+    keys = commands.add_parser("keys", help="write CURVE key pairs for links between hosts")
+    keys.add_argument("directory", help="where to write server.key[_secret], client.key[_secret]")
+    keys.set_defaults(run=_keys)
     export = commands.add_parser("export-model", help="write a model as a Hugging Face folder")
     export.add_argument("folder", help="where to write config.json, model.safetensors, tokenizer")
     export.add_argument("--model", dest="model_option", default=None,
@@ -138,6 +147,7 @@ def _frontend_settings(args: argparse.Namespace, engine_address: str) -> Fronten
         api_key=args.api_key or None,
         max_waiting_requests=args.max_waiting_requests,
         log_requests=not args.disable_log_requests,
+        curve_keys=args.curve_keys,
     )
 
 
@@ -176,6 +186,31 @@ def _frontend(args: argparse.Namespace) -> int:
     from frontend.launcher import serve_frontends
 
     return serve_frontends(_frontend_settings(args, args.engine), args.api_server_count)
+
+
+def _check_keys(directory: str) -> None:
+    """Fail at once, in the terminal, on a key directory no process could use."""
+    from engine_core.curve import CurveKeyError, load_keys
+
+    try:
+        load_keys(directory)
+    except CurveKeyError as exc:
+        sys.exit(f"duet: {exc}")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from engine_core.curve import generate_keys
+
+    try:
+        written = generate_keys(args.directory)
+    except FileExistsError as exc:
+        print(f"duet: {exc.filename} exists; remove the old keys first", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    print("copy the directory to every host and pass --curve-keys to every role; hosts "
+          "that only run frontends do not need server.key_secret")  # fmt: skip
+    return 0
 
 
 def _export_model(args: argparse.Namespace) -> int:

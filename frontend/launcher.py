@@ -24,6 +24,7 @@ from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
 from engine_core.config import EngineAddresses, EngineConfig
+from engine_core.curve import narrowed
 from engine_core.supervision import Backoff, die_with_parent, multiprocessing_parent
 from frontend.metrics import setup_multiproc_dir
 from frontend.settings import FrontendSettings
@@ -47,9 +48,11 @@ def serve(
         addresses = EngineAddresses(
             frontend=engine_address or f"ipc://{ipc_dir}/frontend.sock",
             workers=f"ipc://{ipc_dir}/workers.sock",
+            curve_keys=settings.curve_keys,
         )
         core = RestartingCore(config, addresses)
-        local = replace(settings, engine_address=_local_address(addresses.frontend))
+        bound = narrowed(addresses.frontend, secured=settings.curve_keys is not None)
+        local = replace(settings, engine_address=_local_address(bound))
         return Supervisor(_frontends(local, count), core, settings.shutdown_timeout).run()
 
 

@@ -17,6 +17,7 @@ import uvloop
 from aiohttp import web
 
 from engine_core.client import EngineClient
+from engine_core.curve import load_keys
 from frontend.app import build_app
 from frontend.context import ServerContext
 from frontend.logprobs import LogprobFormatter
@@ -77,7 +78,12 @@ def build_context(settings: FrontendSettings, index: int) -> ServerContext:
     metrics = EngineMetrics(name, apply_core_stats=index == 0)
     identity = f"frontend-{index}-{socket.gethostname()}-{os.getpid()}".encode()
     return ServerContext(
-        client=EngineClient(settings.engine_address, identity, on_stats=metrics.on_stats),
+        client=EngineClient(
+            settings.engine_address,
+            identity,
+            on_stats=metrics.on_stats,
+            keys=load_keys(settings.curve_keys),
+        ),
         tokenizer=tokenizer,
         metrics=metrics,
         formatter=LogprobFormatter(tokenizer),

@@ -20,6 +20,7 @@ class FrontendSettings:
     api_key: str | None = None
     max_waiting_requests: int | None = None
     log_requests: bool = True
+    curve_keys: str | None = None  # a `duet keys` directory for a tcp engine address
     # seconds in-flight requests get to finish on SIGTERM before they are aborted
     shutdown_timeout: float = 10.0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import zmq
 
+from engine_core.curve import CurveKeys
 from engine_core.messages.kv import KVHeader
 from kv_transfer.base import KVReceiver, KVSender
 from kv_transfer.shm import ShmAllocator, ShmReceiver, ShmSender
@@ -39,24 +40,38 @@ def make_sender(
     worker_id: str,
     kv_cache: torch.Tensor,
     shm: ShmAllocator | None = None,
+    keys: CurveKeys | None = None,
+    host: str = "127.0.0.1",
 ) -> KVSender:
-    """The sending end of connector `kind`; shm needs the allocator that made `kv_cache`."""
+    """The sending end of connector `kind`; shm needs the allocator that made `kv_cache`.
+
+    `keys` make it a CURVE client of the receivers; `host` is this worker's own address,
+    where the torch connector's pair sockets listen.
+    """
     if kind == "shm":
         if shm is None:
             raise ValueError("the shm connector needs the pool to live in shared memory")
-        return ShmSender(ctx, worker_id, kv_cache, shm.path)
+        return ShmSender(ctx, worker_id, kv_cache, shm.path, keys)
     if kind == "torch":
-        return TorchSender(ctx, worker_id, kv_cache)
+        return TorchSender(ctx, worker_id, kv_cache, keys, host)
     if kind == "tcp":
-        return TcpSender(ctx, worker_id, kv_cache)
+        return TcpSender(ctx, worker_id, kv_cache, keys)
     raise ValueError(f"unknown KV connector {kind!r}; choose one of {CONNECTORS}")
 
 
 def make_receiver(
-    kind: str, ctx: zmq.Context, kv_cache: torch.Tensor, host: str = "127.0.0.1"
+    kind: str,
+    ctx: zmq.Context,
+    kv_cache: torch.Tensor,
+    host: str = "127.0.0.1",
+    keys: CurveKeys | None = None,
 ) -> KVReceiver:
-    """The receiving end of connector `kind`, bound on `host` (an address senders can reach)."""
+    """The receiving end of connector `kind`, bound on `host` (an address senders can reach).
+
+    With `keys` its socket is a CURVE server (`ctx` needs `curve.authenticate` first);
+    without, a non-loopback `host` is narrowed to loopback (see engine_core/curve.py).
+    """
     receivers = {"shm": ShmReceiver, "torch": TorchReceiver, "tcp": TcpReceiver}
     if kind not in receivers:
         raise ValueError(f"unknown KV connector {kind!r}; choose one of {CONNECTORS}")
-    return receivers[kind](ctx, kv_cache, host)
+    return receivers[kind](ctx, kv_cache, host, keys)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 import zmq
 
+from engine_core.curve import CurveKeys, listening_host
 from engine_core.framing import Channel
 from engine_core.messages.kv import RECEIVER, SENDER, KVHeader, KVMsg
 from engine_core.messages.worker import KVRecvOrder, KVSendOrder, KVTransferDone
@@ -57,11 +58,24 @@ def blocks_shape(kv: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
 class KVSender:
     """Ships blocks of this worker's pool to receivers named by the core."""
 
-    def __init__(self, ctx: zmq.Context, worker_id: str, kv_cache: torch.Tensor) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        worker_id: str,
+        kv_cache: torch.Tensor,
+        keys: CurveKeys | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.ctx = ctx
         self.worker_id = worker_id
         self.kv_cache = kv_cache
+        self.keys = keys
+        self.host = listening_host(host, keys)  # this worker's address, for senders that listen
         self._pushes: dict[str, Channel] = {}
+        self._open()
+
+    def _open(self) -> None:
+        """A connector's own set-up."""
 
     def send(self, order: KVSendOrder) -> None:
         """Start shipping `order.src_block_ids`; returns once the bytes are on their way."""
@@ -83,7 +97,7 @@ class KVSender:
     def _push(self, address: str, header: KVHeader, payload: Sequence[object] = ()) -> None:
         channel = self._pushes.get(address)
         if channel is None:
-            channel = self._pushes[address] = Channel(self.ctx, SENDER)
+            channel = self._pushes[address] = Channel(self.ctx, SENDER, keys=self.keys)
             channel.connect(address)
         if not channel.sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
             raise ConnectionError(f"KV receiver at {address} is unreachable")
@@ -97,15 +111,26 @@ class KVReceiver:
     a transfer completes when both are here and its bytes are in the pool.
     """
 
-    def __init__(self, ctx: zmq.Context, kv_cache: torch.Tensor, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        kv_cache: torch.Tensor,
+        host: str = "127.0.0.1",
+        keys: CurveKeys | None = None,
+    ) -> None:
         self.kv_cache = kv_cache
-        self.channel = Channel(ctx, RECEIVER)
+        self.channel = Channel(ctx, RECEIVER, keys=keys)  # a CURVE server with keys
         self.sock = self.channel.sock
         self.address = self.channel.bind_to_random_port(host)
+        self.host = listening_host(host, keys)
         self.store_address = ""  # set by connectors that need a rendezvous store
         self._expected: dict[str, list[int]] = {}
         self._arrived: dict[str, tuple[KVHeader, Landing]] = {}
         self._cancelled: set[str] = set()
+        self._open()
+
+    def _open(self) -> None:
+        """A connector's own set-up, once the header socket is bound (`self.host` is final)."""
 
     def expect(self, order: KVRecvOrder) -> None:
         self._expected[order.transfer_id] = order.dst_block_ids

@@ -14,6 +14,7 @@ import uuid
 import torch
 import zmq
 
+from engine_core.curve import CurveKeys
 from engine_core.messages.kv import KVHeader
 from engine_core.messages.worker import KVSendOrder
 from kv_transfer.base import KVReceiver, KVSender, Landing
@@ -54,8 +55,15 @@ class ShmAllocator:
 class ShmSender(KVSender):
     """Only announces: the blocks are already where the receiver can read them."""
 
-    def __init__(self, ctx: zmq.Context, worker_id: str, kv_cache: torch.Tensor, path: str) -> None:
-        super().__init__(ctx, worker_id, kv_cache)
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        worker_id: str,
+        kv_cache: torch.Tensor,
+        path: str,
+        keys: CurveKeys | None = None,
+    ) -> None:
+        super().__init__(ctx, worker_id, kv_cache, keys)
         self.path = path
 
     def _ship(self, order: KVSendOrder, header: KVHeader) -> None:
@@ -66,8 +74,7 @@ class ShmSender(KVSender):
 class ShmReceiver(KVReceiver):
     """Maps each sender's pool file once and copies blocks out of it."""
 
-    def __init__(self, ctx: zmq.Context, kv_cache: torch.Tensor, host: str = "127.0.0.1") -> None:
-        super().__init__(ctx, kv_cache, host)
+    def _open(self) -> None:
         # sender worker id -> (its pool file, the mapped pool); a restarted sender has a new file
         self._pools: dict[str, tuple[str, torch.Tensor]] = {}
 

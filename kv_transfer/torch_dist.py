@@ -4,12 +4,17 @@ Gloo on CPU (what the tests run), NCCL when the pool is on a GPU — the same ca
 sender/receiver pair gets its own two-rank process group, formed on first contact
 through the receiver's TCPStore, so a restarted worker simply forms new pairs instead of
 needing a whole-world re-initialisation. Receiver is rank 0, sender rank 1.
+
+NOTE: the store and gloo's pair sockets listen on the worker's KV host only (by default
+TCPStore listens on every interface), but neither is covered by CURVE: across hosts this
+connector is for a private network; the tcp connector is the authenticated one.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import socket
 import uuid
 
 import torch
@@ -32,17 +37,31 @@ logger = logging.getLogger(__name__)
 GROUP_TIMEOUT = datetime.timedelta(seconds=30)
 
 
-def _pair_group(store: dist.Store, key: str, rank: int, device: torch.device) -> dist.ProcessGroup:
+def _pair_group(
+    store: dist.Store, key: str, rank: int, device: torch.device, host: str
+) -> dist.ProcessGroup:
     """Both ends call this with the same key; it returns once the other end has too."""
     prefixed = dist.PrefixStore(key, store)
     if device.type == "cuda":
         return dist.ProcessGroupNCCL(prefixed, rank, 2)
-    return dist.ProcessGroupGloo(prefixed, rank, 2, GROUP_TIMEOUT)
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]  # listen on host only
+    options._timeout = GROUP_TIMEOUT
+    return dist.ProcessGroupGloo(prefixed, rank, 2, options)
+
+
+def _store_on(host: str) -> dist.TCPStore:
+    """A master TCPStore that listens on `host` alone, on a free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
+    # NOTE: detach: the store's server owns the listening socket from here on
+    return dist.TCPStore(host, listener.getsockname()[1], is_master=True, wait_for_workers=False,
+                         timeout=GROUP_TIMEOUT, master_listen_fd=listener.detach())  # fmt: skip
 
 
 class TorchSender(KVSender):
-    def __init__(self, ctx: zmq.Context, worker_id: str, kv_cache: torch.Tensor) -> None:
-        super().__init__(ctx, worker_id, kv_cache)
+    def _open(self) -> None:
+        # NOTE: gloo's pair sockets listen on self.host
         self._nonce = uuid.uuid4().hex[:8]  # new pairs for every incarnation of this worker
         self._groups: dict[str, dist.ProcessGroup] = {}  # receiver worker id -> pair group
         self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []
@@ -57,7 +76,7 @@ class TorchSender(KVSender):
             host, port = order.dst_store.rsplit(":", 1)
             store = dist.TCPStore(host, int(port), is_master=False, timeout=GROUP_TIMEOUT)
             group = self._groups[order.dst_worker] = _pair_group(
-                store, header.group, 1, blocks.device
+                store, header.group, 1, blocks.device, self.host
             )
         self._in_flight.append((group.send([blocks], 0, 0), blocks))
         self.poll()
@@ -67,19 +86,16 @@ class TorchSender(KVSender):
 
 
 class TorchReceiver(KVReceiver):
-    def __init__(self, ctx: zmq.Context, kv_cache: torch.Tensor, host: str = "127.0.0.1") -> None:
-        super().__init__(ctx, kv_cache, host)
-        self._store = dist.TCPStore(
-            host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT
-        )
-        self.store_address = f"{host}:{self._store.port}"
+    def _open(self) -> None:
+        self._store = _store_on(self.host)
+        self.store_address = f"{self.host}:{self._store.port}"
         self._groups: dict[str, dist.ProcessGroup] = {}  # pair key -> group
 
     def _fetch(self, header: KVHeader, payload: list[zmq.Frame]) -> Landing:
         group = self._groups.get(header.group)
         if group is None:
             group = self._groups[header.group] = _pair_group(
-                self._store, header.group, 0, self.kv_cache.device
+                self._store, header.group, 0, self.kv_cache.device, self.host
             )
         shape = blocks_shape(self.kv_cache, len(header.src_block_ids))
         blocks = torch.empty(shape, dtype=self.kv_cache.dtype, device=self.kv_cache.device)

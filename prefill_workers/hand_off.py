@@ -8,6 +8,7 @@ import torch
 import zmq
 
 from engine_core.config import EngineConfig
+from engine_core.curve import CurveKeys
 from engine_core.messages.worker import KVTransferDone, StepPlan
 from kv_transfer import KVSender, ShmAllocator, make_sender
 from models.runner import KVAllocator, zeros_allocator
@@ -18,9 +19,13 @@ logger = logging.getLogger(__name__)
 class SenderSide:
     """Owns the KV sender; the pool goes to shared memory when the connector wants it there."""
 
-    def __init__(self, config: EngineConfig, worker_id: str, kv_host: str) -> None:
+    def __init__(
+        self, config: EngineConfig, worker_id: str, kv_host: str, keys: CurveKeys | None
+    ) -> None:
         self.kind = config.kv_connector
         self.worker_id = worker_id
+        self.kv_host = kv_host
+        self.keys = keys
         self.shm = ShmAllocator(worker_id) if self.kind == "shm" else None
         self.sender: KVSender | None = None
 
@@ -29,7 +34,9 @@ class SenderSide:
         return self.shm or zeros_allocator
 
     def attach(self, ctx: zmq.Context, kv_cache: torch.Tensor) -> None:
-        self.sender = make_sender(self.kind, ctx, self.worker_id, kv_cache, self.shm)
+        self.sender = make_sender(
+            self.kind, ctx, self.worker_id, kv_cache, self.shm, self.keys, self.kv_host
+        )
 
     def ready_fields(self) -> dict[str, str]:
         return {"kv_shm": self.shm.path if self.shm else ""}

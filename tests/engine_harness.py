@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import msgspec
@@ -39,9 +40,11 @@ class NetnsCore:
 
     def __init__(self, netns: str, config: EngineConfig, addresses: EngineAddresses) -> None:
         code = ("import sys, msgspec; from engine_core.config import *; from engine_core.core_proc import *; "
-                "run_engine_core(msgspec.json.decode(sys.argv[1], type=EngineConfig), EngineAddresses(*sys.argv[2:]))")  # fmt: skip
+                "run_engine_core(msgspec.json.decode(sys.argv[1], type=EngineConfig), "
+                "EngineAddresses(sys.argv[2], sys.argv[3], sys.argv[4] or None))")  # fmt: skip
         argv = ["ip", "netns", "exec", netns, sys.executable, "-c", code,
-                msgspec.json.encode(config).decode(), addresses.frontend, addresses.workers]  # fmt: skip
+                msgspec.json.encode(config).decode(), addresses.frontend, addresses.workers,
+                addresses.curve_keys or ""]  # fmt: skip
         self.popen = subprocess.Popen(argv, cwd=Path(__file__).parent.parent)
         self.pid = self.popen.pid
 
@@ -57,11 +60,16 @@ class NetnsCore:
 
 
 class EngineHarness:
-    """Starts `run_engine_core(config)` (in `netns` if given) and talks to it as one frontend would."""
+    """Starts `run_engine_core(config)` (in `netns` if given) and talks to it as one frontend would.
 
-    def __init__(self, config: EngineConfig, netns: str | None = None) -> None:
+    `curve_keys` (a `duet keys` directory) secure the core's tcp sockets, e.g. a worker address.
+    """
+
+    def __init__(
+        self, config: EngineConfig, netns: str | None = None, curve_keys: str | None = None
+    ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="duet-test-")
-        addresses = EngineAddresses.ipc(self._dir.name)
+        addresses = replace(EngineAddresses.ipc(self._dir.name), curve_keys=curve_keys)
         if netns is None:
             self.core: mp.Process | NetnsCore = mp.get_context("spawn").Process(
                 target=_run_core, args=(config, addresses)

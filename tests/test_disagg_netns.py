@@ -1,6 +1,7 @@
 """Core, prefill worker and decode worker in three network namespaces joined by veth over a
 bridge: the workers join with `duet prefill-worker/decode-worker --engine tcp://...` and
-move KV over the tcp connector, the only path between them being the wire."""
+move KV over the tcp connector, the only path between them being the wire, every link
+under CURVE with the keys of one `duet keys` directory (as an operator would mount it)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from engine_harness import EngineHarness
 
 from engine_core.config import EngineConfig
+from engine_core.curve import generate_keys
 
 TAG = f"d{os.getpid() % 100000}"  # unique names: other test runs may share this kernel
 NAMESPACES = {"core": "10.77.0.1", "prefill": "10.77.0.2", "decode": "10.77.0.3"}
@@ -53,10 +55,11 @@ def namespaces() -> Iterator[dict[str, str]]:
     _teardown()
 
 
-def start_worker(netns: str, role: str, log: Path) -> subprocess.Popen:
+def start_worker(netns: str, role: str, log: Path, keys: Path) -> subprocess.Popen:
     module = f"{role}_workers"
     argv = ["ip", "netns", "exec", netns, sys.executable, "-m", module,
-            "--engine", f"tcp://{NAMESPACES['core']}:{WORKER_PORT}", "--worker-id", f"{role}-remote"]  # fmt: skip
+            "--engine", f"tcp://{NAMESPACES['core']}:{WORKER_PORT}", "--worker-id", f"{role}-remote",
+            "--curve-keys", str(keys)]  # fmt: skip
     return subprocess.Popen(
         argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
     )
@@ -71,8 +74,10 @@ def test_three_namespaces_tcp_connector(
         kv_cache_memory=64 * 2**20, max_model_len=512,
     )  # fmt: skip
     chats = {f"r{i}": [1, 2, 3, *range(100 + i, 140 + 3 * i)] for i in range(8)}
-    harness = EngineHarness(config, netns=namespaces["core"])
-    workers = [start_worker(namespaces[r], r, tmp_path / f"{r}.log") for r in ("prefill", "decode")]
+    keys = generate_keys(tmp_path / "keys")[0].parent
+    harness = EngineHarness(config, netns=namespaces["core"], curve_keys=str(keys))
+    workers = [start_worker(namespaces[r], r, tmp_path / f"{r}.log", keys)
+               for r in ("prefill", "decode")]  # fmt: skip
     try:
         harness.wait_stats(lambda s: len(s.kv_cache_usage) == 2, timeout=120)  # both joined
         outputs = harness.generate(chats, 6)
