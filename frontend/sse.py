@@ -97,7 +97,7 @@ class _CoalescingResponse(web.StreamResponse):
         self._frames.append(bytes(data))
         self._queued_bytes += len(data)
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.ensure_future(self._send_queued())
+            self._writer = asyncio.get_running_loop().create_task(self._send_queued())
         elif self._queued_bytes > HIGH_WATER_BYTES:
             await asyncio.shield(self._writer)
 
