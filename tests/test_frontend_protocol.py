@@ -205,3 +205,11 @@ def test_chat_messages(ctx: SimpleNamespace) -> None:
     assert _error(chat_prompt, ctx, _chat(messages=image)).param == "messages[0].content[0]"
     calls = [{"role": "assistant", "tool_calls": [{"id": "1"}]}]
     assert _error(chat_prompt, ctx, _chat(messages=calls)).param == "messages[0].tool_calls"
+
+
+def test_huge_integers_and_deep_nesting_are_400s() -> None:
+    # the wire to the core carries 64-bit integers; msgspec's recursion limit is an error
+    huge = b'{"prompt": [1, 18446744073709551616]}'
+    assert _error(decode_request, huge, CompletionRequest).param == "prompt[1]"
+    nested = b'{"messages": [], "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert _error(decode_request, nested, ChatCompletionRequest).code == "invalid_json"
