@@ -62,6 +62,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    request.app[CONTEXT].metrics.flush()  # this process's last updates, not a step late
     body, content_type = render_metrics()
     return web.Response(body=body, headers={"Content-Type": content_type})
 

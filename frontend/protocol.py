@@ -16,6 +16,9 @@ from frontend.errors import bad_request
 
 T = TypeVar("T")
 
+# msgspec decodes JSON integers of any size, but the wire to the core (msgpack) carries
+# 64 bits: a bigger one must be a 400 here, not a failure to encode the request later.
+Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 # msgspec's own limits would fail later, when the child's seed (seed + i) is encoded.
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 N = Annotated[int, msgspec.Meta(ge=1, le=128)]
@@ -45,21 +48,21 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
     n: N | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
     seed: Seed | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = None
-    min_tokens: int | None = None
+    min_tokens: Int | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     stream: bool | None = None
@@ -75,9 +78,9 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
 
 class ChatCompletionRequest(SamplingRequest, kw_only=True):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     add_generation_prompt: bool | None = None
     tools: Any = None
     tool_choice: Any = None
@@ -94,9 +97,9 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
 
 class CompletionRequest(SamplingRequest, kw_only=True):
     # str | list of: str, token id, or token-id list (homogeneous; checked after decoding)
-    prompt: str | list[str | int | list[int]]
+    prompt: str | list[str | Int | list[Int]]
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: Int | None = None
     suffix: Any = None
     best_of: Any = None
 
@@ -112,7 +115,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 UNSUPPORTED_CHAT = (
@@ -141,6 +144,8 @@ def decode_request(body: bytes, kind: type[T]) -> T:
         raise bad_request(message, _param_of(message), code=code) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # msgspec's answer to arrays or objects nested too deeply
+        raise bad_request("the body is nested too deeply", code="invalid_json") from None
 
 
 def reject_unsupported(obj: msgspec.Struct, fields: tuple[str, ...], prefix: str = "") -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from frontend import tokenizing
 from frontend.context import CONTEXT, ServerContext
 from frontend.errors import bad_request
 from frontend.generation import ChoiceDelta, Generation
@@ -45,7 +46,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     body = decode_request(await request.read(), ChatCompletionRequest)
     ctx.check_model(body.model)
     reject_unsupported(body, UNSUPPORTED_CHAT)
-    prompt = chat_prompt(ctx, body)
+    prompt = await chat_prompt(ctx, body)
     # max_completion_tokens is OpenAI's newer name for max_tokens
     max_tokens = (
         body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
@@ -67,14 +68,14 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     return json_response(await view.complete())
 
 
-def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
+async def chat_prompt(ctx: ServerContext, body: ChatCompletionRequest) -> list[int]:
     """Token ids of the messages rendered by the model's chat template."""
     messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
     if not messages:
         raise bad_request("messages must not be empty", "messages")
     add_generation_prompt = body.add_generation_prompt is not False
     try:
-        return ctx.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return await tokenizing.apply_chat_template(ctx.tokenizer, messages, add_generation_prompt)
     except (ValueError, jinja2.TemplateError) as exc:
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
 

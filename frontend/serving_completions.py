@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator
 
 from aiohttp import web
 
+from frontend import tokenizing
 from frontend.context import CONTEXT, ServerContext
 from frontend.errors import bad_request
 from frontend.generation import ChoiceDelta, Generation
@@ -39,7 +40,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         raise bad_request("best_of is not supported (other than best_of == n)", "best_of")
     if body.echo and params.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported yet", "echo")
-    prompts = completion_prompts(ctx, body.prompt)
+    prompts = await completion_prompts(ctx, body.prompt)
     if len(prompts) * params.n > MAX_CHOICES:
         raise bad_request(f"at most {MAX_CHOICES} choices (prompts × n) per request", "prompt")
     longest = max(len(ids) for ids in prompts)  # one max_tokens must fit every prompt
@@ -58,7 +59,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     return json_response(await view.complete())
 
 
-def completion_prompts(
+async def completion_prompts(
     ctx: ServerContext, prompt: str | list[str | int | list[int]]
 ) -> list[list[int]]:
     """Token ids of each prompt; a flat list of ints is one prompt."""
@@ -76,7 +77,9 @@ def completion_prompts(
             "token-id lists (not empty, not mixed)",
             "prompt",
         )
-    prompts = [ctx.tokenizer.encode(p) if isinstance(p, str) else p for p in items]
+    prompts = [
+        await tokenizing.encode(ctx.tokenizer, p) if isinstance(p, str) else p for p in items
+    ]
     for ids in prompts:
         if not ids:
             raise bad_request("prompt must not be empty", "prompt")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from frontend import tokenizing
 from frontend.context import CONTEXT
 from frontend.errors import bad_request
 from frontend.protocol import (
@@ -28,10 +29,12 @@ async def tokenize(request: web.Request) -> web.Response:
         chat = ChatCompletionRequest(
             messages=body.messages, add_generation_prompt=body.add_generation_prompt
         )
-        tokens = chat_prompt(ctx, chat)
+        tokens = await chat_prompt(ctx, chat)
     else:
-        tokens = ctx.tokenizer.encode(
-            body.prompt or "", add_special_tokens=body.add_special_tokens is not False
+        tokens = await tokenizing.encode(
+            ctx.tokenizer,
+            body.prompt or "",
+            add_special_tokens=body.add_special_tokens is not False,
         )
     strs = ctx.tokenizer.hf.convert_ids_to_tokens(tokens) if body.return_token_strs else None
     return json_response(TokenizeResponse(len(tokens), ctx.max_model_len, tokens, strs))

@@ -263,6 +263,7 @@ def _nucleus(
     in_k = torch.arange(width) < top_k[:, None]  # [P, W]
     # weights > 0: a candidate whose probability underflows to 0 can never win the race.
     keep = in_k & (cum - weights < (top_p * total)[:, None]) & (weights > 0)
+    keep[:, 0] = True  # the top token stays even when a tiny top_p * total underflows to 0
     floor = vals.gather(1, keep.sum(-1, keepdim=True) - 1)  # [P, 1] smallest kept logit
     return weights.masked_fill_(vals < floor, 0.0), floor
 

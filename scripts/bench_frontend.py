@@ -15,7 +15,9 @@ never the model.
         --profile frontend_profile.txt                              # py-spy one frontend under load
 
 Per run it reports tokens/s delivered to clients, streams that completed (connections
-sustained), and p50/p99 of the gap between SSE chunks as clients see them.
+sustained), p50/p99 of the gap between SSE chunks as clients see them, and the frontend
+processes' own CPU time per delivered token (user + system, from /proc): on a shared
+machine tokens/s moves with the neighbours' load, CPU per token much less.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class RunResult:
     tokens: int = 0
     seconds: float = 0.0
     demand: float = 0.0  # tokens/s the synthetic core offers: clients / step interval
+    frontend_cpu: float = 0.0  # CPU seconds the frontend processes spent during the run
     gaps: list[float] = field(default_factory=list)
 
     def row(self) -> str:
@@ -149,13 +152,14 @@ class RunResult:
         p99 = gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] * 1000
         return (
             f"{self.frontends:>9} {self.clients:>7} {self.completed:>9} {self.failed:>6} "
-            f"{self.demand:>10.0f} {self.tokens / self.seconds:>10.0f} {p50:>8.1f} {p99:>8.1f} {self.seconds:>7.2f}"
+            f"{self.demand:>10.0f} {self.tokens / self.seconds:>10.0f} {p50:>8.1f} {p99:>8.1f} "
+            f"{self.seconds:>7.2f} {self.frontend_cpu / max(self.tokens, 1) * 1e6:>10.1f}"
         )
 
 
 HEADER = (
     f"{'frontends':>9} {'clients':>7} {'completed':>9} {'failed':>6} {'offered':>10} "
-    f"{'tok/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'wall s':>7}"
+    f"{'tok/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'wall s':>7} {'cpu us/tok':>10}"
 )
 
 
@@ -199,6 +203,24 @@ async def drive(url: str, clients: int, frontends: int, max_tokens: int) -> RunR
         )
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of process `root` and its live descendants."""
+    ticks, parents = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+            ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+    tree, frontier = {root}, {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
+        tree |= frontier
+    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -305,7 +327,9 @@ def main() -> int:
                     if args.profile is not None:
                         spy = _profile(frontends, args.profile_seconds, args.profile)
                         time.sleep(1)  # py-spy attaches before the load starts
+                    cpu_before = _cpu_seconds(frontends.pid)
                     result = uvloop.run(drive(url, clients, count, args.max_tokens))
+                    result.frontend_cpu = _cpu_seconds(frontends.pid) - cpu_before
                     result.demand = clients / (args.step_ms / 1000)
                     print(result.row(), flush=True)
                     if spy is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Coroutine
 from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -17,11 +20,12 @@ from frontend.protocol import (
     reject_unsupported,
 )
 from frontend.sampling import fit_max_tokens, sampling_params
-from frontend.serving_chat import chat_prompt
-from frontend.serving_completions import completion_prompts
+from frontend.serving_chat import chat_prompt as chat_prompt_async
+from frontend.serving_completions import completion_prompts as completion_prompts_async
 from models.tokenizer import Tokenizer
 
 VOCAB = 49152
+T = TypeVar("T")
 HI = [{"role": "user", "content": "hi"}]
 
 
@@ -32,6 +36,15 @@ def _chat(**fields: object) -> ChatCompletionRequest:
 def _params(**fields: object) -> SamplingParams:
     req = _chat(**fields)
     return sampling_params(req, max_tokens=req.max_tokens, logprobs=None, vocab_size=VOCAB)
+
+
+def _blocking(call: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """An async helper as a plain function (each call runs in a fresh event loop)."""
+    return lambda *args, **kwargs: asyncio.run(call(*args, **kwargs))
+
+
+chat_prompt = _blocking(chat_prompt_async)
+completion_prompts = _blocking(completion_prompts_async)
 
 
 def _error(call: object, *args: object, **kwargs: object) -> APIError:
@@ -192,3 +205,11 @@ def test_chat_messages(ctx: SimpleNamespace) -> None:
     assert _error(chat_prompt, ctx, _chat(messages=image)).param == "messages[0].content[0]"
     calls = [{"role": "assistant", "tool_calls": [{"id": "1"}]}]
     assert _error(chat_prompt, ctx, _chat(messages=calls)).param == "messages[0].tool_calls"
+
+
+def test_huge_integers_and_deep_nesting_are_400s() -> None:
+    # the wire to the core carries 64-bit integers; msgspec's recursion limit is an error
+    huge = b'{"prompt": [1, 18446744073709551616]}'
+    assert _error(decode_request, huge, CompletionRequest).param == "prompt[1]"
+    nested = b'{"messages": [], "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert _error(decode_request, nested, ChatCompletionRequest).code == "invalid_json"

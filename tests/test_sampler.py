@@ -149,6 +149,7 @@ def test_temperature_matches_distribution() -> None:
         # top-p over the renormalised top-2 set: 0.5 / 0.75 > 0.6 already, so token 1 goes.
         ({"top_k": 2, "top_p": 0.6}, {0}),
         ({"min_p": 0.2, "top_k": -1, "top_p": 1.0}, {0, 1, 2}),
+        ({"top_p": 1e-300}, {0}),  # underflows to 0 in float32: the top token still stays
     ],
 )
 def test_truncation_never_picks_masked_tokens(params: dict, allowed: set[int]) -> None:
