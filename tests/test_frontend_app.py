@@ -192,6 +192,27 @@ def test_completion_stream_matches_non_stream(run: Callable) -> None:
     assert logprobs["text_offset"][0] == 0 and len(logprobs["top_logprobs"][0]) == 3
 
 
+def test_frames_ready_together_share_one_http_chunk(run: Callable) -> None:
+    # n=4: each engine step makes four frames at once; the last step adds usage and [DONE]
+    body = {"prompt": "a", "n": 4, "max_tokens": 6, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+
+    async def scenario(client: TestClient) -> tuple[bytes, int]:
+        resp = await client.post("/v1/completions", json=body, headers=AUTH)
+        data, http_chunks = b"", 0
+        async for part, end_of_http_chunk in resp.content.iter_chunks():
+            data += part
+            http_chunks += end_of_http_chunk
+        return data, http_chunks
+
+    data, http_chunks = run(scenario)
+    frames = data.split(b"\n\n")[:-1]
+    assert frames[-1] == b"data: [DONE]" and len(frames) == 4 * 6 + 2
+    # one write per frame would be 26 chunks; the fake children's timers need not all
+    # fire in the same loop pass, so a step may take more than one
+    assert http_chunks <= len(frames) // 2, (http_chunks, len(frames))
+
+
 def test_stop_string_ends_and_aborts(run: Callable, engine: FakeEngine) -> None:
     body = {**CHAT, "stop": ["Tokyo"], "logprobs": True, "top_logprobs": 2}
     _, whole = run(lambda client: _post(client, "/v1/chat/completions", body))
