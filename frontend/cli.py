@@ -8,14 +8,17 @@ no aiohttp): the processes it launches load the heavy parts themselves.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+from dataclasses import replace
 
 from engine_core.config import EngineConfig, parse_size
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
 from frontend.bench.args import add_arguments as add_bench_arguments
 from frontend.settings import FrontendSettings, setup_logging
+from models.cpu_features import describe as describe_cpu
 from models.cpu_features import resolve_dtype
 
 _DTYPES = {"auto": "auto", "float": "float32", "float32": "float32", "half": "float16",
@@ -172,8 +175,11 @@ def _serve(args: argparse.Namespace) -> int:
         kv_connector=args.kv_connector,
         max_waiting_requests=args.max_waiting_requests,
     )
+    logging.getLogger("duet").info(
+        "dtype %s (--dtype %s; CPU: %s)", config.dtype, args.dtype, describe_cpu()
+    )
     # the launcher fills in the core's address once it has made its socket directory
-    settings = _frontend_settings(args, engine_address="")
+    settings = replace(_frontend_settings(args, engine_address=""), dtype=config.dtype)
     return serve(config, settings, args.api_server_count, args.engine_address)
 
 

@@ -20,6 +20,7 @@ class FrontendSettings:
     api_key: str | None = None
     max_waiting_requests: int | None = None
     log_requests: bool = True
+    dtype: str | None = None  # the model dtype `duet serve` resolved (reported by /version)
     # seconds in-flight requests get to finish on SIGTERM before they are aborted
     shutdown_timeout: float = 10.0
 
