@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+# run from a checkout without installing: make the repository root importable
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
