@@ -76,6 +76,19 @@ def test_bf16_default_model_close_to_hf_fp32(hf_default: torch.nn.Module) -> Non
 
 
 @pytest.mark.slow
+def test_float32_model_over_a_bf16_kv_cache() -> None:
+    llm = LLM(
+        kv_cache_memory="128MiB", max_model_len=2048, dtype="float32", kv_cache_dtype="bfloat16"
+    )
+    assert (llm.runner.dtype, llm.runner.kv_cache.dtype) == (torch.float32, torch.bfloat16)
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of Japan?"}],
+        SamplingParams(temperature=0.0, max_tokens=48),
+    )
+    assert out[0].outputs[0].text == "The capital of Japan is Tokyo."
+
+
+@pytest.mark.slow
 def test_capital_of_japan(default_llm: LLM) -> None:
     out = default_llm.chat(
         [{"role": "user", "content": "What is the capital of Japan?"}],
