@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 ISA_ENV = "DUET_CPU_ISA"
-_AVX512 = {"avx512f", "avx512bw", "avx512vl"}
+# x86-64-v4: what the AVX-512 kernel twins are compiled for
+_AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 _BF16 = {"avx512_bf16", "amx_bf16"}
 
 

@@ -18,7 +18,7 @@ def test_forced_avx2_resolves_auto_to_float32(monkeypatch: pytest.MonkeyPatch) -
 def test_auto_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(cpu_features.ISA_ENV, raising=False)
     flags = cpu_features.cpu_flags()
-    bf16 = {"avx512f", "avx512bw", "avx512vl"} <= flags and bool(
+    bf16 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags and bool(
         {"avx512_bf16", "amx_bf16"} & flags
     )
     assert cpu_features.resolve_dtype("auto") == ("bfloat16" if bf16 else "float32")
