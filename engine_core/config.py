@@ -31,7 +31,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     served_model_name: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto": bfloat16 where the CPU computes it natively, else float32
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype
     max_model_len: int | None = None  # None: the model's max positions
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048

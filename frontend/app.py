@@ -68,7 +68,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return json_response(Version(importlib.metadata.version("duet")))
+    dtype = request.app[CONTEXT].dtype
+    return json_response(Version(importlib.metadata.version("duet"), dtype))
 
 
 @web.middleware

@@ -9,17 +9,21 @@ no aiohttp): the processes it launches load the heavy parts themselves.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+from dataclasses import replace
 
 from engine_core.config import EngineConfig, parse_size
 from engine_core.curve import add_curve_keys_argument
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
 from frontend.bench.args import add_arguments as add_bench_arguments
 from frontend.settings import FrontendSettings, setup_logging
+from models.cpu_features import describe as describe_cpu
+from models.cpu_features import resolve_dtype
 
-_DTYPES = {"auto": "float32", "float": "float32", "float32": "float32", "half": "float16",
+_DTYPES = {"auto": "auto", "float": "float32", "float32": "float32", "half": "float16",
            "float16": "float16", "bfloat16": "bfloat16"}  # fmt: skip
 _WORKER_COMMANDS = {"prefill-worker": "prefill", "decode-worker": "decode"}
 _LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
@@ -106,7 +110,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     add("--block-size", type=_positive, default=default.block_size)
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
         default=default.enable_prefix_caching)  # fmt: skip
-    add("--dtype", choices=sorted(_DTYPES), default="auto", help="auto = float32")
+    add("--dtype", choices=sorted(_DTYPES), default="auto",
+        help="auto = bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX), else float32")  # fmt: skip
+    add("--kv-cache-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+        help="auto = the model's dtype")  # fmt: skip
     add("--kv-cache-memory", type=parse_size, default=default.kv_cache_memory,
         help="KV cache size per worker pool, e.g. 2GiB")  # fmt: skip
     add("--colocated", action=argparse.BooleanOptionalAction, default=None,
@@ -158,7 +165,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = EngineConfig(
         model=args.model or args.model_option,
         served_model_name=args.served_model_name,
-        dtype=_DTYPES[args.dtype],
+        dtype=resolve_dtype(_DTYPES[args.dtype]),
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -177,8 +185,11 @@ def _serve(args: argparse.Namespace) -> int:
         kv_connector=args.kv_connector,
         max_waiting_requests=args.max_waiting_requests,
     )
+    logging.getLogger("duet").info(
+        "dtype %s (--dtype %s; CPU: %s)", config.dtype, args.dtype, describe_cpu()
+    )
     # the launcher fills in the core's address once it has made its socket directory
-    settings = _frontend_settings(args, engine_address="")
+    settings = replace(_frontend_settings(args, engine_address=""), dtype=config.dtype)
     return serve(config, settings, args.api_server_count, args.engine_address)
 
 

@@ -28,6 +28,7 @@ class ServerContext:
     vocab_size: int  # the model's embedding rows: every token id must be below this
     max_waiting_requests: int | None = None
     log_requests: bool = True
+    dtype: str | None = None
 
     def check_model(self, model: str | None) -> None:
         """404 unless `model` is unset or the served model's name."""

@@ -126,8 +126,9 @@ class DetokenizeResponse(msgspec.Struct):
     prompt: str
 
 
-class Version(msgspec.Struct):
+class Version(msgspec.Struct, omit_defaults=True):
     version: str
+    dtype: str | None = None  # the served model's dtype, where this process knows it
 
 
 def json_response(body: msgspec.Struct, status: int = 200) -> web.Response:

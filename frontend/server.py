@@ -92,4 +92,5 @@ def build_context(settings: FrontendSettings, index: int) -> ServerContext:
         vocab_size=model_config.vocab_size,
         max_waiting_requests=settings.max_waiting_requests,
         log_requests=settings.log_requests,
+        dtype=settings.dtype,
     )

@@ -21,6 +21,7 @@ class FrontendSettings:
     max_waiting_requests: int | None = None
     log_requests: bool = True
     curve_keys: str | None = None  # a `duet keys` directory for a tcp engine address
+    dtype: str | None = None  # the model dtype `duet serve` resolved (reported by /version)
     # seconds in-flight requests get to finish on SIGTERM before they are aborted
     shutdown_timeout: float = 10.0
 

@@ -11,8 +11,10 @@ import torch
 
 from kernels import attention, native
 from kernels.metadata import AttentionMetadata
+from models import cpu_features
 
 write_kv = attention.write_kv
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def native_decode(
@@ -22,13 +24,16 @@ def native_decode(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """query [B, Hq, D] -> [B, Hq, D] with the C kernel, or the torch path where it can't run."""
+    """query [B, Hq, D] -> [B, Hq, D] with the C kernel (fp32 or bf16, AVX-512 or AVX2 per
+    `cpu_features.isa()`), or the torch path where it can't run."""
     lib = native.load()
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
+    suffix = _DTYPE_SUFFIX.get(query.dtype)
     usable = (
         lib is not None
-        and query.dtype == key_cache.dtype == value_cache.dtype == torch.float32
+        and suffix is not None
+        and query.dtype == key_cache.dtype == value_cache.dtype
         and key_cache.is_contiguous()
         and value_cache.is_contiguous()
     )
@@ -38,7 +43,8 @@ def native_decode(
     out = torch.empty_like(q)
     tables = meta.block_tables.to(torch.int32).contiguous()
     seq_lens = meta.seq_lens.to(torch.int32).contiguous()
-    lib.paged_decode_f32(
+    kernel = getattr(lib, f"paged_decode_{suffix}_{cpu_features.isa()}")
+    kernel(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),

@@ -1,7 +1,8 @@
 """Build and load duet's C kernels for CPUs (compiled once per machine, then cached).
 
 The C sources in `kernels/csrc` compile with the system C compiler into a cache folder
-keyed by the source and the CPU's flags (the build uses -march=native). They link against
+keyed by the source and the CPU's flags (the build uses -march=native; each kernel also
+has an AVX-512 and an AVX2 twin, picked at run time by `models.cpu_features.isa()`). They link against
 the OpenMP runtime torch already loaded, so both share one thread pool instead of two
 pools spinning against each other. Without a compiler, `load()` returns None and callers
 use the torch path.
@@ -21,14 +22,21 @@ from pathlib import Path
 
 import torch
 
+from models.cpu_features import cpu_flags
+
 logger = logging.getLogger(__name__)
 
-_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = sorted(_CSRC.glob("*.c"))
+_HEADERS = sorted(_CSRC.glob("*.h"))
+# paged_decode_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, out, 6 ints, scale, threads)
+DECODE_KERNELS = [f"paged_decode_{t}_{i}" for t in ("f32", "bf16") for i in ("avx512", "avx2")]
 _FLAGS = [
     "-O3",
     "-march=native",
     "-ffast-math",
     "-fno-finite-math-only",
+    "-fno-strict-aliasing",
     "-fopenmp",
     "-shared",
     "-fPIC",
@@ -43,17 +51,9 @@ def _cache_dir() -> Path:
 
 def _build_key() -> str:
     digest = hashlib.sha256(" ".join(_FLAGS).encode())
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         digest.update(source.read_bytes())
-    cpu_flags = next(
-        (
-            line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        ),
-        "",
-    )
-    digest.update(cpu_flags.encode())
+    digest.update(" ".join(sorted(cpu_flags())).encode())
     return digest.hexdigest()[:16]
 
 
@@ -66,6 +66,7 @@ def _compile(target: Path) -> None:
             os.environ.get("CC", "cc"),
             *_FLAGS,
             *map(str, _SOURCES),
+            f"-I{_CSRC}",
             "-o",
             str(partial),
             f"-L{torch_lib}",
@@ -80,6 +81,9 @@ def _compile(target: Path) -> None:
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None when this machine cannot build it."""
     if os.environ.get("DUET_DISABLE_NATIVE_KERNELS") == "1" or not _SOURCES:
+        return None
+    if "avx2" not in cpu_flags():  # the kernels' oldest twin is AVX2
+        logger.info("no AVX2 on this CPU: using the torch attention path")
         return None
     target = _cache_dir() / f"duet_kernels_{_build_key()}.so"
     try:
@@ -96,8 +100,10 @@ def load() -> ctypes.CDLL | None:
             "CPU kernels unavailable, using the torch path: %s", str(detail).strip()[:500]
         )
         return None
-    lib.paged_decode_f32.restype = None
-    lib.paged_decode_f32.argtypes = (
-        [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
-    )
+    for name in DECODE_KERNELS:
+        kernel = getattr(lib, name)
+        kernel.restype = None
+        kernel.argtypes = (
+            [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+        )
     return lib

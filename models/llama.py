@@ -17,6 +17,7 @@ from torch import nn
 from kernels import AttentionBackend, get_attention_backend
 from kernels.metadata import AttentionMetadata
 from models.config import ModelConfig
+from models.packed import PackedLinear, pack_linears, packing_available
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +27,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as Hugging Face, so fp32 results match bit for bit.
+        # Hugging Face's operations in its order (in fp32 even for bf16 activations), so fp32
+        # results match bit for bit and bf16 ones round where HF's do.
+        dtype = x.dtype
+        x = x.float()
         variance = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.eps))
+        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -104,9 +108,13 @@ class Attention(nn.Module):
         q = self.rope(positions, q.view(-1, self.num_heads, self.head_dim))  # [T, Hq, D]
         k = self.rope(positions, k.view(-1, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.attn.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = self.attn.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        # the KV cache may hold another dtype (--kv-cache-dtype): attention runs in its dtype
+        kv_dtype = kv_cache.dtype
+        self.attn.write_kv(
+            k.to(kv_dtype), v.to(kv_dtype), kv_cache[0], kv_cache[1], meta.slot_mapping
+        )
+        out = self.attn.paged_attention(q.to(kv_dtype), kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.to(x.dtype).reshape(-1, self.q_size))  # out: [T, Hq, D]
 
 
 class MLP(nn.Module):
@@ -178,8 +186,20 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> fp32 logits [N, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def pack_weights(self) -> int:
+        """Pack every linear (and a tied LM head) for oneDNN where that is faster for the
+        model's dtype; returns how many were packed. Call after load_weights."""
+        if not packing_available(self.embed_tokens.weight.dtype):
+            return 0
+        count = pack_linears(self)
+        if self.lm_head is None:
+            self.lm_head = PackedLinear(self.embed_tokens.weight, None)
+            count += 1
+        return count
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up on the way."""

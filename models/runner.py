@@ -11,6 +11,7 @@ import torch
 from engine_core.config import EngineConfig
 from engine_core.messages.worker import NewRequestData, StepPlan, StepResult
 from kernels.metadata import AttentionMetadata
+from models import cpu_features
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import iter_weights, load_config, resolve_model
@@ -26,6 +27,13 @@ KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 def zeros_allocator(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype)
+
+
+def model_dtypes(config: EngineConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(weights and activations, KV cache) dtypes; `auto` resolves for this CPU."""
+    dtype = DTYPES[cpu_features.resolve_dtype(config.dtype)]
+    kv = dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
+    return dtype, kv
 
 
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -61,14 +69,19 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, kv_allocator: KVAllocator = zeros_allocator) -> None:
         source = resolve_model(config.model)
         self.model_config = load_config(source)
-        self.dtype = DTYPES[config.dtype]
+        self.dtype, self.kv_dtype = model_dtypes(config)
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.model = LlamaForCausalLM(self.model_config, max_positions=self.max_model_len)
         self.model.load_weights(iter_weights(source, self.dtype))
         self.model.to(self.dtype).eval()
+        packed = self.model.pack_weights()
+        logger.info(
+            "dtype %s (asked %s; CPU: %s), KV cache %s, %d linears prepacked",
+            self.dtype, config.dtype, cpu_features.describe(), self.kv_dtype, packed,
+        )  # fmt: skip
         self.num_blocks = config.kv_cache_memory // kv_block_bytes(
-            self.model_config, self.block_size, self.dtype
+            self.model_config, self.block_size, self.kv_dtype
         )
         mc = self.model_config
         shape = (
@@ -79,13 +92,13 @@ class ModelRunner:
             mc.num_key_value_heads,
             mc.head_dim,
         )
-        self.kv_cache = kv_allocator(shape, self.dtype)  # [L, 2, blocks, block_size, Hkv, D]
+        self.kv_cache = kv_allocator(shape, self.kv_dtype)  # [L, 2, blocks, block_size, Hkv, D]
         self.requests: dict[str, RunnerRequest] = {}
         logger.info(
             "KV pool: %d blocks of %d tokens (%.2f GiB)",
             self.num_blocks,
             self.block_size,
-            self.kv_cache.numel() * self.dtype.itemsize / 2**30,
+            self.kv_cache.numel() * self.kv_dtype.itemsize / 2**30,
         )
 
     @torch.inference_mode()

@@ -2,21 +2,33 @@
 """Decode attention, one layer: the torch path against the native C kernel.
 
 B sequences with random context lengths in [--min-ctx, --max-ctx], SmolLM2's head shape
-(Hq=9, Hkv=3, D=64), block size 16, shuffled block ids, fp32. Prints best-of-N ms.
+(Hq=9, Hkv=3, D=64), block size 16, shuffled block ids, fp32 or bf16 (--dtype). The
+native kernel runs as both twins this CPU can execute (AVX-512, and AVX2 via DUET_CPU_ISA).
+Prints best-of-N ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+
+# run from a checkout without installing: make the repository root importable
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
 from kernels import attention, cpu_attention
 from kernels.metadata import AttentionMetadata
+from models import cpu_features
 
 
-def decode_batch(batch: int, min_ctx: int, max_ctx: int, block_size: int = 16):
+def decode_batch(
+    batch: int, min_ctx: int, max_ctx: int, dtype: torch.dtype, block_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(min_ctx, max_ctx + 1, (batch,), generator=gen).tolist()
     blocks_each = [-(-n // block_size) for n in lengths]
@@ -26,7 +38,7 @@ def decode_batch(batch: int, min_ctx: int, max_ctx: int, block_size: int = 16):
     for row, count in enumerate(blocks_each):
         tables[row, :count] = torch.tensor(order[used : used + count], dtype=torch.int32)
         used += count
-    key_cache = torch.randn(sum(blocks_each) + 1, block_size, 3, 64)
+    key_cache = torch.randn(sum(blocks_each) + 1, block_size, 3, 64, dtype=dtype)
     value_cache = torch.randn_like(key_cache)
     starts = list(range(batch + 1))
     meta = AttentionMetadata(
@@ -38,7 +50,7 @@ def decode_batch(batch: int, min_ctx: int, max_ctx: int, block_size: int = 16):
         starts,
         lengths,
     )
-    return torch.randn(batch, 9, 64), key_cache, value_cache, meta
+    return torch.randn(batch, 9, 64, dtype=dtype), key_cache, value_cache, meta
 
 
 def best_ms(fn, args: tuple, repeats: int) -> float:
@@ -58,22 +70,31 @@ def main() -> None:
     parser.add_argument("--max-ctx", type=int, default=450)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
-    query, key_cache, value_cache, meta = decode_batch(args.batch, args.min_ctx, args.max_ctx)
+    dtype = getattr(torch, args.dtype)
+    query, key_cache, value_cache, meta = decode_batch(
+        args.batch, args.min_ctx, args.max_ctx, dtype
+    )
     call = (query, key_cache, value_cache, meta, 0.125)
     print(
-        f"decode attention, B={args.batch}, ctx {args.min_ctx}-{args.max_ctx}, best of {args.repeats}"
+        f"decode attention, {args.dtype}, B={args.batch}, ctx {args.min_ctx}-{args.max_ctx}, "
+        f"best of {args.repeats}"
     )
     print("| path | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |")
-    for name, fn in [
-        ("torch", attention.decode_attention),
-        ("native", cpu_attention.native_decode),
-    ]:
+    paths: list[tuple[str, Callable, str | None]] = [("torch", attention.decode_attention, None)]
+    if cpu_features.isa() == "avx512":
+        paths.append(("native AVX-512", cpu_attention.native_decode, None))
+    paths.append(("native AVX2", cpu_attention.native_decode, "avx2"))
+    for name, fn, forced in paths:
+        if forced:
+            os.environ[cpu_features.ISA_ENV] = forced
         cells = []
         for threads in args.threads:
             torch.set_num_threads(threads)
             cells.append(f"{best_ms(fn, call, args.repeats):.2f} ms")
         print(f"| {name} | " + " | ".join(cells) + " |")
+        os.environ.pop(cpu_features.ISA_ENV, None)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,26 @@ import torch
 
 from kernels import attention, cpu_attention, native
 from kernels.metadata import AttentionMetadata
+from models import cpu_features
 
 pytestmark = pytest.mark.skipif(
-    native.load() is None, reason="no C compiler: the native kernel is not built"
+    native.load() is None, reason="no C compiler or no AVX2: the native kernel is not built"
 )
+_HAS_AVX512 = cpu_features.isa() == "avx512"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("avx512", marks=pytest.mark.skipif(not _HAS_AVX512, reason="no AVX-512 here")),
+        "avx2",
+    ]
+)
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per kernel twin this CPU can execute (AVX2 forced by DUET_CPU_ISA)."""
+    if request.param == "avx2":
+        monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
+    assert cpu_features.isa() == request.param
+    return request.param
 
 
 def _decode_batch(
@@ -45,15 +61,33 @@ def _decode_batch(
     ("num_heads", "num_kv_heads"), [(9, 3), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"]
 )
 @pytest.mark.parametrize("lengths", [[1], [15], [16], [17], [100], [1, 15, 16, 17, 100, 333]])
-def test_native_decode_matches_torch(lengths: list[int], num_heads: int, num_kv_heads: int) -> None:
+def test_native_decode_matches_torch(
+    lengths: list[int], num_heads: int, num_kv_heads: int, isa: str
+) -> None:
     query, key_cache, value_cache, meta = _decode_batch(lengths, num_heads, num_kv_heads)
     expected = attention.decode_attention(query, key_cache, value_cache, meta, 0.125)
     got = cpu_attention.native_decode(query, key_cache, value_cache, meta, 0.125)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_native_decode_reads_only_its_blocks() -> None:
+@pytest.mark.parametrize("lengths", [[1], [17], [1, 15, 16, 17, 100, 333]])
+def test_native_bf16_decode_is_fp32_math_rounded_once(lengths: list[int], isa: str) -> None:
+    # the kernel reads bf16, computes in fp32 and rounds the output once: it must equal the
+    # fp32 torch path over the same (bf16-valued) inputs to within that one rounding
+    query, key_cache, value_cache, meta = _decode_batch(lengths, 9, 3)
+    query, key_cache, value_cache = (t.bfloat16() for t in (query, key_cache, value_cache))
+    expected = attention.decode_attention(
+        query.float(), key_cache.float(), value_cache.float(), meta, 0.125
+    )
+    got = cpu_attention.native_decode(query, key_cache, value_cache, meta, 0.125)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_reads_only_its_blocks(dtype: torch.dtype, isa: str) -> None:
     query, key_cache, value_cache, meta = _decode_batch([5, 40], 9, 3)
+    query, key_cache, value_cache = (t.to(dtype) for t in (query, key_cache, value_cache))
     expected = cpu_attention.native_decode(query, key_cache, value_cache, meta, 0.125)
     used = set(meta.block_tables.flatten().tolist())
     for block in range(key_cache.shape[0]):

@@ -8,6 +8,7 @@ from parity import compare, hf_greedy
 from transformers import AutoModelForCausalLM
 
 from engine_core import LLM, SamplingParams
+from models.cpu_features import native_bf16
 from models.export import export_hf_folder
 
 PROMPTS = [
@@ -26,7 +27,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def default_llm() -> LLM:
-    return LLM(kv_cache_memory="512MiB")
+    return LLM(kv_cache_memory="512MiB", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,34 @@ def test_default_model_matches_hf_in_one_batch(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not native_bf16(), reason="no native bf16 on this CPU (AVX512_BF16/AMX): auto is float32"
+)
+def test_bf16_default_model_close_to_hf_fp32(hf_default: torch.nn.Module) -> None:
+    # vLLM's check_logprobs_close rule on 9 prompts, 32 tokens, top-5: bf16 may part from
+    # fp32 only where each side's token is in the other's top 5
+    llm = LLM(kv_cache_memory="256MiB", dtype="bfloat16")
+    assert llm.runner.dtype == llm.runner.kv_cache.dtype == torch.bfloat16
+    tok = llm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    tolerated = _check_batch(llm, hf_default, prompts, max_tokens=32)
+    print(f"bf16: tolerated top-5 divergences: {tolerated} of {len(prompts)} prompts")
+
+
+@pytest.mark.slow
+def test_float32_model_over_a_bf16_kv_cache() -> None:
+    llm = LLM(
+        kv_cache_memory="128MiB", max_model_len=2048, dtype="float32", kv_cache_dtype="bfloat16"
+    )
+    assert (llm.runner.dtype, llm.runner.kv_cache.dtype) == (torch.float32, torch.bfloat16)
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of Japan?"}],
+        SamplingParams(temperature=0.0, max_tokens=48),
+    )
+    assert out[0].outputs[0].text == "The capital of Japan is Tokyo."
+
+
+@pytest.mark.slow
 def test_capital_of_japan(default_llm: LLM) -> None:
     out = default_llm.chat(
         [{"role": "user", "content": "What is the capital of Japan?"}],
@@ -84,7 +113,7 @@ def test_capital_of_japan(default_llm: LLM) -> None:
 )
 def test_tiny_checkpoints_match_hf(tiny_checkpoint, kind: dict) -> None:
     folder = tiny_checkpoint(**kind)
-    llm = LLM(str(folder), kv_cache_memory="64MiB", block_size=4)
+    llm = LLM(str(folder), kv_cache_memory="64MiB", block_size=4, dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in (1, 3, 4, 5, 17, 40)]
@@ -103,6 +132,7 @@ def test_one_shot_chunked_and_token_by_token_prefill_agree(default_llm: LLM) -> 
             max_model_len=2048,
             max_num_batched_tokens=budget,
             enable_prefix_caching=False,
+            dtype="float32",
         )
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == one_shot, budget
 

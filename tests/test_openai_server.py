@@ -19,6 +19,8 @@ import openai
 import pytest
 from server_process import running_server
 
+from models.cpu_features import resolve_dtype
+
 pytestmark = pytest.mark.slow
 
 KEY = "test-key"
@@ -64,6 +66,12 @@ def test_models_and_open_paths(url: str, client: openai.OpenAI) -> None:
     for path in ("/health", "/version", "/metrics"):
         with urllib.request.urlopen(f"{url}{path}", timeout=10) as resp:
             assert resp.status == 200
+
+
+def test_version_reports_the_dtype_auto_chose(url: str) -> None:
+    # the server runs with the test process's environment, DUET_CPU_ISA included
+    with urllib.request.urlopen(f"{url}/version", timeout=10) as resp:
+        assert json.loads(resp.read())["dtype"] == resolve_dtype("auto")
 
 
 def test_chat_greedy(client: openai.OpenAI) -> None:

@@ -1,0 +1,54 @@
+"""What this CPU computes natively, read at run time, and what `--dtype auto` means here.
+
+Machines of one kind differ (some AVX2-only, some AVX-512 with AVX512_BF16), so nothing is
+assumed at build time. `DUET_CPU_ISA=avx2` makes an AVX-512 machine take the AVX2 choices
+(float32 for `auto`, the AVX2 attention kernel), so tests exercise both on either machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+ISA_ENV = "DUET_CPU_ISA"
+# x86-64-v4: what the AVX-512 kernel twins are compiled for
+_AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+_BF16 = {"avx512_bf16", "amx_bf16"}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The `flags` line of /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((s for s in text.splitlines() if s.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def isa() -> str:
+    """ "avx512" or "avx2": the vector ISA duet's kernels use on this machine."""
+    if os.environ.get(ISA_ENV, "").lower() == "avx2":
+        return "avx2"
+    return "avx512" if cpu_flags() >= _AVX512 else "avx2"
+
+
+def native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512_BF16 or AMX), not emulated."""
+    return isa() == "avx512" and bool(_BF16 & cpu_flags())
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` -> "bfloat16" where bf16 is native, else "float32"; other names unchanged."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def describe() -> str:
+    """One line for the start-up log: the ISA and the bf16 capability behind `auto`."""
+    bf16 = sorted(_BF16 & cpu_flags()) or ["no native bf16"]
+    forced = f" ({ISA_ENV}={os.environ[ISA_ENV]})" if os.environ.get(ISA_ENV) else ""
+    return f"{isa()}{forced}, {', '.join(bf16)}"

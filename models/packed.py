@@ -1,0 +1,59 @@
+"""Linear layers on weights packed once, at load, into oneDNN's blocked layout.
+
+A plain bf16 `F.linear` re-lays-out its weight on every call; decode calls each linear
+once per step with a handful of rows, so that copy is most of the cost. Packed once, the
+30 layers' linears plus the LM head take about half the time at batch 1 (docs/benchmarks.md).
+float32 stays on `F.linear`: oneDNN's packed fp32 kernel is faster too but not bit-equal
+to it, and `--dtype float32` promises token-for-token parity with Hugging Face.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PACKED_DTYPES = (torch.bfloat16,)
+
+
+class PackedLinear(nn.Module):
+    """`x @ weight.T + bias` through oneDNN with the weight already in its blocked layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def packing_available(dtype: torch.dtype) -> bool:
+    """True when this torch build packs `dtype` linears (oneDNN present and the dtype one
+    it is faster for)."""
+    if dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = PackedLinear(torch.zeros(8, 8, dtype=dtype), None)
+        probe(torch.zeros(1, 8, dtype=dtype))
+    except (RuntimeError, AttributeError) as exc:  # op missing or CPU unsupported
+        logger.info("oneDNN packed linears unavailable, using F.linear: %s", exc)
+        return False
+    return True
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every nn.Linear inside `model` for a PackedLinear; returns how many."""
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child.weight, child.bias))
+    return len(swaps)

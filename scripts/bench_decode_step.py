@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""One decode step of the default model (forward + LM head over the sampled rows), timed.
+
+B sequences, each with a context of --context tokens already in the paged KV cache, all
+decode one token; the median of --steps steps after --warmup ones is printed per batch
+size. Measures the model alone: no scheduler, no sockets, no sampler.
+
+    .venv/bin/python scripts/bench_decode_step.py --dtype bfloat16 --batch-sizes 1 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from engine_core.config import EngineConfig
+from kernels.metadata import AttentionMetadata
+from models.runner import ModelRunner
+
+
+def decode_inputs(
+    batch: int, context: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Sequence b owns blocks [b * nb, (b + 1) * nb); its new token sits at `context`."""
+    blocks = -(-(context + 1) // block_size)
+    tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
+    slots = tables[:, context // block_size].long() * block_size + context % block_size
+    seq_lens = [context + 1] * batch
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=tables,
+        num_decodes=batch,
+        query_start_loc_cpu=list(range(batch + 1)),
+        seq_lens_cpu=seq_lens,
+    )
+    ids = torch.randint(1000, 40000, (batch,))
+    return ids, torch.full((batch,), context, dtype=torch.int64), meta
+
+
+def step_ms(runner: ModelRunner, batch: int, context: int, steps: int, warmup: int) -> float:
+    ids, positions, meta = decode_inputs(batch, context, runner.block_size)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            hidden = runner.model(ids, positions, runner.kv_cache, meta)
+            runner.model.compute_logits(hidden)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = EngineConfig(
+        dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_memory=1 << 30,
+        max_model_len=2048,
+    )
+    runner = ModelRunner(config)
+    for batch in args.batch_sizes:
+        ms = step_ms(runner, batch, args.context, args.steps, args.warmup)
+        print(f"dtype {runner.dtype} batch {batch} context {args.context}: {ms:.1f} ms/step")
+
+
+if __name__ == "__main__":
+    main()

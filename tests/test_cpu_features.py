@@ -1,0 +1,30 @@
+"""`--dtype auto` follows the CPU, and DUET_CPU_ISA=avx2 forces the fallback choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from models import cpu_features
+
+
+def test_forced_avx2_resolves_auto_to_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
+    assert cpu_features.isa() == "avx2"
+    assert not cpu_features.native_bf16()
+    assert cpu_features.resolve_dtype("auto") == "float32"
+    assert "DUET_CPU_ISA=avx2" in cpu_features.describe()
+
+
+def test_auto_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cpu_features.ISA_ENV, raising=False)
+    flags = cpu_features.cpu_flags()
+    bf16 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags and bool(
+        {"avx512_bf16", "amx_bf16"} & flags
+    )
+    assert cpu_features.resolve_dtype("auto") == ("bfloat16" if bf16 else "float32")
+
+
+def test_explicit_dtypes_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
+    assert cpu_features.resolve_dtype("bfloat16") == "bfloat16"
+    assert cpu_features.resolve_dtype("float32") == "float32"
