@@ -5,10 +5,12 @@ core drains), so Ctrl-C in a terminal, which signals the whole process group, an
 SIGTERM to this process alone end the same way: frontends first, then the core. A second
 signal kills whatever is still running.
 
-A core that dies after it has served is restarted (at once, then with growing delays if
-it keeps crashing); frontends stay up, fail the requests in flight and reconnect. A core
-that dies before it ever served, or a frontend that dies, stops the server. Every child
-gets SIGTERM when this process dies, so none outlives it.
+A core or frontend that dies after it has served is restarted (at once, then with growing
+delays if it keeps crashing). While the core is down, frontends stay up, fail the requests
+in flight and reconnect; while one frontend is down, the others keep the port (SO_REUSEPORT)
+and its streams are the only ones cut. A child that dies before it ever served (a bad
+flag, a missing model) stops the server. Every child gets SIGTERM when this process dies,
+so none outlives it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import multiprocessing.synchronize
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
@@ -50,7 +53,7 @@ def serve(
             workers=f"ipc://{ipc_dir}/workers.sock",
             curve_keys=settings.curve_keys,
         )
-        core = RestartingCore(config, addresses)
+        core = RestartingProcess("engine-core", _run_core, (config, addresses))
         bound = narrowed(addresses.frontend, secured=settings.curve_keys is not None)
         local = replace(settings, engine_address=_local_address(bound))
         return Supervisor(_frontends(local, count), core, settings.shutdown_timeout).run()
@@ -62,12 +65,8 @@ def serve_frontends(settings: FrontendSettings, count: int) -> int:
     return Supervisor(_frontends(settings, count), None, settings.shutdown_timeout).run()
 
 
-def _frontends(settings: FrontendSettings, count: int) -> list[BaseProcess]:
-    spawn = multiprocessing.get_context("spawn")
-    return [
-        spawn.Process(target=_run_frontend, args=(settings, i), name=f"frontend-{i}")
-        for i in range(count)
-    ]
+def _frontends(settings: FrontendSettings, count: int) -> list[RestartingProcess]:
+    return [RestartingProcess(f"frontend-{i}", _run_frontend, (settings, i)) for i in range(count)]
 
 
 def _run_core(
@@ -80,11 +79,13 @@ def _run_core(
     run_engine_core(config, addresses, on_serving=serving.set)
 
 
-def _run_frontend(settings: FrontendSettings, index: int) -> None:
+def _run_frontend(
+    settings: FrontendSettings, index: int, serving: multiprocessing.synchronize.Event
+) -> None:
     die_with_parent(multiprocessing_parent())
     from frontend.server import run_frontend
 
-    run_frontend(settings, index)
+    run_frontend(settings, index, on_serving=serving.set)
 
 
 def _local_address(bound: str) -> str:
@@ -95,13 +96,18 @@ def _local_address(bound: str) -> str:
     return bound
 
 
-class RestartingCore:
-    """The engine core's process, started again (after a backoff delay) when it dies."""
+class RestartingProcess:
+    """A child process started again (after a backoff delay) when it dies.
 
-    def __init__(self, config: EngineConfig, addresses: EngineAddresses) -> None:
-        self.config, self.addresses = config, addresses
+    `target(*args, serving)` must set the `serving` event once it is up: a process that
+    dies before any of its incarnations got that far (a bad flag, a missing model) is not
+    restarted but stops the server.
+    """
+
+    def __init__(self, name: str, target: Callable[..., None], args: tuple) -> None:
+        self.name, self.target, self.args = name, target, args
         self.backoff = Backoff()
-        self.has_served = False  # some core of ours reached its busy loop
+        self.has_served = False  # some incarnation reached its serving state
         self.restart_at: float | None = None  # monotonic time of a pending restart
         self.process: BaseProcess | None = None
         self._serving: multiprocessing.synchronize.Event | None = None
@@ -111,9 +117,7 @@ class RestartingCore:
         spawn = multiprocessing.get_context("spawn")
         self._serving = spawn.Event()
         self.process = spawn.Process(
-            target=_run_core,
-            args=(self.config, self.addresses, self._serving),
-            name="engine-core",
+            target=self.target, args=(*self.args, self._serving), name=self.name
         )
         self.process.start()
         self._started_at = time.monotonic()
@@ -123,16 +127,16 @@ class RestartingCore:
         return self.process is not None and self.process.is_alive()
 
     def tend(self) -> bool:
-        """Start a new core when one is due; False if the core died without ever serving."""
+        """Start a new process when one is due; False if it died without ever serving."""
         if self.process is not None and self.restart_at is None and not self.is_alive():
             assert self._serving is not None
             self.has_served |= self._serving.is_set()
             code = self.process.exitcode
             if not self.has_served:
-                logger.error("engine-core exited with code %s; stopping the server", code)
+                logger.error("%s exited with code %s; stopping the server", self.name, code)
                 return False
             delay = self.backoff.next_delay(time.monotonic() - self._started_at)
-            logger.error("engine-core exited with code %s; restarting it in %.0f s", code, delay)
+            logger.error("%s exited with code %s; restarting it in %.0f s", self.name, code, delay)
             self.restart_at = time.monotonic() + delay
         if self.restart_at is not None and time.monotonic() >= self.restart_at:
             self.start()
@@ -140,10 +144,13 @@ class RestartingCore:
 
 
 class Supervisor:
-    """Starts the processes, restarts a crashed core, stops them all in order at a signal."""
+    """Starts the processes, restarts crashed ones, stops them all in order at a signal."""
 
     def __init__(
-        self, frontends: list[BaseProcess], core: RestartingCore | None, frontend_timeout: float
+        self,
+        frontends: list[RestartingProcess],
+        core: RestartingProcess | None,
+        frontend_timeout: float,
     ) -> None:
         self.frontends = frontends
         self.core = core
@@ -153,16 +160,17 @@ class Supervisor:
     def run(self) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
-        if self.core is not None:
-            self.core.start()  # first: frontends connect to it
-        for process in self.frontends:
-            process.start()
+        for child in self._children():  # the core first: frontends connect to it
+            child.start()
         exit_code = self._wait_for_trouble()
-        self._stop(self.frontends, self.frontend_timeout)
-        if self.core is not None and self.core.process is not None:
-            self._stop([self.core.process], CORE_STOP_TIMEOUT)
+        self._stop(_processes(self.frontends), self.frontend_timeout)
+        if self.core is not None:
+            self._stop(_processes([self.core]), CORE_STOP_TIMEOUT)
         logger.info("all processes stopped")
         return exit_code
+
+    def _children(self) -> list[RestartingProcess]:
+        return [c for c in [self.core, *self.frontends] if c is not None]
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signals += 1
@@ -170,17 +178,12 @@ class Supervisor:
         logger.info("%s: %s", signal.Signals(signum).name, what)
 
     def _wait_for_trouble(self) -> int:
-        """0 when a signal arrives, 1 when a frontend, or a core that never served, exits."""
+        """0 when a signal arrives, 1 when a child that never served exits."""
         while not self.signals:
-            dead = [p for p in self.frontends if not p.is_alive()]
-            for p in dead:
-                logger.error("%s exited with code %s; stopping the server", p.name, p.exitcode)
-            if dead or (self.core is not None and not self.core.tend()):
+            if not all(child.tend() for child in self._children()):
                 return 1
-            running = [p for p in self.frontends if p.is_alive()]
-            if self.core is not None and self.core.process is not None:
-                running += [self.core.process] if self.core.is_alive() else []
-            # NOTE: a dead core's sentinel stays ready: waiting on it would spin
+            running = [c.process for c in self._children() if c.is_alive()]
+            # NOTE: a dead child's sentinel stays ready: waiting on it would spin
             multiprocessing.connection.wait([p.sentinel for p in running], timeout=0.5)
         return 0
 
@@ -200,3 +203,7 @@ class Supervisor:
                 logger.warning("%s did not stop in time: killing it", p.name)
                 p.kill()
             p.join()
+
+
+def _processes(children: list[RestartingProcess]) -> list[BaseProcess]:
+    return [c.process for c in children if c.process is not None]

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 import uvloop
 from aiohttp import web
@@ -29,17 +30,23 @@ from models.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-def run_frontend(settings: FrontendSettings, index: int) -> None:
-    """Process entry point: serve HTTP until SIGINT or SIGTERM, then stop cleanly."""
+def run_frontend(
+    settings: FrontendSettings, index: int, on_serving: Callable[[], None] | None = None
+) -> None:
+    """Process entry point: serve HTTP until SIGINT or SIGTERM, then stop cleanly.
+
+    `on_serving` is called once the port is open (the launcher's sign that we came up)."""
     setup_logging(f"frontend-{index}")
     try:
-        uvloop.run(serve(settings, index))
+        uvloop.run(serve(settings, index, on_serving))
     except ModelLoadError as exc:
         logger.error("cannot load the model: %s", exc)
         sys.exit(2)
 
 
-async def serve(settings: FrontendSettings, index: int) -> None:
+async def serve(
+    settings: FrontendSettings, index: int, on_serving: Callable[[], None] | None = None
+) -> None:
     """Serve until a stop signal: stop accepting, let requests finish, abort the rest."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -61,6 +68,8 @@ async def serve(settings: FrontendSettings, index: int) -> None:
     logger.info(
         "listening on http://%s:%d (engine core %s)", host, settings.port, settings.engine_address
     )
+    if on_serving is not None:
+        on_serving()
     await stop.wait()
     logger.info("stopping: waiting up to %.0f s for requests in flight", settings.shutdown_timeout)
     await runner.cleanup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -88,6 +89,13 @@ def _core_pid(launcher: int) -> int:
     return next(c for c in _children(launcher) if any(_comm(g) == "worker-0" for g in _children(c)))
 
 
+def _frontend_pids(launcher: int) -> list[int]:
+    """The launcher's children that are neither the core nor multiprocessing's tracker."""
+    core = _core_pid(launcher)
+    others = [c for c in _children(launcher) if c != core]
+    return [c for c in others if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
 def _exists(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -130,11 +138,12 @@ class Server:
 
 
 @contextmanager
-def serving(checkpoint: Path, folder: Path) -> Iterator[Server]:
+def serving(checkpoint: Path, folder: Path, *extra: str) -> Iterator[Server]:
     tmp = folder / "tmp"
     tmp.mkdir()
     log = folder / "duet.log"
-    with server_process([str(checkpoint), *ARGS], log, env={"TMPDIR": str(tmp)}) as (proc, url):
+    args = [str(checkpoint), *ARGS, *extra]
+    with server_process(args, log, env={"TMPDIR": str(tmp)}) as (proc, url):
         yield Server(proc, url, tmp, log)
 
 
@@ -221,3 +230,36 @@ def test_sigterm_of_the_process_group_drains_and_cleans_up(
     text = server.log.read_text()
     assert "SIGTERM: waiting for the engine core to stop this worker" in text
     assert "restarting" not in text
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_frontend_leaves_the_others_serving_and_it_comes_back(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    with serving(tiny_checkpoint(), tmp_path, "--api-server-count", "2") as server:
+        frontends = _frontend_pids(server.proc.pid)
+        assert len(frontends) == 2
+
+        async def scenario() -> list[list[str] | BaseException]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+                streams = await _live_streams(session, server.url, 8, 48)
+                os.kill(frontends[0], signal.SIGKILL)
+                return await asyncio.gather(*streams, return_exceptions=True)
+
+        outcomes = asyncio.run(scenario())
+        # a stream on the killed process loses its TCP connection; every other one finishes
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                assert isinstance(outcome, aiohttp.ClientError)
+            else:
+                assert outcome[-1] == "[DONE]" and all("error" not in e for e in outcome[:-1])
+        _wait_until(
+            lambda: len(_frontend_pids(server.proc.pid)) == 2, RECOVERY_TIMEOUT, "no new frontend"
+        )
+        assert frontends[0] not in _frontend_pids(server.proc.pid)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        for _ in range(4):  # connections spread over both frontends, the new one included
+            reply = client.completions.create(model=MODEL, prompt="hello", max_tokens=4)
+            assert reply.usage is not None and reply.usage.completion_tokens == 4
+    assert server.proc.returncode == 0
+    assert re.search(r"frontend-\d exited with code -9; restarting it", server.log.read_text())
