@@ -179,7 +179,7 @@ def test_kill_9_of_the_core_fails_streams_cleanly_and_the_server_recovers(
                 plain = asyncio.create_task(_plain(session, url))
                 sdk_live = asyncio.Event()
                 sdk = asyncio.create_task(_openai_stream(url, sdk_live))
-                streams = await _live_streams(session, url, 4, 2000)
+                streams = await _live_streams(session, url, 32, 2000)
                 await asyncio.wait_for(sdk_live.wait(), LIVE_TIMEOUT)
                 os.kill(core, signal.SIGKILL)
                 events = await asyncio.gather(*streams)
@@ -242,7 +242,7 @@ def test_kill_9_of_a_frontend_leaves_the_others_serving_and_it_comes_back(
 
         async def scenario() -> list[list[str] | BaseException]:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-                streams = await _live_streams(session, server.url, 8, 48)
+                streams = await _live_streams(session, server.url, 32, 48)
                 os.kill(frontends[0], signal.SIGKILL)
                 return await asyncio.gather(*streams, return_exceptions=True)
 
