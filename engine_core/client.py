@@ -86,6 +86,15 @@ class EngineClient:
             asyncio.create_task(self._watch_connection(), name="engine-client-monitor"),
         ]
 
+    def shut_down(self, reason: str) -> None:
+        """End every request in flight with `reason` (an EngineDeadError to its handler), and
+        abort them in the core: a frontend out of time to drain still ends each stream
+        with an error event instead of a cut connection."""
+        if self._queues:
+            ids = list(self._queues)
+            self._fail_all(EngineDeadError(reason))
+            self._send(FrontendMsg.ABORT, AbortRequests(ids))
+
     async def close(self) -> None:
         """Abort everything in flight, stop the tasks and close the socket."""
         if self._queues:

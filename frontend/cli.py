@@ -101,6 +101,9 @@ def _add_http_args(parser: argparse.ArgumentParser) -> None:
     add("--disable-log-requests", action="store_true", help="no log line per request")
     add("--max-waiting-requests", type=_positive, default=None,
         help="answer 429 while this many requests wait to be scheduled")  # fmt: skip
+    add("--shutdown-timeout", type=float, default=FrontendSettings.shutdown_timeout,
+        help="seconds requests in flight get to finish on SIGTERM; then their streams "
+        "end with an error event")  # fmt: skip
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +158,7 @@ def _frontend_settings(args: argparse.Namespace, engine_address: str) -> Fronten
         max_waiting_requests=args.max_waiting_requests,
         log_requests=not args.disable_log_requests,
         curve_keys=args.curve_keys,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 

@@ -29,6 +29,8 @@ from models.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_MARGIN = 1.0  # seconds before aiohttp's own shutdown timeout that streams are ended
+
 
 def run_frontend(
     settings: FrontendSettings, index: int, on_serving: Callable[[], None] | None = None
@@ -72,6 +74,10 @@ async def serve(
         on_serving()
     await stop.wait()
     logger.info("stopping: waiting up to %.0f s for requests in flight", settings.shutdown_timeout)
+    # NOTE: aiohttp cancels handlers still running at shutdown_timeout, which cuts their
+    # streams mid-body; end them a little earlier with an error event and [DONE] instead
+    deadline = max(0.0, settings.shutdown_timeout - SHUTDOWN_MARGIN)
+    loop.call_later(deadline, ctx.client.shut_down, "the server is shutting down")
     await runner.cleanup()
     await ctx.client.close()
     logger.info("stopped")

@@ -263,3 +263,25 @@ def test_kill_9_of_a_frontend_leaves_the_others_serving_and_it_comes_back(
             assert reply.usage is not None and reply.usage.completion_tokens == 4
     assert server.proc.returncode == 0
     assert re.search(r"frontend-\d exited with code -9; restarting it", server.log.read_text())
+
+
+@pytest.mark.slow
+def test_sigterm_ends_streams_that_outlast_the_shutdown_timeout_with_an_error_event(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    with serving(tiny_checkpoint(), tmp_path, "--shutdown-timeout", "2") as server:
+
+        async def scenario() -> list[list[str]]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+                # far longer than 2 s at any speed: the context is the limit, not the timeout
+                streams = await _live_streams(session, server.url, 4, 2000)
+                server.proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*streams)
+
+        events = asyncio.run(scenario())
+        server.proc.wait(timeout=90)
+    assert server.proc.returncode == 0
+    for stream in events:
+        assert stream[-1] == "[DONE]"
+        error = json.loads(stream[-2])["error"]
+        assert error["message"] == "the server is shutting down"
