@@ -217,7 +217,8 @@ class Scheduler:
         `num_computed_tokens` must say how many tokens those blocks hold; otherwise it
         must be 0 and the request is recomputed here, prefix cache permitting.
         """
-        request.status = RequestStatus.PREEMPTED
+        if request.status != RequestStatus.WAITING:  # a fresh one still counts its cache hits
+            request.status = RequestStatus.PREEMPTED
         self.requests[request.request_id] = request
         self.waiting.add(request)
 

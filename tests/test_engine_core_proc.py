@@ -280,12 +280,14 @@ def test_abort_mid_decode_frees_every_block(core: CoreProcess, prompts: list[lis
                     assert (await anext(stream)).finish_reason is None
             await wait_for_stats(client, lambda s: s.num_running == 4)
             assert client.latest_stats is not None
-            assert client.latest_stats.kv_cache_usage["mixed"] > 0
+            assert client.latest_stats.kv_cache_usage["worker-0"] > 0
             for stream in streams:
                 await stream.aclose()  # the client sends ABORT
             await wait_for_stats(
                 client,
-                lambda s: (s.num_running, s.num_waiting, s.kv_cache_usage["mixed"]) == (0, 0, 0.0),
+                lambda s: (
+                    (s.num_running, s.num_waiting, s.kv_cache_usage["worker-0"]) == (0, 0, 0.0)
+                ),
             )
 
     run(scenario())
