@@ -178,9 +178,10 @@ def pool_engine(config: EngineConfig, link: WorkerLink) -> PoolEngine:
     names = {"mixed": "worker", "prefill": "prefill", "decode": "decode"}
     counters = {role: itertools.count() for role in names}
 
-    def spawn(role: str) -> None:
+    def spawn(role: str) -> str:
         worker_id = f"{names[role]}-{next(counters[role])}"
         link.spawn(config, worker_id, role, cores_for(role))
+        return worker_id
 
     roles = ["prefill"] * config.prefill_workers + ["decode"] * config.decode_workers
     for role in ["mixed"] if config.colocated else roles:

@@ -40,22 +40,23 @@ DRAIN_DEATH = "the model worker stopped while the server shuts down"
 class PoolEngine:
     """What the core's busy loop drives (add, abort, step, stats), over concurrent workers.
 
-    `make_scheduler` builds the scheduler for a newly ready worker; `respawn(role)`
-    replaces a local worker that died (None: don't). `colocated` takes one mixed worker
-    instead of prefill and decode ones.
+    `make_scheduler` builds the scheduler for a newly ready worker; `respawn(role)` starts
+    a local worker to replace one that died and returns its id (None: don't). `colocated`
+    takes one mixed worker instead of prefill and decode ones.
     """
 
     def __init__(
         self,
         link: WorkerLink,
         make_scheduler: Callable[[WorkerReady], Scheduler],
-        respawn: Callable[[str], None] | None = None,
+        respawn: Callable[[str], str] | None = None,
         transfer_timeout: float = 10.0,
         colocated: bool = False,
     ) -> None:
         self.link = link
         self.make_scheduler = make_scheduler
         self.respawn = respawn
+        self.colocated = colocated
         self.roles = ("mixed",) if colocated else ("prefill", "decode")
         self.workers: dict[str, Worker] = {}
         # request checks and block size: any worker's scheduler, kept while none is up
@@ -63,6 +64,7 @@ class PoolEngine:
         # NOTE: capped well below the frontends' 30 s silence timeout
         self._backoff = {role: Backoff(first=1.0, maximum=8.0) for role in self.roles}
         self._respawns: list[tuple[float, str]] = []  # (monotonic due time, role)
+        self._starting: dict[str, str] = {}  # id -> role of replacements not yet ready
         self.transfers = TransferBook(
             self.workers, self._enqueue, self._recompute, transfer_timeout
         )
@@ -76,6 +78,7 @@ class PoolEngine:
             logger.warning("ignoring a %s worker (this core takes %s): %s",
                            ready.role, " and ".join(self.roles), ready.worker_id)  # fmt: skip
             return
+        self._starting.pop(ready.worker_id, None)
         worker = Worker(ready, self.make_scheduler(ready), joined_at=time.monotonic())
         self.workers[ready.worker_id] = worker
         self._rules = worker.scheduler
@@ -121,7 +124,7 @@ class PoolEngine:
         Colocated, only with work or a worker on its way: an idle core then sleeps on its
         inbox, so a new request starts its step at once instead of after a poll."""
         busy = self.has_unfinished_requests() or self._expecting_workers()
-        return busy or self.roles != ("mixed",)
+        return busy or not self.colocated
 
     def step(self) -> list[RequestDelta]:
         """Notice deaths, move transfers along, keep every worker busy, handle what came back."""
@@ -132,8 +135,7 @@ class PoolEngine:
         for worker in list(self.workers.values()):
             if worker.inflight is None:
                 deltas += self._dispatch(worker)
-        timeout = POLL_MS if self.has_unfinished_requests() else IDLE_POLL_MS
-        for worker_id, kind, message in self.link.poll(timeout):
+        for worker_id, kind, message in self.link.poll(self._poll_timeout()):
             deltas += self._on_message(worker_id, kind, message)
         return deltas
 
@@ -154,6 +156,17 @@ class PoolEngine:
         )
 
     # -- dispatch and results ------------------------------------------------------------
+
+    def _poll_timeout(self) -> int:
+        """A result ends the poll at once; the timeout only bounds how soon the core looks
+        at anything else (its inbox, deaths, transfers)."""
+        if not self.has_unfinished_requests():
+            return IDLE_POLL_MS
+        # NOTE: a busy mixed worker takes no new request before its result: waking the
+        # core sooner would only take CPU from the worker
+        if self.colocated and all(w.inflight is not None for w in self.workers.values()):
+            return IDLE_POLL_MS
+        return POLL_MS
 
     def _dispatch(self, worker: Worker) -> list[RequestDelta]:
         out = worker.scheduler.schedule()
@@ -232,7 +245,11 @@ class PoolEngine:
         worker = self.workers.pop(worker_id, None)
         local = worker_id in self.link.processes
         self.link.forget(worker_id)
+        starting = self._starting.pop(worker_id, None)
         if worker is None:
+            if starting is not None:  # died while loading: try again, backing off
+                logger.error("%s worker %s died before it was ready", starting, worker_id)
+                self._replace(starting, uptime=0.0)
             return []
         orphans = [*worker.scheduler.requests.values(), *self.transfers.worker_died(worker_id)]
         logger.error("%s worker %s died with %d requests", worker.role, worker_id, len(orphans))
@@ -242,12 +259,16 @@ class PoolEngine:
         for request in orphans:
             self._recompute(request, None)
         if local:
-            uptime = time.monotonic() - worker.joined_at
-            delay = self._backoff[worker.role].next_delay(uptime)
-            logger.info("replacing %s worker %s in %.0f s", worker.role, worker_id, delay)
-            self._respawns.append((time.monotonic() + delay, worker.role))
-            self._respawn_due()
+            self._replace(worker.role, uptime=time.monotonic() - worker.joined_at)
         return []
+
+    def _replace(self, role: str, uptime: float) -> None:
+        if self.respawn is None:
+            return
+        delay = self._backoff[role].next_delay(uptime)
+        logger.info("starting a %s worker in %.0f s", role, delay)
+        self._respawns.append((time.monotonic() + delay, role))
+        self._respawn_due()
 
     def _respawn_due(self) -> None:
         now = time.monotonic()
@@ -255,11 +276,13 @@ class PoolEngine:
         self._respawns = [(at, role) for at, role in self._respawns if at > now]
         if self.respawn is not None:
             for role in due:
-                self.respawn(role)
+                self._starting[self.respawn(role)] = role
 
     def _expecting_workers(self) -> bool:
         """A replacement is due, or a local worker is starting (it will say READY)."""
-        return bool(self._respawns) or any(w not in self.workers for w in self.link.processes)
+        return bool(self._respawns or self._starting) or any(
+            w not in self.workers for w in self.link.processes
+        )
 
     def _owner(self, req_id: str) -> Worker | None:
         return next((w for w in self.workers.values() if req_id in w.scheduler.requests), None)

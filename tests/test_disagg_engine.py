@@ -53,9 +53,10 @@ def make_engine(
     def make_scheduler(ready: WorkerReady) -> Scheduler:
         return Scheduler(SchedulerConfig(max_model_len=32, block_size=4), ready.num_blocks, [99])
 
-    def respawn(role: str) -> None:
+    def respawn(role: str) -> str:
         respawned.append(role)
-        link.processes[f"{role}-starting"] = object()  # it says READY later, or never
+        link.processes[f"{role}-{len(respawned)}"] = object()  # it says READY later, or never
+        return f"{role}-{len(respawned)}"
 
     engine = PoolEngine(link, make_scheduler, respawn, timeout, colocated)  # type: ignore[arg-type]
     roles = (("mixed", 1),) if colocated else (("prefill", prefill), ("decode", decode))
@@ -259,6 +260,17 @@ def test_a_quick_second_crash_waits_before_the_replacement() -> None:
     engine.step()
     assert respawned == ["mixed"]  # the second one is due in a second
     assert engine.wants_step()  # and the engine keeps stepping until it is spawned
+
+
+def test_a_replacement_that_dies_while_loading_is_tried_again_after_a_pause() -> None:
+    engine, link, respawned = make_engine(colocated=True)
+    add(engine, "a")
+    link.dead.append("mixed-0")
+    engine.step()
+    link.dead.append("mixed-1")  # the replacement, before it said READY
+    engine.step()
+    assert respawned == ["mixed"]  # a second quick crash: the next one is due in a second
+    assert engine.has_unfinished_requests() and engine.wants_step()
 
 
 def test_a_worker_that_dies_while_draining_fails_its_requests_as_server_errors() -> None:
