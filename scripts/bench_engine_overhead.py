@@ -7,8 +7,9 @@ perf_counter, and has the worker time `ModelRunner.execute`. For steady-state de
 steps at each batch size it prints, per step (median, ms):
 
     schedule    Scheduler.schedule()
-    ipc         the core's round trip minus the worker's execute: msgspec encode/decode
-                of plan and result, both socket hops, the worker loop itself
+    ipc         the core's wait for the result (its worker polls) minus the worker's
+                execute: msgspec encode/decode of plan and result, both socket hops,
+                the worker loop itself
     update      Scheduler.update_from_output()
     publish     stats + encoding + hand-off of one StepOutputs to the frontend I/O thread
     other       the rest of the loop iteration (inbox drain, stats check, step glue)
