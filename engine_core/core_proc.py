@@ -20,10 +20,10 @@ from dataclasses import replace
 
 import zmq
 
-from engine_core.config import EngineAddresses, EngineConfig
-from engine_core.curve import authenticate, load_keys
 from engine_core.frontend_io import FrontendIO
 from engine_core.messages.common import ErrorKind
+from engine_core.messages.config import EngineAddresses, EngineConfig
+from engine_core.messages.curve import authenticate, load_keys
 from engine_core.messages.frontend import (
     AbortRequests,
     AddRequest,

@@ -20,9 +20,9 @@ from typing import Any
 
 import zmq
 
-from engine_core.config import EngineConfig, env_seconds
-from engine_core.curve import CurveKeys
-from engine_core.framing import Channel
+from engine_core.messages.config import EngineConfig, env_seconds
+from engine_core.messages.curve import CurveKeys
+from engine_core.messages.framing import Channel
 from engine_core.messages.worker import (
     CORE,
     HEARTBEAT_SUFFIX,

@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zmq
 
-from engine_core.config import EngineAddresses, EngineConfig
 from engine_core.core_proc import BusyLoop, scheduler_factory
-from engine_core.framing import encode
 from engine_core.frontend_io import FrontendIO
+from engine_core.messages.config import EngineAddresses, EngineConfig
+from engine_core.messages.framing import encode
 from engine_core.messages.frontend import AddRequest, FrontendMsg
+from engine_core.messages.sampling_params import SamplingParams
 from engine_core.pool import PoolEngine
-from engine_core.sampling_params import SamplingParams
 from engine_core.worker_link import WorkerLink
 
 PHASES = ("schedule", "ipc", "update", "publish", "other")

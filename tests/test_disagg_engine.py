@@ -10,9 +10,9 @@ from typing import Any
 
 from engine_core.messages.common import ErrorKind, FinishReason
 from engine_core.messages.frontend import AddRequest
+from engine_core.messages.sampling_params import SamplingParams
 from engine_core.messages.worker import KVTransferDone, StepPlan, StepResult, WorkerMsg, WorkerReady
 from engine_core.pool import PoolEngine
-from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import Scheduler, SchedulerConfig
 
 PROMPT = [1, 2, 3, 4, 5, 6]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from engine_core.framing import Channel, encode
+from engine_core.messages.framing import Channel, encode
 from engine_core.messages.worker import (
     HEARTBEAT,
     HEARTBEAT_SUFFIX,
