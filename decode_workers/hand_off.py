@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import zmq
 
-from engine_core.config import EngineConfig
-from engine_core.curve import CurveKeys
+from engine_core.messages.config import EngineConfig
+from engine_core.messages.curve import CurveKeys
 from engine_core.messages.worker import KVTransferDone, StepPlan
 from kv_transfer import KVReceiver, make_receiver
 from models.runner import KVAllocator, zeros_allocator

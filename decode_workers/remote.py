@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from engine_core.config import EngineConfig
-from engine_core.curve import CurveKeyError, CurveKeys, add_curve_keys_argument, load_keys
-from engine_core.framing import Channel
+from engine_core.messages.config import EngineConfig
+from engine_core.messages.curve import CurveKeyError, CurveKeys, add_curve_keys_argument, load_keys
+from engine_core.messages.framing import Channel
 from engine_core.messages.worker import JOIN_SUFFIX, WORKER, WorkerJoin, WorkerMsg
 from engine_core.placement import cores_for
 

@@ -21,9 +21,9 @@ from typing import Protocol
 import torch
 import zmq
 
-from engine_core.config import EngineConfig
-from engine_core.curve import CurveKeys, authenticate
-from engine_core.framing import Channel
+from engine_core.messages.config import EngineConfig
+from engine_core.messages.curve import CurveKeys, authenticate
+from engine_core.messages.framing import Channel
 from engine_core.messages.worker import (
     HEARTBEAT,
     HEARTBEAT_SUFFIX,
@@ -101,7 +101,7 @@ def run_worker(
 
     `cores` pins the process (and sizes torch's thread pool unless `config.torch_threads`
     says otherwise); `kv_host` is the address KV senders use to reach a decode worker;
-    `keys` secure its tcp links (engine_core/curve.py).
+    `keys` secure its tcp links (engine_core/messages/curve.py).
     """
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {role}-worker %(levelname)s %(message)s"

@@ -1,6 +1,6 @@
 """duet's engine core: scheduling, block management, and the offline API."""
 
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams"]
 

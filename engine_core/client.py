@@ -18,10 +18,10 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from engine_core.config import env_seconds
-from engine_core.curve import CurveKeys
-from engine_core.framing import Channel
 from engine_core.messages.common import FinishReason
+from engine_core.messages.config import env_seconds
+from engine_core.messages.curve import CurveKeys
+from engine_core.messages.framing import Channel
 from engine_core.messages.frontend import (
     FRONTEND,
     AbortRequests,

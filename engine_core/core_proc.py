@@ -1,9 +1,10 @@
 """The engine core process: a busy loop between frontends and workers.
 
 No asyncio here: the loop drains incoming requests, runs one engine step and publishes
-one output batch per frontend. It blocks only when idle. Colocated, a step is a blocking
-round trip to the one mixed worker; disaggregated (engine_core/disagg.py), a step keeps a
-plan in flight on every prefill and decode worker and handles results as they arrive.
+one output batch per frontend. It blocks only when idle. In both modes the engine is a
+pool of workers (engine_core/pool.py): one mixed worker colocated, prefill and decode
+workers disaggregated; a step keeps a plan in flight on each and handles results as
+they arrive.
 """
 
 from __future__ import annotations
@@ -16,29 +17,24 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Protocol
 
 import zmq
 
-from engine_core.config import EngineAddresses, EngineConfig
-from engine_core.curve import authenticate, load_keys
-from engine_core.disagg import DisaggEngine
-from engine_core.engine import EngineCore
 from engine_core.frontend_io import FrontendIO
 from engine_core.messages.common import ErrorKind
+from engine_core.messages.config import EngineAddresses, EngineConfig
+from engine_core.messages.curve import authenticate, load_keys
 from engine_core.messages.frontend import (
     AbortRequests,
     AddRequest,
     FrontendMsg,
     RequestDelta,
-    SchedulerStats,
     StepOutputs,
 )
-from engine_core.messages.worker import StepPlan, StepResult
 from engine_core.placement import cores_for
+from engine_core.pool import PoolEngine
 from engine_core.scheduler import Scheduler, rejected, scheduler_for
-from engine_core.supervision import Backoff
-from engine_core.worker_link import WorkerDied, WorkerLink
+from engine_core.worker_link import WorkerLink
 from models.loader import load_config, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -47,33 +43,10 @@ STATS_INTERVAL = 1.0  # seconds between stats messages while idle (frontends' li
 DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for in-flight requests before aborting them
 
 
-class RemoteExecutor:
-    """Runs plans on one worker process over the worker link (a failed step comes back
-    as a result with `error` set, for the scheduler to recover from)."""
-
-    def __init__(self, link: WorkerLink, worker_id: str) -> None:
-        self.link, self.worker_id = link, worker_id
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.link.execute(self.worker_id, plan)
-
-
-class Engine(Protocol):
-    """What the busy loop drives: EngineCore (colocated) or DisaggEngine."""
-
-    def add_request(self, msg: AddRequest) -> RequestDelta | None: ...
-    def abort_requests(self, request_ids: list[str]) -> list[RequestDelta]: ...
-    def step(self) -> list[RequestDelta]: ...
-    def has_unfinished_requests(self) -> bool: ...
-    def wants_step(self) -> bool: ...
-    def stats(self) -> SchedulerStats: ...
-    def drain(self) -> None: ...
-
-
 class BusyLoop:
     """Owns the engine and routes its outputs to the frontend that sent each request."""
 
-    def __init__(self, engine: Engine, frontends: FrontendIO) -> None:
+    def __init__(self, engine: PoolEngine, frontends: FrontendIO) -> None:
         self.engine = engine
         self.frontends = frontends
         self.owners: dict[str, bytes] = {}
@@ -105,7 +78,7 @@ class BusyLoop:
 
     def _step(self) -> None:
         deltas = self.engine.step()
-        # NOTE: a disaggregated step often just waited for workers; the idle stats cover it
+        # NOTE: a step often just waited for workers; the idle stats cover it
         if deltas:
             self._publish(deltas)
 
@@ -195,88 +168,32 @@ def scheduler_factory(config: EngineConfig) -> Callable[[int, int], Scheduler]:
     return lambda num_blocks, max_model_len: scheduler_for(config, model, num_blocks, max_model_len)
 
 
-class ColocatedEngine(EngineCore):
-    """EngineCore over one local mixed worker, restarted if it dies.
+def pool_engine(config: EngineConfig, link: WorkerLink) -> PoolEngine:
+    """One local mixed worker (colocated), or P prefill and D decode local workers, each
+    pinned to its kind's cores; dead ones are replaced.
 
-    The new worker's pool is empty, so a fresh scheduler takes over every request and
-    recomputes it from the token ids the core holds; streams continue where they were.
-    """
-
-    WORKER_ID = "worker-0"
-
-    def __init__(self, config: EngineConfig, link: WorkerLink) -> None:
-        self.config, self.link = config, link
-        self._make_scheduler = scheduler_factory(config)  # parsed once, reused on restarts
-        # NOTE: capped well below the frontends' 30 s silence timeout: the loop sleeps
-        self._backoff = Backoff(first=1.0, maximum=8.0)
-        self._respawn = True
-        super().__init__(self._start_worker(), RemoteExecutor(link, self.WORKER_ID))
-
-    def _start_worker(self) -> Scheduler:
-        self.link.spawn(self.config, self.WORKER_ID, "mixed")
-        self.link.wait_ready([self.WORKER_ID])
-        self._ready_at = time.monotonic()
-        ready = self.link.ready[self.WORKER_ID]
-        return self._make_scheduler(ready.num_blocks, ready.max_model_len)
-
-    def drain(self) -> None:
-        self._respawn = False
-
-    def step(self) -> list[RequestDelta]:
-        try:
-            return super().step()
-        except WorkerDied as exc:
-            self.link.forget(self.WORKER_ID)
-            if not self._respawn:
-                return self._fail_all(
-                    f"the model worker stopped while the server shuts down ({exc})"
-                )
-            self._restart_worker(exc)
-            return []
-
-    def _fail_all(self, reason: str) -> list[RequestDelta]:
-        ids = list(self.scheduler.requests)
-        self.scheduler.abort_requests(ids)
-        return [rejected(r, reason, ErrorKind.SERVER) for r in ids]
-
-    def _restart_worker(self, cause: WorkerDied) -> None:
-        old = self.scheduler
-        delay = self._backoff.next_delay(time.monotonic() - self._ready_at)
-        logger.error(
-            "%s: restarting it in %.0f s, recomputing %d requests",
-            cause,
-            delay,
-            len(old.requests),
-        )
-        time.sleep(delay)
-        self.scheduler = self._start_worker()
-        for request in old.requests.values():
-            request.num_computed_tokens = 0
-            self.scheduler.enqueue(request)
-
-
-def disaggregated_engine(config: EngineConfig, link: WorkerLink) -> DisaggEngine:
-    """P prefill and D decode local workers, each pinned to its kind's cores; dead ones respawn.
-
-    Workers on other hosts may join at any time (`duet prefill-worker --engine ...`).
+    Disaggregated, workers on other hosts may join at any time (`duet prefill-worker ...`).
     """
     link.config = config  # for workers that join from other hosts
-    counters = {"prefill": itertools.count(), "decode": itertools.count()}
+    names = {"mixed": "worker", "prefill": "prefill", "decode": "decode"}
+    counters = {role: itertools.count() for role in names}
 
     def spawn(role: str) -> str:
-        worker_id = f"{role}-{next(counters[role])}"
+        worker_id = f"{names[role]}-{next(counters[role])}"
         link.spawn(config, worker_id, role, cores_for(role))
         return worker_id
 
-    ids = [spawn("prefill") for _ in range(config.prefill_workers)]
-    ids += [spawn("decode") for _ in range(config.decode_workers)]
-    link.wait_ready(ids)
+    roles = ["prefill"] * config.prefill_workers + ["decode"] * config.decode_workers
+    for role in ["mixed"] if config.colocated else roles:
+        spawn(role)
+    link.wait_ready(list(link.processes))
     make = scheduler_factory(config)
-    engine = DisaggEngine(
+    engine = PoolEngine(
         link,
         lambda ready: make(ready.num_blocks, ready.max_model_len),
         respawn=spawn,
         transfer_timeout=config.kv_transfer_timeout,
+        colocated=config.colocated,
     )
     for ready in link.ready.values():  # ours, and any that joined from elsewhere meanwhile
         engine.add_worker(ready)
@@ -303,10 +220,7 @@ def run_engine_core(
     authenticator = authenticate(ctx, keys)
     frontends = FrontendIO(ctx, addresses.frontend, keys)
     link = WorkerLink(ctx, addresses.workers, keys)
-    engine = (
-        ColocatedEngine(config, link) if config.colocated else disaggregated_engine(config, link)
-    )
-    loop = BusyLoop(engine, frontends)
+    loop = BusyLoop(pool_engine(config, link), frontends)
     link.on_wait = loop.keep_alive
 
     def drain(signum: int, _frame: object) -> None:

@@ -1,5 +1,7 @@
-"""The engine core's step: schedule, execute, update. Drivers (offline LLM, core process)
-own the loop, the I/O and the clock; this owns nothing but the order of those three."""
+"""The offline engine's step: schedule, execute, update, over an in-process executor.
+
+The offline LLM owns the loop; this owns nothing but the order of those three. (The core
+process drives its workers through engine_core/pool.py instead: same scheduler.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from engine_core.scheduler import Scheduler
 
 
 class Executor(Protocol):
-    """Anything that runs a plan on workers: in-process model runner, ZeroMQ client, fake."""
+    """Anything that runs a plan in-process and returns its result: a model runner, a fake."""
 
     def execute(self, plan: StepPlan) -> StepResult: ...
 
@@ -43,12 +45,5 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def wants_step(self) -> bool:
-        """Whether `step` has anything to do (the busy loop sleeps on its inbox otherwise)."""
-        return self.has_unfinished_requests()
-
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
-
-    def drain(self) -> None:
-        """The driver is shutting down: a subclass that replaces dead workers stops here."""

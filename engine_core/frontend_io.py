@@ -14,8 +14,8 @@ from typing import Any
 
 import zmq
 
-from engine_core.curve import CurveKeys
-from engine_core.framing import Channel
+from engine_core.messages.curve import CurveKeys
+from engine_core.messages.framing import Channel
 from engine_core.messages.frontend import CORE, FrontendMsg, StepOutputs
 
 logger = logging.getLogger(__name__)

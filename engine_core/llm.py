@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import msgspec
 from tqdm import tqdm
 
-from engine_core.config import EngineConfig, parse_size
 from engine_core.engine import EngineCore
+from engine_core.messages.config import EngineConfig, parse_size
 from engine_core.messages.frontend import AddRequest, RequestDelta
+from engine_core.messages.sampling_params import SamplingParams
 from engine_core.outputs import CompletionOutput, RequestOutput
-from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import scheduler_for
 from models.detokenizer import IncrementalDetokenizer
 from models.loader import resolve_model

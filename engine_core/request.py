@@ -11,7 +11,7 @@ import msgspec
 
 from engine_core.messages.common import FinishReason
 from engine_core.messages.frontend import AddRequest
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 
 # A block's identity for prefix caching: sha256 of (parent hash, block tokens, salt).
 BlockHash = bytes

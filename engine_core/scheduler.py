@@ -17,9 +17,9 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine_core.config import EngineConfig
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
+from engine_core.messages.config import EngineConfig
 from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
 from engine_core.messages.worker import (
     CachedRequestData,
@@ -217,7 +217,8 @@ class Scheduler:
         `num_computed_tokens` must say how many tokens those blocks hold; otherwise it
         must be 0 and the request is recomputed here, prefix cache permitting.
         """
-        request.status = RequestStatus.PREEMPTED
+        if request.status != RequestStatus.WAITING:  # a fresh one still counts its cache hits
+            request.status = RequestStatus.PREEMPTED
         self.requests[request.request_id] = request
         self.waiting.add(request)
 

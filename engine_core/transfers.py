@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine_core.disagg_workers import Worker
 from engine_core.messages.worker import KVRecvOrder, KVSendOrder, KVTransferDone
+from engine_core.pool_workers import Worker
 from engine_core.request import Request
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,7 @@
 """The core's side of its workers: spawn, hand-shake, send plans, collect results.
 
-Colocated mode uses `execute`, a blocking round trip to its one worker. Disaggregated
-mode keeps a plan in flight on every worker at once: `send_plan` never waits, and `poll`
-returns whatever any worker said, as it arrives.
+The core keeps a plan in flight on every worker at once (its one mixed worker colocated):
+`send_plan` never waits, and `poll` returns whatever any worker said, as it arrives.
 
 Every worker heartbeats on a socket of its own ("<id>/hb"), also while a step runs, so
 a slow step is not a dead worker; silence, an exit or a step past STEP_TIMEOUT is. A
@@ -21,9 +20,9 @@ from typing import Any
 
 import zmq
 
-from engine_core.config import EngineConfig, env_seconds
-from engine_core.curve import CurveKeys
-from engine_core.framing import Channel
+from engine_core.messages.config import EngineConfig, env_seconds
+from engine_core.messages.curve import CurveKeys
+from engine_core.messages.framing import Channel
 from engine_core.messages.worker import (
     CORE,
     HEARTBEAT_SUFFIX,
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # seconds one step may take on a live worker before it counts as hung (and is restarted)
 STEP_TIMEOUT = env_seconds("DUET_STEP_TIMEOUT", 600.0)
-POLL_MS = 200  # how often a blocked `execute` checks liveness and lets the core speak
+POLL_MS = 200  # how often `wait_ready` checks liveness and lets the core speak
 
 # (worker id, message type, message) as `poll` returns them
 Incoming = tuple[str, int, Any]
@@ -51,7 +50,7 @@ class WorkerDied(RuntimeError):
 
 
 class WorkerLink:
-    """One bound ROUTER for workers; `execute` is a blocking round trip to one worker."""
+    """One bound ROUTER for workers: plans out, results, KV confirmations and READYs in."""
 
     def __init__(self, ctx: zmq.Context, address: str, keys: CurveKeys | None = None) -> None:
         self.channel = Channel(ctx, CORE, keys=keys)
@@ -66,7 +65,7 @@ class WorkerLink:
         # the core's own pauses (building a scheduler, a slow machine) kill no worker
         self._drained_at = time.monotonic()
         self.sent: dict[str, tuple[int, float]] = {}  # worker id -> (step id, monotonic) in flight
-        # called while `execute` waits, so the core keeps talking to its frontends
+        # called while `wait_ready` waits, so the core keeps talking to its frontends
         self.on_wait: Callable[[], None] = lambda: None
 
     def spawn(
@@ -93,25 +92,6 @@ class WorkerLink:
                 raise TimeoutError(f"workers not ready after {timeout:.0f}s: {worker_ids}")
             self._receive_or_drained()
             self.on_wait()  # a restart reloads the model: frontends must not give up meanwhile
-
-    def execute(self, worker_id: str, plan: StepPlan) -> StepResult:
-        """Send a plan and wait for its result; WorkerDied if the worker exits, goes silent
-        or overruns STEP_TIMEOUT (noticed within ~POLL_MS)."""
-        try:
-            self.channel.send(WorkerMsg.PLAN, plan, to=worker_id.encode())
-        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the worker's connection is gone
-            raise WorkerDied(f"worker {worker_id} is unreachable: {exc}") from exc
-        self.sent[worker_id] = (plan.step_id, time.monotonic())
-        while True:
-            got = self._receive_or_drained()
-            if got is not None and got[0] == worker_id and got[1] == WorkerMsg.RESULT:
-                result: StepResult = got[2]
-                if result.step_id == plan.step_id:
-                    return result
-            if worker_id in self.dead_workers():
-                self._check_alive([worker_id])
-                raise WorkerDied(f"worker {worker_id} stopped answering during step {plan.step_id}")
-            self.on_wait()
 
     def send_plan(self, worker_id: str, plan: StepPlan) -> bool:
         """Queue a plan for a worker without waiting; False if the worker is unreachable."""

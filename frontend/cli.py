@@ -15,8 +15,8 @@ import re
 import sys
 from dataclasses import replace
 
-from engine_core.config import EngineConfig, parse_size
-from engine_core.curve import add_curve_keys_argument
+from engine_core.messages.config import EngineConfig, parse_size
+from engine_core.messages.curve import add_curve_keys_argument
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
 from frontend.bench.args import add_arguments as add_bench_arguments
 from frontend.settings import FrontendSettings, setup_logging
@@ -205,7 +205,7 @@ def _frontend(args: argparse.Namespace) -> int:
 
 def _check_keys(directory: str) -> None:
     """Fail at once, in the terminal, on a key directory no process could use."""
-    from engine_core.curve import CurveKeyError, load_keys
+    from engine_core.messages.curve import CurveKeyError, load_keys
 
     try:
         load_keys(directory)
@@ -214,7 +214,7 @@ def _check_keys(directory: str) -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from engine_core.curve import generate_keys
+    from engine_core.messages.curve import generate_keys
 
     try:
         written = generate_keys(args.directory)

@@ -20,7 +20,7 @@ import msgspec
 from engine_core.client import EngineDeadError
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest, RequestDelta
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 from frontend.context import ServerContext
 from frontend.errors import APIError
 from frontend.responses import Usage

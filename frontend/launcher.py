@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
-from engine_core.config import EngineAddresses, EngineConfig
-from engine_core.curve import narrowed
+from engine_core.messages.config import EngineAddresses, EngineConfig
+from engine_core.messages.curve import narrowed
 from engine_core.supervision import Backoff, die_with_parent, multiprocessing_parent
 from frontend.metrics import setup_multiproc_dir
 from frontend.settings import FrontendSettings

@@ -6,7 +6,7 @@ from typing import TypeVar
 
 import msgspec
 
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 from frontend.errors import APIError, bad_request
 from frontend.protocol import SamplingRequest
 

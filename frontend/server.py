@@ -18,7 +18,7 @@ import uvloop
 from aiohttp import web
 
 from engine_core.client import EngineClient
-from engine_core.curve import load_keys
+from engine_core.messages.curve import load_keys
 from frontend.app import build_app
 from frontend.context import ServerContext
 from frontend.logprobs import LogprobFormatter

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import zmq
 
-from engine_core.curve import CurveKeys
+from engine_core.messages.curve import CurveKeys
 from engine_core.messages.kv import KVHeader
 from kv_transfer.base import KVReceiver, KVSender
 from kv_transfer.shm import ShmAllocator, ShmReceiver, ShmSender
@@ -69,7 +69,7 @@ def make_receiver(
     """The receiving end of connector `kind`, bound on `host` (an address senders can reach).
 
     With `keys` its socket is a CURVE server (`ctx` needs `curve.authenticate` first);
-    without, a non-loopback `host` is narrowed to loopback (see engine_core/curve.py).
+    without, a non-loopback `host` is narrowed to loopback (see engine_core/messages/curve.py).
     """
     receivers = {"shm": ShmReceiver, "torch": TorchReceiver, "tcp": TcpReceiver}
     if kind not in receivers:

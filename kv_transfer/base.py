@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 import zmq
 
-from engine_core.curve import CurveKeys, listening_host
-from engine_core.framing import Channel
+from engine_core.messages.curve import CurveKeys, listening_host
+from engine_core.messages.framing import Channel
 from engine_core.messages.kv import RECEIVER, SENDER, KVHeader, KVMsg
 from engine_core.messages.worker import KVRecvOrder, KVSendOrder, KVTransferDone
 

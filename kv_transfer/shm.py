@@ -14,7 +14,7 @@ import uuid
 import torch
 import zmq
 
-from engine_core.curve import CurveKeys
+from engine_core.messages.curve import CurveKeys
 from engine_core.messages.kv import KVHeader
 from engine_core.messages.worker import KVSendOrder
 from kv_transfer.base import KVReceiver, KVSender, Landing

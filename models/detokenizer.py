@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 
 try:
     from tokenizers.decoders import DecodeStream

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_core.config import EngineConfig
+from engine_core.messages.config import EngineConfig
 from engine_core.messages.worker import NewRequestData, StepPlan, StepResult
 from kernels.metadata import AttentionMetadata
 from models import cpu_features

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine_core.messages.common import TokenLogprobs
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 
 # Candidate-list length for top-p rows: most nuclei fit, and topk this short costs a few
 # ms at batch 64 where a full sort costs ~130 ms. Wider nuclei take the rejection race.

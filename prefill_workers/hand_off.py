@@ -7,8 +7,8 @@ import logging
 import torch
 import zmq
 
-from engine_core.config import EngineConfig
-from engine_core.curve import CurveKeys
+from engine_core.messages.config import EngineConfig
+from engine_core.messages.curve import CurveKeys
 from engine_core.messages.worker import KVTransferDone, StepPlan
 from kv_transfer import KVSender, ShmAllocator, make_sender
 from models.runner import KVAllocator, zeros_allocator

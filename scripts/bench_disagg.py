@@ -30,10 +30,10 @@ import torch
 import zmq
 
 from engine_core.client import EngineClient
-from engine_core.config import EngineAddresses, EngineConfig
+from engine_core.messages.config import EngineAddresses, EngineConfig
 from engine_core.messages.frontend import AddRequest
+from engine_core.messages.sampling_params import SamplingParams
 from engine_core.messages.worker import KVRecvOrder, KVSendOrder
-from engine_core.sampling_params import SamplingParams
 from kv_transfer import CONNECTORS, ShmAllocator, make_receiver, make_sender
 from kv_transfer.base import scatter_blocks
 

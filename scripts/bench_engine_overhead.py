@@ -7,8 +7,9 @@ perf_counter, and has the worker time `ModelRunner.execute`. For steady-state de
 steps at each batch size it prints, per step (median, ms):
 
     schedule    Scheduler.schedule()
-    ipc         the core's round trip minus the worker's execute: msgspec encode/decode
-                of plan and result, both socket hops, the worker loop itself
+    ipc         the core's wait for the result (its worker polls) minus the worker's
+                execute: msgspec encode/decode of plan and result, both socket hops,
+                the worker loop itself
     update      Scheduler.update_from_output()
     publish     stats + encoding + hand-off of one StepOutputs to the frontend I/O thread
     other       the rest of the loop iteration (inbox drain, stats check, step glue)
@@ -38,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zmq
 
-from engine_core.config import EngineAddresses, EngineConfig
-from engine_core.core_proc import BusyLoop, RemoteExecutor, scheduler_factory
-from engine_core.engine import EngineCore
-from engine_core.framing import encode
+from engine_core.core_proc import BusyLoop, scheduler_factory
 from engine_core.frontend_io import FrontendIO
+from engine_core.messages.config import EngineAddresses, EngineConfig
+from engine_core.messages.framing import encode
 from engine_core.messages.frontend import AddRequest, FrontendMsg
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
+from engine_core.pool import PoolEngine
 from engine_core.worker_link import WorkerLink
 
 PHASES = ("schedule", "ipc", "update", "publish", "other")
@@ -73,17 +74,19 @@ def timed_worker(config: EngineConfig, address: str, out_path: str) -> None:
 
 
 class StepTimer:
-    """Wraps the loop's phases; one record per executed step, in execution order."""
+    """Wraps the loop's phases; one record per executed plan, in execution order (a plan's
+    loop turns add up until its result is applied; "execute" is the time polling for it)."""
 
     def __init__(self, loop: BusyLoop) -> None:
         self.records: list[dict[str, float]] = []
         self._current: dict[str, float] = {}
         self._last_end = time.perf_counter()
         engine = loop.engine
-        scheduler = engine.scheduler
+        assert isinstance(engine, PoolEngine)
+        scheduler = engine.workers["worker-0"].scheduler
         scheduler.schedule = self._wrap(scheduler.schedule, "schedule", self._note_plan)
         scheduler.update_from_output = self._wrap(scheduler.update_from_output, "update")
-        engine.executor.execute = self._wrap(engine.executor.execute, "execute")
+        engine.link.poll = self._wrap(engine.link.poll, "execute")
         loop._publish = self._wrap(loop._publish, "publish")
         loop._step = self._wrap(loop._step, "step", after=self._close_step)
 
@@ -107,6 +110,8 @@ class StepTimer:
         return timed
 
     def _note_plan(self, sched_out: Any) -> None:
+        if not sched_out.num_scheduled_tokens:
+            return  # not sent: the plan whose result comes next is the one noted before
         scheduled = sched_out.plan.num_scheduled_tokens
         self._current["batch"] = len(scheduled)
         self._current["decode_only"] = float(sum(scheduled.values()) == len(scheduled))
@@ -114,11 +119,12 @@ class StepTimer:
     def _close_step(self) -> None:
         # NOTE: wall time from the previous step's end, so the inbox drain, the stats check
         # and the loop itself count too
+        if "update" not in self._current:
+            return  # the plan's result has not come back yet
         now = time.perf_counter()
         self._current["total"] = now - self._last_end
         self._last_end = now
-        if "execute" in self._current:
-            self.records.append(self._current)
+        self.records.append(self._current)
         self._current = {}
 
 
@@ -196,8 +202,12 @@ def main() -> int:
         worker.start()
         link.wait_ready(["worker-0"])
         ready = link.ready["worker-0"]
-        scheduler = scheduler_factory(config)(ready.num_blocks, ready.max_model_len)
-        loop = BusyLoop(EngineCore(scheduler, RemoteExecutor(link, "worker-0")), frontends)
+        make = scheduler_factory(config)
+        engine = PoolEngine(
+            link, lambda r: make(r.num_blocks, r.max_model_len), respawn=None, colocated=True
+        )
+        engine.add_worker(ready)
+        loop = BusyLoop(engine, frontends)
         timer = StepTimer(loop)
         runner = threading.Thread(target=loop.run, name="busy-loop")
         runner.start()

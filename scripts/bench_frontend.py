@@ -4,7 +4,7 @@
 This isolates the frontend: the real `duet frontend` processes (HTTP, tokenization,
 detokenization, SSE, the engine client) run against a *synthetic engine core* defined
 here, which runs no model. It binds a ROUTER and speaks the real wire
-(engine_core/messages/frontend.py, engine_core/framing.py): every AddRequest gets one
+(engine_core/messages/frontend.py, engine_core/messages/framing.py): every AddRequest gets one
 token per step, at a fixed step interval, until its max_tokens, with one StepOutputs per
 frontend per step carrying SchedulerStats, exactly as the real core batches them. So
 whatever limits tokens/s here is the frontend (and the load generator sharing the CPU),
@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import aiohttp  # noqa: E402
 import zmq  # noqa: E402
 
-from engine_core.framing import Channel  # noqa: E402
 from engine_core.messages.common import FinishReason  # noqa: E402
+from engine_core.messages.framing import Channel  # noqa: E402
 from engine_core.messages.frontend import (  # noqa: E402
     CORE,
     FrontendMsg,

@@ -17,8 +17,8 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from engine_core.config import EngineAddresses, EngineConfig
-from engine_core.framing import encode
+from engine_core.messages.config import EngineAddresses, EngineConfig
+from engine_core.messages.framing import encode
 from engine_core.messages.frontend import (
     TO_FRONTEND,
     AbortRequests,
@@ -26,7 +26,7 @@ from engine_core.messages.frontend import (
     FrontendMsg,
     SchedulerStats,
 )
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 
 
 def _run_core(config: EngineConfig, addresses: EngineAddresses) -> None:
@@ -39,7 +39,7 @@ class NetnsCore:
     """The engine core as a child process inside network namespace `netns`."""
 
     def __init__(self, netns: str, config: EngineConfig, addresses: EngineAddresses) -> None:
-        code = ("import sys, msgspec; from engine_core.config import *; from engine_core.core_proc import *; "
+        code = ("import sys, msgspec; from engine_core.messages.config import *; from engine_core.core_proc import *; "
                 "run_engine_core(msgspec.json.decode(sys.argv[1], type=EngineConfig), "
                 "EngineAddresses(sys.argv[2], sys.argv[3], sys.argv[4] or None))")  # fmt: skip
         argv = ["ip", "netns", "exec", netns, sys.executable, "-c", code,

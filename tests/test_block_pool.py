@@ -11,8 +11,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from engine_core.block_pool import BlockPool, FreeBlockQueue, KVBlock
 from engine_core.kv_cache_manager import KVCacheManager, cdiv
+from engine_core.messages.sampling_params import SamplingParams
 from engine_core.request import Request, hash_block_tokens
-from engine_core.sampling_params import SamplingParams
 
 BS = 4  # block size for every test here
 

@@ -19,10 +19,10 @@ import zmq
 import zmq.asyncio
 from server_process import free_port, running_server
 
-from engine_core.framing import Channel
 from engine_core.messages.common import ErrorKind, FinishReason
+from engine_core.messages.framing import Channel
 from engine_core.messages.frontend import FRONTEND, AddRequest, FrontendMsg
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 import zmq
 from listeners import non_loopback_address
 
-from engine_core.curve import (
+from engine_core.messages.curve import (
     CurveKeyError,
     CurveKeys,
     authenticate,
@@ -129,7 +129,7 @@ def test_without_keys_a_wildcard_bind_is_narrowed_to_loopback(
 ) -> None:
     server = ctx.socket(zmq.ROUTER)
     server.setsockopt(zmq.LINGER, 0)
-    with caplog.at_level(logging.WARNING, logger="engine_core.curve"):
+    with caplog.at_level(logging.WARNING, logger="engine_core.messages.curve"):
         endpoint = listen(server, "tcp://0.0.0.0:0", None)
     assert endpoint.startswith("tcp://127.0.0.1:")
     assert any("loopback only" in r.getMessage() for r in caplog.records)

@@ -16,11 +16,11 @@ from engine_harness import EngineHarness, worker_pid
 from listeners import listening, listening_anywhere, non_loopback_address
 from server_process import free_port, running_server
 
-from engine_core.config import EngineConfig
-from engine_core.curve import CurveKeys, dial, generate_keys, load_keys
-from engine_core.framing import encode
+from engine_core.messages.config import EngineConfig
+from engine_core.messages.curve import CurveKeys, dial, generate_keys, load_keys
+from engine_core.messages.framing import encode
 from engine_core.messages.frontend import AddRequest, FrontendMsg
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from tokenizers import decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
 import models.detokenizer as detokenizer_module
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 from models.detokenizer import IncrementalDetokenizer
 from models.tokenizer import Tokenizer
 

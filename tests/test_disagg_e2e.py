@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from engine_harness import EngineHarness, worker_pid
 
-from engine_core.config import EngineConfig
+from engine_core.messages.config import EngineConfig
 from models.tokenizer import Tokenizer
 
 MAX_TOKENS = 12

@@ -1,14 +1,18 @@
-"""DisaggEngine's orchestration, GPU- and process-free: a fake link, hand-made results."""
+"""PoolEngine's orchestration, GPU- and process-free: a fake link, hand-made results.
+
+Disaggregated (prefill and decode workers) unless a test says colocated (one mixed worker).
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
 
-from engine_core.disagg import DisaggEngine
+from engine_core.messages.common import ErrorKind, FinishReason
 from engine_core.messages.frontend import AddRequest
+from engine_core.messages.sampling_params import SamplingParams
 from engine_core.messages.worker import KVTransferDone, StepPlan, StepResult, WorkerMsg, WorkerReady
-from engine_core.sampling_params import SamplingParams
+from engine_core.pool import PoolEngine
 from engine_core.scheduler import Scheduler, SchedulerConfig
 
 PROMPT = [1, 2, 3, 4, 5, 6]
@@ -41,16 +45,22 @@ class FakeLink:
 
 
 def make_engine(
-    prefill: int = 1, decode: int = 1, timeout: float = 10.0
-) -> tuple[DisaggEngine, FakeLink, list[str]]:
+    prefill: int = 1, decode: int = 1, timeout: float = 10.0, colocated: bool = False
+) -> tuple[PoolEngine, FakeLink, list[str]]:
     link = FakeLink()
     respawned: list[str] = []
 
     def make_scheduler(ready: WorkerReady) -> Scheduler:
         return Scheduler(SchedulerConfig(max_model_len=32, block_size=4), ready.num_blocks, [99])
 
-    engine = DisaggEngine(link, make_scheduler, respawned.append, timeout)  # type: ignore[arg-type]
-    for role, count in (("prefill", prefill), ("decode", decode)):
+    def respawn(role: str) -> str:
+        respawned.append(role)
+        link.processes[f"{role}-{len(respawned)}"] = object()  # it says READY later, or never
+        return f"{role}-{len(respawned)}"
+
+    engine = PoolEngine(link, make_scheduler, respawn, timeout, colocated)  # type: ignore[arg-type]
+    roles = (("mixed", 1),) if colocated else (("prefill", prefill), ("decode", decode))
+    for role, count in roles:
         for i in range(count):
             engine.add_worker(
                 WorkerReady(f"{role}-{i}", role, 16, 4, 32, kv_address=f"tcp://{role}-{i}")
@@ -59,11 +69,11 @@ def make_engine(
     return engine, link, respawned
 
 
-def add(engine: DisaggEngine, req_id: str, prompt: list[int] = PROMPT) -> None:
+def add(engine: PoolEngine, req_id: str, prompt: list[int] = PROMPT) -> None:
     assert engine.add_request(AddRequest(req_id, prompt, SamplingParams(max_tokens=5), 0.0)) is None
 
 
-def finish_step(engine: DisaggEngine, link: FakeLink, worker_id: str, token: int = 7) -> StepPlan:
+def finish_step(engine: PoolEngine, link: FakeLink, worker_id: str, token: int = 7) -> StepPlan:
     """The worker answers its plan in flight, sampling `token` wherever it should."""
     out = engine.workers[worker_id].inflight
     assert out is not None, f"{worker_id} has no plan in flight"
@@ -80,11 +90,11 @@ def confirm(link: FakeLink, transfer_id: str, ok: bool = True) -> None:
     )
 
 
-def usage(engine: DisaggEngine) -> dict[str, float]:
+def usage(engine: PoolEngine) -> dict[str, float]:
     return engine.stats().kv_cache_usage
 
 
-def prefilled(engine: DisaggEngine, link: FakeLink) -> str:
+def prefilled(engine: PoolEngine, link: FakeLink) -> str:
     """Add request "a", run its prefill; returns its transfer id (the first token is out)."""
     add(engine, "a")
     engine.step()
@@ -198,3 +208,77 @@ def test_two_of_each_share_the_load() -> None:
     assert taken["prefill-0"] == taken["prefill-1"] == 2
     sends = [s.dst_worker for p in ("prefill-0", "prefill-1") for s in link.plans[p][-1].kv_sends]
     assert sorted(sends) == ["decode-0", "decode-0", "decode-1", "decode-1"]
+
+
+def mixed_worker(name: str) -> WorkerReady:
+    return WorkerReady(name, "mixed", 16, 4, 32)
+
+
+def test_a_mixed_worker_keeps_its_request_from_prefill_to_finish() -> None:
+    engine, link, _ = make_engine(colocated=True)
+    add(engine, "a")
+    deltas = []
+    while engine.has_unfinished_requests():
+        assert engine.step() == []  # sends the next plan
+        finish_step(engine, link, "mixed-0")
+        deltas += engine.step()
+    assert [d.new_token_ids for d in deltas] == [[7]] * 5
+    assert deltas[-1].finish_reason == FinishReason.LENGTH
+    assert not any(p.kv_sends or p.kv_recvs for p in link.plans["mixed-0"])
+    assert usage(engine) == {"mixed-0": 0.0}
+
+
+def test_an_idle_colocated_engine_sleeps_on_its_inbox_and_a_disaggregated_one_listens() -> None:
+    assert not make_engine(colocated=True)[0].wants_step()
+    assert make_engine()[0].wants_step()
+
+
+def test_a_dead_mixed_worker_is_replaced_and_its_requests_recomputed() -> None:
+    engine, link, respawned = make_engine(colocated=True)
+    add(engine, "a")
+    engine.step()
+    finish_step(engine, link, "mixed-0")
+    engine.step()
+    link.dead.append("mixed-0")
+    engine.step()
+    assert respawned == ["mixed"]
+    add(engine, "b")  # accepted while the replacement loads: it waits for it
+    engine.add_worker(mixed_worker("mixed-1"))
+    engine.step()
+    new = {n.req_id: n for n in link.plans["mixed-1"][-1].new_requests}
+    assert (new["a"].token_ids, new["a"].num_computed_tokens) == ([*PROMPT, 7], 0)
+    assert set(new) == {"a", "b"} and engine.stats().recomputed_prefills == 1
+
+
+def test_a_quick_second_crash_waits_before_the_replacement() -> None:
+    engine, link, respawned = make_engine(colocated=True)
+    link.dead.append("mixed-0")
+    engine.step()
+    engine.add_worker(mixed_worker("mixed-1"))
+    link.processes["mixed-1"] = object()
+    link.dead.append("mixed-1")
+    engine.step()
+    assert respawned == ["mixed"]  # the second one is due in a second
+    assert engine.wants_step()  # and the engine keeps stepping until it is spawned
+
+
+def test_a_replacement_that_dies_while_loading_is_tried_again_after_a_pause() -> None:
+    engine, link, respawned = make_engine(colocated=True)
+    add(engine, "a")
+    link.dead.append("mixed-0")
+    engine.step()
+    link.dead.append("mixed-1")  # the replacement, before it said READY
+    engine.step()
+    assert respawned == ["mixed"]  # a second quick crash: the next one is due in a second
+    assert engine.has_unfinished_requests() and engine.wants_step()
+
+
+def test_a_worker_that_dies_while_draining_fails_its_requests_as_server_errors() -> None:
+    engine, link, respawned = make_engine(colocated=True)
+    add(engine, "a")
+    engine.step()
+    engine.drain()
+    link.dead.append("mixed-0")
+    (delta,) = engine.step()
+    assert (delta.request_id, delta.error_kind) == ("a", ErrorKind.SERVER)
+    assert respawned == [] and not engine.has_unfinished_requests()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from engine_harness import EngineHarness
 
-from engine_core.config import EngineConfig
-from engine_core.curve import generate_keys
+from engine_core.messages.config import EngineConfig
+from engine_core.messages.curve import generate_keys
 
 TAG = f"d{os.getpid() % 100000}"  # unique names: other test runs may share this kernel
 NAMESPACES = {"core": "10.77.0.1", "prefill": "10.77.0.2", "decode": "10.77.0.3"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from engine_harness import EngineHarness
 
-from engine_core.config import EngineConfig
+from engine_core.messages.config import EngineConfig
 from engine_core.worker_link import HEARTBEAT_TIMEOUT
 
 ENGINE = "tcp://127.0.0.1:5581"

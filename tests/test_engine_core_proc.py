@@ -25,10 +25,10 @@ import zmq
 import zmq.asyncio
 
 from engine_core.client import EngineClient
-from engine_core.config import EngineAddresses, EngineConfig
 from engine_core.core_proc import run_engine_core
-from engine_core.framing import encode
 from engine_core.messages.common import FinishReason
+from engine_core.messages.config import EngineAddresses, EngineConfig
+from engine_core.messages.framing import encode
 from engine_core.messages.frontend import (
     TO_FRONTEND,
     AbortRequests,
@@ -36,7 +36,7 @@ from engine_core.messages.frontend import (
     FrontendMsg,
     SchedulerStats,
 )
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 from models.loader import ModelSource, load_config
 from models.runner import kv_block_bytes
 from models.tokenizer import Tokenizer
@@ -280,12 +280,14 @@ def test_abort_mid_decode_frees_every_block(core: CoreProcess, prompts: list[lis
                     assert (await anext(stream)).finish_reason is None
             await wait_for_stats(client, lambda s: s.num_running == 4)
             assert client.latest_stats is not None
-            assert client.latest_stats.kv_cache_usage["mixed"] > 0
+            assert client.latest_stats.kv_cache_usage["worker-0"] > 0
             for stream in streams:
                 await stream.aclose()  # the client sends ABORT
             await wait_for_stats(
                 client,
-                lambda s: (s.num_running, s.num_waiting, s.kv_cache_usage["mixed"]) == (0, 0, 0.0),
+                lambda s: (
+                    (s.num_running, s.num_waiting, s.kv_cache_usage["worker-0"]) == (0, 0, 0.0)
+                ),
             )
 
     run(scenario())

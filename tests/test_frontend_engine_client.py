@@ -14,8 +14,8 @@ import zmq
 import zmq.asyncio
 
 from engine_core.client import EngineClient, EngineDeadError
-from engine_core.framing import encode
 from engine_core.messages.common import FinishReason
+from engine_core.messages.framing import encode
 from engine_core.messages.frontend import (
     AbortRequests,
     AddRequest,
@@ -24,7 +24,7 @@ from engine_core.messages.frontend import (
     SchedulerStats,
     StepOutputs,
 )
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 
 
 class Core:

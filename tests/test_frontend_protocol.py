@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 from frontend.errors import APIError
 from frontend.protocol import (
     UNSUPPORTED_CHAT,

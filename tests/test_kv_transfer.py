@@ -12,7 +12,7 @@ import torch
 import zmq
 from listeners import listening, non_loopback_address
 
-from engine_core.curve import authenticate, generate_keys, load_keys
+from engine_core.messages.curve import authenticate, generate_keys, load_keys
 from engine_core.messages.worker import KVRecvOrder, KVSendOrder, KVTransferDone
 from kv_transfer import ShmAllocator, make_receiver, make_sender
 

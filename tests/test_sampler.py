@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams
 from models.sampler import SamplingState, _apply_logit_bias, _apply_penalties, sample
 
 EOS = 0

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from engine_core.engine import EngineCore
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest, RequestDelta
+from engine_core.messages.sampling_params import SamplingParams
 from engine_core.messages.worker import StepPlan, StepResult
 from engine_core.request import RequestStatus
-from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import (
     STEP_FAILED,
     Policy,

@@ -16,9 +16,9 @@ import msgspec.inspect as mi
 import pytest
 import zmq
 
-from engine_core.framing import Channel, Endpoint, MessageTable
 from engine_core.messages import frontend, kv, worker
 from engine_core.messages.common import TokenLogprobs
+from engine_core.messages.framing import Channel, Endpoint, MessageTable
 
 # (one side, the other side, the message enum) for each boundary
 BOUNDARIES = [

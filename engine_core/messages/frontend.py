@@ -12,9 +12,9 @@ import enum
 import msgspec
 import zmq
 
-from engine_core.framing import Endpoint, MessageTable
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.framing import Endpoint, MessageTable
+from engine_core.messages.sampling_params import SamplingParams
 
 
 class FrontendMsg(enum.IntEnum):

@@ -10,7 +10,7 @@ import enum
 import msgspec
 import zmq
 
-from engine_core.framing import Endpoint, MessageTable
+from engine_core.messages.framing import Endpoint, MessageTable
 
 
 class KVMsg(enum.IntEnum):

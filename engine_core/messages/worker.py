@@ -14,10 +14,10 @@ import enum
 import msgspec
 import zmq
 
-from engine_core.config import EngineConfig, env_seconds
-from engine_core.framing import Endpoint, MessageTable
 from engine_core.messages.common import TokenLogprobs
-from engine_core.sampling_params import SamplingParams
+from engine_core.messages.config import EngineConfig, env_seconds
+from engine_core.messages.framing import Endpoint, MessageTable
+from engine_core.messages.sampling_params import SamplingParams
 
 
 class WorkerMsg(enum.IntEnum):

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from engine_core.curve import CurveKeys, dial, listen, listen_on_random_port
+from engine_core.messages.curve import CurveKeys, dial, listen, listen_on_random_port
 
 logger = logging.getLogger(__name__)
 

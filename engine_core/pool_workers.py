@@ -1,4 +1,4 @@
-"""The core's view of one disaggregated worker: its scheduler and pool, plan in flight, orders."""
+"""The core's view of one worker: its scheduler and pool, plan in flight, KV orders."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from engine_core.scheduler import Scheduler, SchedulerOutput
 
 @dataclass
 class Worker:
-    """A prefill or decode worker. Its scheduler plans only its own steps, over its own pool."""
+    """A mixed, prefill or decode worker. Its scheduler plans only its own steps, over its
+    own pool."""
 
     ready: WorkerReady
     scheduler: Scheduler
+    joined_at: float = 0.0  # monotonic time of its READY: a quick death backs its restart off
     inflight: SchedulerOutput | None = None
     # KV orders waiting for this worker's next plan
     cancels: list[str] = field(default_factory=list)
