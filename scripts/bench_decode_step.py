@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from engine_core.config import EngineConfig
+from engine_core.messages.config import EngineConfig
 from kernels.metadata import AttentionMetadata
 from models.runner import ModelRunner
 
