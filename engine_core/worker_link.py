@@ -28,6 +28,7 @@ from engine_core.messages.worker import (
     HEARTBEAT_SUFFIX,
     HEARTBEAT_TIMEOUT,
     JOIN_SUFFIX,
+    LOCAL_HEARTBEAT_TIMEOUT,
     TO_CORE,
     StepPlan,
     StepResult,
@@ -120,14 +121,18 @@ class WorkerLink:
 
     def dead_workers(self) -> list[str]:
         """Workers to give up on: local ones whose process exited (a kill -9 shows at once),
-        any silent for HEARTBEAT_TIMEOUT, any whose step in flight overran STEP_TIMEOUT."""
+        remote ones silent for HEARTBEAT_TIMEOUT (local ones for LOCAL_HEARTBEAT_TIMEOUT),
+        any whose step in flight overran STEP_TIMEOUT."""
         now, read = time.monotonic(), self._drained_at
         dead = [w for w, proc in self.processes.items() if not proc.is_alive()]
-        dead += [w for w, last in self.heard.items() if read - last > HEARTBEAT_TIMEOUT]
+        dead += [w for w, last in self.heard.items() if read - last > self._silence_limit(w)]
         hung = [w for w, (_, since) in self.sent.items() if now - since > STEP_TIMEOUT]
         for worker_id in hung:
             logger.error("worker %s has run one step for over %.0f s", worker_id, STEP_TIMEOUT)
         return list(dict.fromkeys(dead + hung))
+
+    def _silence_limit(self, worker_id: str) -> float:
+        return LOCAL_HEARTBEAT_TIMEOUT if worker_id in self.processes else HEARTBEAT_TIMEOUT
 
     def _receive_or_drained(self) -> Incoming | None:
         """The next message within POLL_MS, or None (and the socket is known empty)."""

@@ -35,6 +35,9 @@ HEARTBEAT_SUFFIX = "/hb"  # identity of a worker's heartbeat socket: "<worker id
 JOIN_SUFFIX = "/join"  # identity of a remote worker's configuration request
 # seconds of heartbeat silence after which a worker counts as dead; beats come 6x as often
 HEARTBEAT_TIMEOUT = env_seconds("DUET_HEARTBEAT_TIMEOUT", 1.5)
+# NOTE: the core sees a local worker's exit at once (its process sentinel), so silence only
+# has to catch a hang there; a CPU-starved but healthy worker must not be restarted for it
+LOCAL_HEARTBEAT_TIMEOUT = env_seconds("DUET_LOCAL_HEARTBEAT_TIMEOUT", 10.0)
 
 
 class WorkerJoin(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
