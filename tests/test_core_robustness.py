@@ -38,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     args = [
         "--engine-address", engine, "--max-model-len", "4608", "--kv-cache-memory", "384MiB",
         "--max-num-batched-tokens", "4096", "--max-num-seqs", "8",
+        "--dtype", "float32",  # a stream's text beside others equals its solo text only in fp32
     ]  # fmt: skip
     log = tmp_path_factory.mktemp("robust") / "duet.log"
     with pytest.MonkeyPatch.context() as env:

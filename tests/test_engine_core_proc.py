@@ -60,7 +60,10 @@ class CoreProcess:
         self.addresses = EngineAddresses.ipc(str(directory))
         # one torch thread: batch-1 decode is memory-bound anyway, and two threads collapse
         # when another process computes on this shared 2-core machine
-        engine_config = EngineConfig(block_size=BLOCK_SIZE, torch_threads=1, **config)  # type: ignore[arg-type]
+        # float32: tokens equal across batch shapes (alone vs 64 at once, preempted) only there
+        engine_config = EngineConfig(  # type: ignore[arg-type]
+            block_size=BLOCK_SIZE, torch_threads=1, dtype="float32", **config
+        )
         # NOTE: not daemonic: a daemonic process may not have children.
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, args=(engine_config, self.addresses), daemon=False
