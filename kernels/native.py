@@ -38,10 +38,13 @@ _FLAGS = [
     "-fno-finite-math-only",
     "-fno-strict-aliasing",
     "-fopenmp",
-    "-shared",
     "-fPIC",
     "-std=c11",
 ]
+# NOTE: linked in a step of its own, without -ffast-math: gcc would otherwise link
+# crtfastmath.o, whose constructor turns on flush-to-zero for the whole process that loads
+# the library (torch's results and every subnormal in Python included)
+_LINK_FLAGS = ["-shared", "-fopenmp"]
 
 
 def _cache_dir() -> Path:
@@ -50,7 +53,7 @@ def _cache_dir() -> Path:
 
 
 def _build_key() -> str:
-    digest = hashlib.sha256(" ".join(_FLAGS).encode())
+    digest = hashlib.sha256(" ".join(_FLAGS + _LINK_FLAGS).encode())
     for source in _SOURCES + _HEADERS:
         digest.update(source.read_bytes())
     digest.update(" ".join(sorted(cpu_flags())).encode())
@@ -60,21 +63,19 @@ def _build_key() -> str:
 def _compile(target: Path) -> None:
     torch_lib = Path(torch.__file__).parent / "lib"
     target.parent.mkdir(parents=True, exist_ok=True)
+    cc = os.environ.get("CC", "cc")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in _SOURCES]
+        for source, obj in zip(_SOURCES, objects, strict=True):
+            _run([cc, *_FLAGS, f"-I{_CSRC}", "-c", str(source), "-o", obj])
         partial = Path(tmp) / target.name
-        cmd = [
-            os.environ.get("CC", "cc"),
-            *_FLAGS,
-            *map(str, _SOURCES),
-            f"-I{_CSRC}",
-            "-o",
-            str(partial),
-            f"-L{torch_lib}",
-            f"-Wl,-rpath,{torch_lib}",
-            "-lm",
-        ]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        link = [cc, *_LINK_FLAGS, *objects, "-o", str(partial), f"-L{torch_lib}"]
+        _run([*link, f"-Wl,-rpath,{torch_lib}", "-lm"])
         partial.replace(target)  # atomic: concurrent workers never load a half-written file
+
+
+def _run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
 @functools.cache

@@ -99,3 +99,11 @@ def test_native_decode_reads_only_its_blocks(dtype: torch.dtype, isa: str) -> No
     value_cache[meta.block_tables[0, 0], 5:] = float("nan")
     got = cpu_attention.native_decode(query, key_cache, value_cache, meta, 0.125)
     torch.testing.assert_close(got, expected)
+
+
+def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:
+    # a library linked with -ffast-math would have set flush-to-zero for this whole process
+    assert native.load() is not None
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # subnormal in fp32
+    assert (tiny * 1.0).item() > 0
+    assert 2.2250738585072014e-308 / 2 > 0  # a subnormal double, in Python itself
