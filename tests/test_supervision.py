@@ -89,9 +89,8 @@ def _core_pid(launcher: int) -> int:
     return next(c for c in _children(launcher) if any(_comm(g) == "worker-0" for g in _children(c)))
 
 
-def _frontend_pids(launcher: int) -> list[int]:
+def _frontend_pids(launcher: int, core: int) -> list[int]:
     """The launcher's children that are neither the core nor multiprocessing's tracker."""
-    core = _core_pid(launcher)
     others = [c for c in _children(launcher) if c != core]
     return [c for c in others if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
 
@@ -237,7 +236,12 @@ def test_kill_9_of_a_frontend_leaves_the_others_serving_and_it_comes_back(
     tiny_checkpoint: Callable[..., Path], tmp_path: Path
 ) -> None:
     with serving(tiny_checkpoint(), tmp_path, "--api-server-count", "2") as server:
-        frontends = _frontend_pids(server.proc.pid)
+        # /health answers once one frontend is up; a frontend killed before it ever served
+        # would rightly stop the server
+        listening = lambda: server.log.read_text().count(" listening on http") == 2  # noqa: E731
+        _wait_until(listening, LIVE_TIMEOUT, "both frontends never listened")
+        core = _core_pid(server.proc.pid)
+        frontends = _frontend_pids(server.proc.pid, core)
         assert len(frontends) == 2
 
         async def scenario() -> list[list[str] | BaseException]:
@@ -252,11 +256,14 @@ def test_kill_9_of_a_frontend_leaves_the_others_serving_and_it_comes_back(
             if isinstance(outcome, BaseException):
                 assert isinstance(outcome, aiohttp.ClientError)
             else:
-                assert outcome[-1] == "[DONE]" and all("error" not in e for e in outcome[:-1])
+                assert outcome[-1] == "[DONE]"
+                assert all("error" not in json.loads(e) for e in outcome[:-1])
         _wait_until(
-            lambda: len(_frontend_pids(server.proc.pid)) == 2, RECOVERY_TIMEOUT, "no new frontend"
+            lambda: len(_frontend_pids(server.proc.pid, core)) == 2,
+            RECOVERY_TIMEOUT,
+            "no new frontend",
         )
-        assert frontends[0] not in _frontend_pids(server.proc.pid)
+        assert frontends[0] not in _frontend_pids(server.proc.pid, core)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         for _ in range(4):  # connections spread over both frontends, the new one included
             reply = client.completions.create(model=MODEL, prompt="hello", max_tokens=4)
