@@ -1,8 +1,9 @@
 """duet's engine core: scheduling, block management, and the offline API."""
 
+from engine_core.lora_request import LoRARequest
 from engine_core.messages.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams"]
 
 
 def __getattr__(name: str) -> object:

@@ -11,13 +11,16 @@ import msgspec
 from tqdm import tqdm
 
 from engine_core.engine import EngineCore
+from engine_core.lora_request import LoRARequest, per_prompt_refs
 from engine_core.messages.config import EngineConfig, parse_size
 from engine_core.messages.frontend import AddRequest, RequestDelta
+from engine_core.messages.lora import LoRARef
 from engine_core.messages.sampling_params import SamplingParams
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.scheduler import scheduler_for
 from models.detokenizer import IncrementalDetokenizer
 from models.loader import resolve_model
+from models.lora_files import read_adapter
 from models.runner import ModelRunner
 from models.tokenizer import load_tokenizer
 
@@ -64,13 +67,20 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); results come back in prompt order."""
+        """Complete each prompt (text or token ids); results come back in prompt order.
+
+        `lora_request` (one for all prompts, or one per prompt) picks a LoRA adapter; the
+        LLM must be built with `enable_lora=True`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         texts = [p if isinstance(p, str) else None for p in prompts]
         token_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        return self._run(texts, token_ids, sampling_params, use_tqdm)
+        loras = per_prompt_refs(lora_request, len(token_ids))
+        for ref in dict.fromkeys(r for r in loras if r is not None):
+            self._check_lora(ref)
+        return self._run(texts, token_ids, sampling_params, use_tqdm, loras)
 
     def chat(
         self,
@@ -86,18 +96,26 @@ class LLM:
         ]
         return self._run([None] * len(token_ids), token_ids, sampling_params, use_tqdm)
 
+    def _check_lora(self, ref: LoRARef) -> None:
+        """Refuse an adapter before queuing anything (LoRAError, one line)."""
+        if not self.config.enable_lora:
+            raise ValueError("LoRA adapters need LLM(..., enable_lora=True)")
+        read_adapter(ref.path, self.runner.model_config, self.config.max_lora_rank)
+
     def _run(
         self,
         texts: list[str | None],
         token_ids: list[list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
+        loras: Sequence[LoRARef | None] | None = None,
     ) -> list[RequestOutput]:
         params = _per_prompt(sampling_params, len(token_ids))
+        loras = loras or [None] * len(token_ids)
         results: list[RequestOutput] = []
         samples: dict[str, _Sample] = {}
         now = time.monotonic()
-        for text, ids, p in zip(texts, token_ids, params, strict=True):
+        for text, ids, p, lora in zip(texts, token_ids, params, loras, strict=True):
             p.validate()
             request_id = str(next(self._ids))
             result = RequestOutput(request_id, text, ids, [CompletionOutput(i) for i in range(p.n)])
@@ -107,7 +125,7 @@ class LLM:
                 samples[child_id] = _Sample(
                     result.outputs[child], IncrementalDetokenizer(self.tokenizer, child_params, ids)
                 )
-                self.engine.add_request(AddRequest(child_id, ids, child_params, now))
+                self.engine.add_request(AddRequest(child_id, ids, child_params, now, lora=lora))
         bar = tqdm(total=len(samples), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
             for delta in self.engine.step():

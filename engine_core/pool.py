@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from engine_core.lora_cap import lora_counts, merge_counts
 from engine_core.messages.common import ErrorKind, FinishReason
 from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
 from engine_core.messages.worker import StepResult, WorkerMsg, WorkerReady
@@ -153,6 +154,10 @@ class PoolEngine:
             kv_transfer_failures=self.transfers.failures,
             recomputed_prefills=self.recomputed_prefills,
             worker_requests=dict(self.worker_requests),
+            running_loras=merge_counts(s.running_loras for s in per_worker),
+            waiting_loras=merge_counts(
+                [*(s.waiting_loras for s in per_worker), lora_counts(self.backlog)]
+            ),
         )
 
     # -- dispatch and results ------------------------------------------------------------

@@ -11,6 +11,7 @@ import msgspec
 
 from engine_core.messages.common import FinishReason
 from engine_core.messages.frontend import AddRequest
+from engine_core.messages.lora import LoRARef
 from engine_core.messages.sampling_params import SamplingParams
 
 # A block's identity for prefix caching: sha256 of (parent hash, block tokens, salt).
@@ -20,16 +21,21 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 def hash_block_tokens(
-    parent: BlockHash | None, token_ids: Sequence[int], cache_salt: str | None = None
+    parent: BlockHash | None,
+    token_ids: Sequence[int],
+    cache_salt: str | None = None,
+    lora: LoRARef | None = None,
 ) -> BlockHash:
     """Hash one full block, chained to the hash of the block before it.
 
     NOTE: sha256 rather than Python's hash(): it is stable across processes (str hashes
     are salted per process) and collisions are out of the question, so a hash can name
     KV content anywhere — prefill and decode pools, or a cache-aware router later.
-    The salt enters the first block only; the chain carries it into every later block.
+    The salt and the adapter enter the first block only; the chain carries them into every
+    later block, so KV computed under one adapter is never a hit for another (or the base).
     """
-    payload = _encoder.encode((parent, list(token_ids), cache_salt))
+    extra = (cache_salt,) if lora is None else (cache_salt, lora.key)
+    payload = _encoder.encode((parent, list(token_ids), *extra))
     return hashlib.sha256(payload).digest()
 
 
@@ -75,6 +81,7 @@ class Request:
         arrival_time: float = 0.0,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora: LoRARef | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -83,6 +90,7 @@ class Request:
         self.arrival_time = arrival_time
         self.priority = priority
         self.cache_salt = cache_salt
+        self.lora = lora
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
@@ -107,6 +115,7 @@ class Request:
             arrival_time=msg.arrival_time,
             priority=msg.priority,
             cache_salt=msg.cache_salt,
+            lora=msg.lora,
         )
 
     @property
@@ -137,8 +146,8 @@ class Request:
             index = len(self.block_hashes)
             parent = self.block_hashes[-1] if index else None
             tokens = self.all_token_ids[index * size : (index + 1) * size]
-            salt = self.cache_salt if index == 0 else None
-            self.block_hashes.append(hash_block_tokens(parent, tokens, salt))
+            salt, lora = (self.cache_salt, self.lora) if index == 0 else (None, None)
+            self.block_hashes.append(hash_block_tokens(parent, tokens, salt, lora))
 
 
 class Stop(NamedTuple):

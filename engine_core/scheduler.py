@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engine_core.kv_cache_manager import KVCacheManager
+from engine_core.lora_cap import LoRACap, lora_counts
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.config import EngineConfig
 from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
@@ -53,6 +54,8 @@ class SchedulerConfig:
     # prompt token ids must be below this (None: unchecked); one bad id would fail the
     # whole step on the worker, and with it every request in the batch
     vocab_size: int | None = None
+    # distinct LoRA adapters in one step (vLLM's --max-loras); None: LoRA is off
+    max_loras: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -147,6 +150,7 @@ class _Step:
                 sampling_params=request.sampling_params,
                 block_ids=block_ids,
                 num_computed_tokens=request.num_computed_tokens,
+                lora=request.lora,
             )
         )
         self._count(request, num_tokens)
@@ -260,6 +264,8 @@ class Scheduler:
             prefix_cache_queries=sum(pool.prefix_cache_queries for pool in pools),
             prefix_cache_hits=sum(pool.prefix_cache_hits for pool in pools),
             num_preemptions=self.num_preemptions,
+            running_loras=lora_counts(self.running),
+            waiting_loras=lora_counts(self.waiting),
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -339,10 +345,13 @@ class Scheduler:
         return new_block_ids
 
     def _schedule_waiting(self, step: _Step) -> None:
-        while self.waiting and step.token_budget > 0:
-            if len(self.running) >= self.config.max_num_seqs:
+        loras = LoRACap(self.config.max_loras, self.running)
+        for request in list(self.waiting):
+            if step.token_budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
-            if not self._admit(self.waiting.peek(), step):
+            if not loras.admits(request):
+                continue  # as vLLM: it waits for its adapter's turn; others may go
+            if not self._admit(request, step):
                 return  # head-of-line waits for blocks; later requests wait behind it
 
     def _admit(self, request: Request, step: _Step) -> bool:
@@ -488,6 +497,8 @@ class Scheduler:
             return f"request id {msg.request_id!r} is already in use"
         if num_prompt == 0:
             return "the prompt is empty"
+        if msg.lora is not None and self.config.max_loras is None:
+            return "LoRA adapters are not enabled (start the server with --enable-lora)"
         vocab = self.config.vocab_size
         if vocab is not None:
             for name, ids in _token_id_fields(msg):
@@ -537,5 +548,6 @@ def scheduler_for(
         enable_prefix_caching=config.enable_prefix_caching,
         policy=config.scheduling_policy,
         vocab_size=model.vocab_size,
+        max_loras=config.max_loras if config.enable_lora else None,
     )
     return Scheduler(sched_config, num_blocks, model.eos_token_ids)

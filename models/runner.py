@@ -9,12 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from engine_core.messages.config import EngineConfig
+from engine_core.messages.lora import LoRARef
 from engine_core.messages.worker import NewRequestData, StepPlan, StepResult
 from kernels.metadata import AttentionMetadata
 from models import cpu_features
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import iter_weights, load_config, resolve_model
+from models.lora import LoRAManager
 from models.sampler import SamplingState, sample
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class RunnerRequest:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingState
+    lora: LoRARef | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +79,12 @@ class ModelRunner:
         self.model.load_weights(iter_weights(source, self.dtype))
         self.model.to(self.dtype).eval()
         packed = self.model.pack_weights()
+        self.lora = (
+            LoRAManager(self.model, self.model_config, self.dtype, max_loras=config.max_loras,
+                        max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras)
+            if config.enable_lora
+            else None
+        )  # fmt: skip
         logger.info(
             "dtype %s (asked %s; CPU: %s), KV cache %s, %d linears prepacked",
             self.dtype, config.dtype, cpu_features.describe(), self.kv_dtype, packed,
@@ -111,6 +120,10 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows, sample_ids = self._prepare(
             order, plan.num_scheduled_tokens
         )
+        if self.lora is not None:
+            self.lora.set_batch(
+                [(self.requests[r].lora, plan.num_scheduled_tokens[r]) for r in order]
+            )
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         for req_id in order:
             self.requests[req_id].num_computed_tokens += plan.num_scheduled_tokens[req_id]
@@ -151,6 +164,7 @@ class ModelRunner:
             block_ids=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
             sampling=state,
+            lora=new.lora,
         )
 
     def _prepare(

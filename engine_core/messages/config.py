@@ -50,6 +50,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     worker_address: str | None = None
     torch_threads: int | None = None  # per worker; None: split the machine's cores
     max_waiting_requests: int | None = None
+    # multi-LoRA, with vLLM's flags: adapters per step, their largest rank, adapters a
+    # worker keeps loaded (None: max_loras)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
 
 @dataclass(frozen=True)

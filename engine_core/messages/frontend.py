@@ -14,6 +14,7 @@ import zmq
 
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.framing import Endpoint, MessageTable
+from engine_core.messages.lora import LoRARef
 from engine_core.messages.sampling_params import SamplingParams
 
 
@@ -32,6 +33,7 @@ class AddRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     arrival_time: float
     priority: int = 0  # lower runs first, as in vLLM
     cache_salt: str | None = None
+    lora: LoRARef | None = None  # None: the base model
 
 
 class AbortRequests(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -67,6 +69,9 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     recomputed_prefills: int = 0
     # disaggregated: worker id -> requests it has taken so far (cumulative)
     worker_requests: dict[str, int] = {}
+    # adapter name -> its running / waiting requests (for duet:lora_requests_info)
+    running_loras: dict[str, int] = {}
+    waiting_loras: dict[str, int] = {}
 
 
 class StepOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -17,6 +17,7 @@ import zmq
 from engine_core.messages.common import TokenLogprobs
 from engine_core.messages.config import EngineConfig, env_seconds
 from engine_core.messages.framing import Endpoint, MessageTable
+from engine_core.messages.lora import LoRARef
 from engine_core.messages.sampling_params import SamplingParams
 
 
@@ -69,6 +70,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    lora: LoRARef | None = None  # the worker loads it by path on first use
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
