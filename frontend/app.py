@@ -12,6 +12,7 @@ from aiohttp import web
 
 from frontend.context import CONTEXT, ServerContext
 from frontend.errors import APIError
+from frontend.lora import load_lora_adapter, runtime_updates_allowed, unload_lora_adapter
 from frontend.metrics import render_metrics
 from frontend.responses import ModelCard, ModelList, Version, json_response
 from frontend.serving_chat import create_chat_completion
@@ -42,13 +43,17 @@ def build_app(
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/version", version)
+    if runtime_updates_allowed():
+        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     return app
 
 
 async def list_models(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     card = ModelCard(ctx.model_name, int(time.time()), ctx.max_model_len, root=ctx.model_name)
-    return json_response(ModelList([card]))
+    adapters = [] if ctx.loras is None else ctx.loras.cards(ctx.max_model_len)
+    return json_response(ModelList([card, *adapters]))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ from engine_core.messages.config import EngineConfig, parse_size
 from engine_core.messages.curve import add_curve_keys_argument
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
 from frontend.bench.args import add_arguments as add_bench_arguments
+from frontend.lora_args import add_lora_arguments, check_lora_modules
 from frontend.settings import FrontendSettings, setup_logging
 from models.cpu_features import describe as describe_cpu
 from models.cpu_features import resolve_dtype
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", dest="model_option", help="same as the positional MODEL")
     _add_http_args(serve)
     _add_engine_args(serve)
+    add_lora_arguments(serve, _positive)
     add_curve_keys_argument(serve)
     serve.set_defaults(run=_serve)
     frontend = commands.add_parser("frontend", help="run frontends against a remote engine core")
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     frontend.add_argument("--engine", required=True, metavar="ADDRESS",
                           help="the core's frontend socket, e.g. tcp://10.0.0.5:5570")  # fmt: skip
     _add_http_args(frontend)
+    add_lora_arguments(frontend, _positive)
     add_curve_keys_argument(frontend)
     frontend.set_defaults(run=_frontend)
     for role in ("prefill", "decode"):
@@ -159,6 +162,10 @@ def _frontend_settings(args: argparse.Namespace, engine_address: str) -> Fronten
         log_requests=not args.disable_log_requests,
         curve_keys=args.curve_keys,
         shutdown_timeout=args.shutdown_timeout,
+        enable_lora=args.enable_lora,
+        lora_modules=tuple(args.lora_modules or ()),
+        max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras,
     )
 
 
@@ -188,7 +195,12 @@ def _serve(args: argparse.Namespace) -> int:
         worker_address=args.worker_address,
         kv_connector=args.kv_connector,
         max_waiting_requests=args.max_waiting_requests,
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
     )
+    check_lora_modules(args)
     logging.getLogger("duet").info(
         "dtype %s (--dtype %s; CPU: %s)", config.dtype, args.dtype, describe_cpu()
     )

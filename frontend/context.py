@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from engine_core.client import EngineClient
+from engine_core.messages.lora import LoRARef
 from frontend.errors import APIError
 from frontend.logprobs import LogprobFormatter
+from frontend.lora import LoRARegistry
 from frontend.metrics import EngineMetrics
 from models.tokenizer import Tokenizer
 
@@ -29,11 +31,15 @@ class ServerContext:
     max_waiting_requests: int | None = None
     log_requests: bool = True
     dtype: str | None = None
+    loras: LoRARegistry | None = None
 
-    def check_model(self, model: str | None) -> None:
-        """404 unless `model` is unset or the served model's name."""
+    def check_model(self, model: str | None) -> LoRARef | None:
+        """The LoRA adapter `model` names, None for the base model (or no `model`); 404 else."""
+        if self.loras is not None:
+            return self.loras.resolve(model)
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+        return None
 
     def admit(self) -> None:
         """503 while the engine core is down; 429 while too many requests wait."""

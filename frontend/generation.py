@@ -20,6 +20,7 @@ import msgspec
 from engine_core.client import EngineDeadError
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest, RequestDelta
+from engine_core.messages.lora import LoRARef
 from engine_core.messages.sampling_params import SamplingParams
 from frontend.context import ServerContext
 from frontend.errors import APIError
@@ -52,8 +53,11 @@ class Generation:
         request_id: str,
         prompts: list[list[int]],
         params: SamplingParams,
+        lora: LoRARef | None = None,
     ) -> None:
         self.ctx = ctx
+        self.lora = lora
+        self.model_name = ctx.model_name if lora is None else lora.name  # what responses say
         self.request_id = request_id
         self.prompts = prompts
         self.params = params
@@ -91,7 +95,9 @@ class Generation:
         timer = self.ctx.metrics.start_request()
         timer.num_prompt_tokens = len(prompt)
         detok = IncrementalDetokenizer(self.ctx.tokenizer, params, prompt)
-        request = AddRequest(f"{self.request_id}-{index}", prompt, params, time.time())
+        request = AddRequest(
+            f"{self.request_id}-{index}", prompt, params, time.time(), lora=self.lora
+        )
         finished = False
         try:
             async with contextlib.aclosing(self.ctx.client.add_request(request)) as core:

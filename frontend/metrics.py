@@ -162,7 +162,11 @@ class EngineMetrics:
     """
 
     def __init__(
-        self, model_name: str, apply_core_stats: bool, clock: Callable[[], float] = time.monotonic
+        self,
+        model_name: str,
+        apply_core_stats: bool,
+        clock: Callable[[], float] = time.monotonic,
+        max_lora: int | None = None,
     ) -> None:
         from prometheus_client import Counter, Gauge, Histogram, values
 
@@ -218,6 +222,7 @@ class EngineMetrics:
             self.ttft, self.itl, self.e2e, self.queue_time,
         )  # fmt: skip
         self._last_totals: dict[str, float] | None = None
+        self.lora_info = None if max_lora is None else LoRAInfo(max_lora)
 
     def flush(self) -> None:
         """Write the per-request updates held since the last flush to this process's files."""
@@ -233,6 +238,8 @@ class EngineMetrics:
             self.kv_usage.labels(self.model_name, pool).set(usage)
         if self.apply_core_stats:
             self._count_core_totals(stats)
+        if self.lora_info is not None:
+            self.lora_info.update(stats)
 
     def _count_core_totals(self, stats: SchedulerStats) -> None:
         totals = {key: float(getattr(stats, field)) for key, (field, _) in _CORE_COUNTERS.items()}
@@ -303,3 +310,33 @@ class RequestTimer:
             self._metrics.e2e.observe(self._metrics.clock() - self._arrival)
         # a finished response's tokens must be in the files before a client can scrape
         self._metrics.flush()
+
+
+class LoRAInfo:
+    """vLLM's `lora_requests_info`: a gauge whose labels name the adapters with running and
+    waiting requests and whose value is when that was last seen (so the newest labels win).
+    """
+
+    REFRESH_SECONDS = 1.0  # an unchanged reading is rewritten at most this often
+
+    def __init__(self, max_lora: int) -> None:
+        from prometheus_client import Gauge
+
+        self.max_lora = str(max_lora)
+        self.gauge = Gauge(
+            "duet:lora_requests_info",
+            "Running stats on LoRA requests.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=None,
+            multiprocess_mode="mostrecent",
+        )
+        self._last: tuple[tuple[str, str], float] | None = None
+
+    def update(self, stats: SchedulerStats) -> None:
+        labels = (",".join(sorted(stats.waiting_loras)), ",".join(sorted(stats.running_loras)))
+        now = time.time()
+        last = self._last
+        if last is not None and last[0] == labels and now - last[1] < self.REFRESH_SECONDS:
+            return
+        self._last = (labels, now)
+        self.gauge.labels(self.max_lora, *labels).set(now)

@@ -109,6 +109,7 @@ class ModelCard(msgspec.Struct, tag_field="object", tag="model"):
     max_model_len: int
     owned_by: str = "duet"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(msgspec.Struct, tag_field="object", tag="list"):

@@ -22,9 +22,11 @@ from engine_core.messages.curve import load_keys
 from frontend.app import build_app
 from frontend.context import ServerContext
 from frontend.logprobs import LogprobFormatter
+from frontend.lora import LoRARegistry
 from frontend.metrics import EngineMetrics
 from frontend.settings import FrontendSettings, setup_logging
 from models.loader import ModelLoadError, load_config, resolve_model
+from models.lora_files import LoRAError
 from models.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ def run_frontend(
         uvloop.run(serve(settings, index, on_serving))
     except ModelLoadError as exc:
         logger.error("cannot load the model: %s", exc)
+        sys.exit(2)
+    except LoRAError as exc:
+        logger.error("cannot load a LoRA adapter: %s", exc)
         sys.exit(2)
 
 
@@ -90,7 +95,11 @@ def build_context(settings: FrontendSettings, index: int) -> ServerContext:
     model_config = load_config(source)
     name = settings.served_model_name or source.name
     # frontend 0 alone turns the core's cumulative counters into metric increments
-    metrics = EngineMetrics(name, apply_core_stats=index == 0)
+    metrics = EngineMetrics(
+        name,
+        apply_core_stats=index == 0,
+        max_lora=settings.max_loras if settings.enable_lora else None,
+    )
     identity = f"frontend-{index}-{socket.gethostname()}-{os.getpid()}".encode()
     return ServerContext(
         client=EngineClient(
@@ -108,4 +117,6 @@ def build_context(settings: FrontendSettings, index: int) -> ServerContext:
         max_waiting_requests=settings.max_waiting_requests,
         log_requests=settings.log_requests,
         dtype=settings.dtype,
-    )
+        loras=LoRARegistry(name, model_config, settings.max_lora_rank, settings.enable_lora,
+                           settings.lora_modules),
+    )  # fmt: skip

@@ -44,7 +44,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     """Handle one chat completion request, streamed or not."""
     ctx = request.app[CONTEXT]
     body = decode_request(await request.read(), ChatCompletionRequest)
-    ctx.check_model(body.model)
+    lora = ctx.check_model(body.model)
     reject_unsupported(body, UNSUPPORTED_CHAT)
     prompt = await chat_prompt(ctx, body)
     # max_completion_tokens is OpenAI's newer name for max_tokens
@@ -60,7 +60,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     )
     params = fit_max_tokens(params, len(prompt), ctx.max_model_len, None, "messages")
     ctx.admit()
-    gen = Generation(ctx, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
+    gen = Generation(ctx, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, lora)
     gen.log_accepted()
     view = _ChatView(ctx, gen, params.logprobs)
     if body.stream:
@@ -122,7 +122,7 @@ class _ChatView:
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: bool = False) -> ChatCompletionChunk:
         return ChatCompletionChunk(
-            self.gen.request_id, self.created, self.ctx.model_name, choices,
+            self.gen.request_id, self.created, self.gen.model_name, choices,
             self.gen.usage() if usage else None,
         )  # fmt: skip
 
@@ -174,5 +174,5 @@ class _ChatView:
                         delta.stop_reason,
                     )
         return ChatCompletion(
-            self.gen.request_id, self.created, self.ctx.model_name, choices, self.gen.usage()
+            self.gen.request_id, self.created, self.gen.model_name, choices, self.gen.usage()
         )

@@ -31,7 +31,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     """Handle one completion request (one or more prompts), streamed or not."""
     ctx = request.app[CONTEXT]
     body = decode_request(await request.read(), CompletionRequest)
-    ctx.check_model(body.model)
+    lora = ctx.check_model(body.model)
     reject_unsupported(body, UNSUPPORTED_COMPLETION)
     params = sampling_params(
         body, max_tokens=body.max_tokens, logprobs=body.logprobs, vocab_size=ctx.vocab_size
@@ -46,7 +46,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     longest = max(len(ids) for ids in prompts)  # one max_tokens must fit every prompt
     params = fit_max_tokens(params, longest, ctx.max_model_len, DEFAULT_MAX_TOKENS, "prompt")
     ctx.admit()
-    gen = Generation(ctx, f"cmpl-{uuid.uuid4().hex}", prompts, params)
+    gen = Generation(ctx, f"cmpl-{uuid.uuid4().hex}", prompts, params, lora)
     gen.log_accepted()
     echo = (
         [ctx.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
@@ -110,7 +110,7 @@ class _CompletionView:
         return Completion(
             self.gen.request_id,
             self.created,
-            self.ctx.model_name,
+            self.gen.model_name,
             choices,
             self.gen.usage() if usage else None,
         )

@@ -24,6 +24,11 @@ class FrontendSettings:
     dtype: str | None = None  # the model dtype `duet serve` resolved (reported by /version)
     # seconds in-flight requests get to finish on SIGTERM before they are aborted
     shutdown_timeout: float = 10.0
+    # LoRA (vLLM's --enable-lora, --lora-modules, --max-lora-rank, --max-loras)
+    enable_lora: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path)
+    max_lora_rank: int = 16
+    max_loras: int = 1
 
 
 def setup_logging(name: str) -> None:
