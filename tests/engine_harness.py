@@ -26,6 +26,7 @@ from engine_core.messages.frontend import (
     FrontendMsg,
     SchedulerStats,
 )
+from engine_core.messages.lora import LoRARef
 from engine_core.messages.sampling_params import SamplingParams
 
 
@@ -87,12 +88,13 @@ class EngineHarness:
         self.finished: dict[str, str] = {}  # request id -> finish reason (or error)
         self.stats = SchedulerStats()
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
+    def add(
+        self, request_id: str, prompt: list[int], max_tokens: int, lora: LoRARef | None = None
+    ) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         self.tokens[request_id] = []
-        self.sock.send_multipart(
-            encode(FrontendMsg.ADD, AddRequest(request_id, prompt, params, time.time()))
-        )
+        request = AddRequest(request_id, prompt, params, time.time(), lora=lora)
+        self.sock.send_multipart(encode(FrontendMsg.ADD, request))
 
     def abort(self, request_ids: list[str]) -> None:
         self.sock.send_multipart(encode(FrontendMsg.ABORT, AbortRequests(request_ids)))
