@@ -190,3 +190,29 @@ def test_lora_needs_enable_lora(base_folder: Path, adapters: list[Path]) -> None
     plain = LLM(str(base_folder), dtype="float32", kv_cache_memory="32MiB")
     with pytest.raises(ValueError, match="enable_lora=True"):
         plain.generate(PROMPTS[:1], GREEDY, lora_request=lora(adapters[0]))
+
+
+# -- the real default model ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_with_an_adapter_matches_hf_merged(
+    default_source, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from models.export import export_hf_folder
+
+    folder = export_hf_folder(default_source, tmp_path_factory.mktemp("smollm2-hf"))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    adapter = write_adapter(hf, tmp_path_factory.mktemp("smollm2-lora") / "a", std=0.02)
+    llm = LLM(dtype="float32", enable_lora=True, kv_cache_memory="128MiB", max_model_len=1024)
+    tok = llm.tokenizer
+    chats = ["What is the capital of Japan?", "Write a haiku about the sea.", "List three colours."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}]) for c in chats]
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=5)
+    ours = llm.generate(prompts, params, lora_request=LoRARequest("a", 1, str(adapter)))
+    base = llm.generate(prompts, params)
+    refs = hf_greedy(
+        hf_merged(folder, adapter), prompts, 24, llm.runner.model_config.eos_token_ids[0]
+    )
+    assert [o.outputs[0].token_ids for o in ours] != [o.outputs[0].token_ids for o in base]
+    assert [o.outputs[0].token_ids for o in ours] == [r.token_ids for r in refs]
