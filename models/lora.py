@@ -114,6 +114,7 @@ def build_stack(
 class LoRABatch:
     """One step's adapter rows: which rows of the flat batch use which slot."""
 
+    num_tokens: int  # T, the flat batch's rows
     rows: torch.Tensor | None  # [N] rows with an adapter; None when every row has one
     row_slot: torch.Tensor  # [N] int64 slot of each such row
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # layout -> [N, R]
@@ -149,6 +150,10 @@ class LoRALinear(nn.Module):
         batch, stack = self.state.batch, self.stack
         if batch is None or stack is None:
             return y
+        if x.shape[0] != batch.num_tokens:
+            # NOTE: a forward over rows other than the ones set_batch was told about (a
+            # new caller of the model) would apply adapters to the wrong tokens
+            raise RuntimeError(f"LoRA batch is for {batch.num_tokens} rows, got {x.shape[0]}")
         # x: [T, in] -> xs: [N, in], the adapter rows only
         xs = x if batch.rows is None else x.index_select(0, batch.rows)
         xa = torch.nn.functional.linear(xs, stack.a) * batch.mask(stack)  # [N, R]
@@ -199,7 +204,9 @@ class LoRAManager:
         adapter_rows = (slot_per_row >= 0).nonzero().flatten()
         every_row = len(adapter_rows) == len(slot_per_row)
         self.state.batch = LoRABatch(
-            rows=None if every_row else adapter_rows, row_slot=slot_per_row[adapter_rows]
+            num_tokens=len(slot_per_row),
+            rows=None if every_row else adapter_rows,
+            row_slot=slot_per_row[adapter_rows],
         )
 
     def _activate(self, wanted: dict[str, LoRARef]) -> dict[str, int]:
