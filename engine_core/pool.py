@@ -21,6 +21,7 @@ from typing import Any
 
 from engine_core.messages.common import ErrorKind, FinishReason
 from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
+from engine_core.messages.speculative import SpecDecodeCounters
 from engine_core.messages.worker import StepResult, WorkerMsg, WorkerReady
 from engine_core.pool_workers import Worker
 from engine_core.request import Request, RequestStatus
@@ -71,6 +72,7 @@ class PoolEngine:
         self.backlog: list[Request] = []  # requests no prefill worker has taken yet
         self.recomputed_prefills = 0
         self._retired_preemptions = 0  # of workers that died
+        self._retired_spec = SpecDecodeCounters()  # likewise
         self.worker_requests: dict[str, int] = {}  # worker id -> requests taken, for stats
 
     def add_worker(self, ready: WorkerReady) -> None:
@@ -153,7 +155,17 @@ class PoolEngine:
             kv_transfer_failures=self.transfers.failures,
             recomputed_prefills=self.recomputed_prefills,
             worker_requests=dict(self.worker_requests),
+            spec_decode=self._spec_decode(per_worker),
         )
+
+    def _spec_decode(self, per_worker: list[SchedulerStats]) -> SpecDecodeCounters | None:
+        counters = [s.spec_decode for s in per_worker if s.spec_decode is not None]
+        if not counters and not self._retired_spec.num_drafts:
+            return None
+        total = SpecDecodeCounters()
+        for part in [self._retired_spec, *counters]:
+            total.add(part)
+        return total
 
     # -- dispatch and results ------------------------------------------------------------
 
@@ -254,6 +266,8 @@ class PoolEngine:
         orphans = [*worker.scheduler.requests.values(), *self.transfers.worker_died(worker_id)]
         logger.error("%s worker %s died with %d requests", worker.role, worker_id, len(orphans))
         self._retired_preemptions += worker.scheduler.num_preemptions
+        if worker.scheduler.speculator is not None:
+            self._retired_spec.add(worker.scheduler.speculator.counters)
         if self.respawn is None:
             return [rejected(r.request_id, DRAIN_DEATH, ErrorKind.SERVER) for r in orphans]
         for request in orphans:

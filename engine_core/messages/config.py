@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import msgspec
 
+from engine_core.messages.speculative import SpeculativeConfig, parse_speculative_config
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
@@ -50,6 +52,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     worker_address: str | None = None
     torch_threads: int | None = None  # per worker; None: split the machine's cores
     max_waiting_requests: int | None = None
+    # vLLM's --speculative-config; a dict or JSON text is parsed (and checked) on creation
+    speculative_config: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.speculative_config = parse_speculative_config(self.speculative_config)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import zmq
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.framing import Endpoint, MessageTable
 from engine_core.messages.sampling_params import SamplingParams
+from engine_core.messages.speculative import SpecDecodeCounters
 
 
 class FrontendMsg(enum.IntEnum):
@@ -67,6 +68,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     recomputed_prefills: int = 0
     # disaggregated: worker id -> requests it has taken so far (cumulative)
     worker_requests: dict[str, int] = {}
+    spec_decode: SpecDecodeCounters | None = None  # cumulative; None: no speculation
 
 
 class StepOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
