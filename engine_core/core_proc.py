@@ -162,10 +162,15 @@ def _rejected(request_id: str, reason: str) -> RequestDelta:
     return rejected(request_id, reason, ErrorKind.SERVER)
 
 
-def scheduler_factory(config: EngineConfig) -> Callable[[int, int], Scheduler]:
-    """(num_blocks, max_model_len) -> Scheduler; reads the model's EOS ids and vocab once."""
+def scheduler_factory(config: EngineConfig) -> Callable[..., Scheduler]:
+    """(num_blocks, max_model_len, role="mixed") -> Scheduler; reads the model's EOS ids
+    and vocab once."""
     model = load_config(resolve_model(config.model))
-    return lambda num_blocks, max_model_len: scheduler_for(config, model, num_blocks, max_model_len)
+
+    def make(num_blocks: int, max_model_len: int, role: str = "mixed") -> Scheduler:
+        return scheduler_for(config, model, num_blocks, max_model_len, role)
+
+    return make
 
 
 def pool_engine(config: EngineConfig, link: WorkerLink) -> PoolEngine:
@@ -190,7 +195,7 @@ def pool_engine(config: EngineConfig, link: WorkerLink) -> PoolEngine:
     make = scheduler_factory(config)
     engine = PoolEngine(
         link,
-        lambda ready: make(ready.num_blocks, ready.max_model_len),
+        lambda ready: make(ready.num_blocks, ready.max_model_len, ready.role),
         respawn=spawn,
         transfer_timeout=config.kv_transfer_timeout,
         colocated=config.colocated,

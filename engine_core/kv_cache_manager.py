@@ -116,6 +116,21 @@ class KVCacheManager:
             self.pool.cache_block(held[index], request.block_hashes[index])
         self._num_cached[request.request_id] = max(start, end)
 
+    def trim(self, request: Request) -> None:
+        """Free the tail blocks past what the request's computed tokens need.
+
+        After rejected draft tokens are rolled back: a request then holds exactly the
+        blocks it would hold without speculation. The freed blocks held only draft KV,
+        were never published, and the worker drops the same tail (ModelRunner mirrors it).
+        """
+        held = self._blocks.get(request.request_id)
+        if held is None:
+            return
+        keep = cdiv(request.num_computed_tokens, self.block_size)
+        if len(held) > keep:
+            self.pool.free_blocks(reversed(held[keep:]))
+            del held[keep:]
+
     def free(self, request: Request) -> None:
         """Release every block the request holds (no-op if it holds none)."""
         held = self._blocks.pop(request.request_id, [])

@@ -22,6 +22,7 @@ from typing import Any
 from engine_core.lora_cap import lora_counts, merge_counts
 from engine_core.messages.common import ErrorKind, FinishReason
 from engine_core.messages.frontend import AddRequest, RequestDelta, SchedulerStats
+from engine_core.messages.speculative import SpecDecodeCounters
 from engine_core.messages.worker import StepResult, WorkerMsg, WorkerReady
 from engine_core.pool_workers import Worker
 from engine_core.request import Request, RequestStatus
@@ -72,6 +73,7 @@ class PoolEngine:
         self.backlog: list[Request] = []  # requests no prefill worker has taken yet
         self.recomputed_prefills = 0
         self._retired_preemptions = 0  # of workers that died
+        self._retired_spec = SpecDecodeCounters()  # likewise
         self.worker_requests: dict[str, int] = {}  # worker id -> requests taken, for stats
 
     def add_worker(self, ready: WorkerReady) -> None:
@@ -158,7 +160,17 @@ class PoolEngine:
             waiting_loras=merge_counts(
                 [*(s.waiting_loras for s in per_worker), lora_counts(self.backlog)]
             ),
+            spec_decode=self._spec_decode(per_worker),
         )
+
+    def _spec_decode(self, per_worker: list[SchedulerStats]) -> SpecDecodeCounters | None:
+        counters = [s.spec_decode for s in per_worker if s.spec_decode is not None]
+        if not counters and not self._retired_spec.num_drafts:
+            return None
+        total = SpecDecodeCounters()
+        for part in [self._retired_spec, *counters]:
+            total.add(part)
+        return total
 
     # -- dispatch and results ------------------------------------------------------------
 
@@ -259,6 +271,8 @@ class PoolEngine:
         orphans = [*worker.scheduler.requests.values(), *self.transfers.worker_died(worker_id)]
         logger.error("%s worker %s died with %d requests", worker.role, worker_id, len(orphans))
         self._retired_preemptions += worker.scheduler.num_preemptions
+        if worker.scheduler.speculator is not None:
+            self._retired_spec.add(worker.scheduler.speculator.counters)
         if self.respawn is None:
             return [rejected(r.request_id, DRAIN_DEATH, ErrorKind.SERVER) for r in orphans]
         for request in orphans:

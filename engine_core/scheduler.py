@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,6 +29,7 @@ from engine_core.messages.worker import (
     StepResult,
 )
 from engine_core.request import Request, RequestStatus, Stop, check_stop
+from engine_core.spec_decode import NgramSpeculator
 from models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class _Step:
     num_tokens: dict[str, int] = field(default_factory=dict)
     sampling: set[str] = field(default_factory=set)
     preempted: list[str] = field(default_factory=list)
+    spec: dict[str, list[int]] = field(default_factory=dict)  # req_id -> draft tokens
 
     def add_new(self, request: Request, num_tokens: int, block_ids: list[int]) -> None:
         self.new.append(
@@ -155,7 +157,16 @@ class _Step:
         )
         self._count(request, num_tokens)
 
-    def add_cached(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
+    def add_cached(
+        self,
+        request: Request,
+        num_tokens: int,
+        new_block_ids: list[int],
+        drafts: Sequence[int] = (),
+    ) -> None:
+        """`num_tokens` includes `drafts`, the speculative tokens after the known ones."""
+        if drafts:
+            self.spec[request.request_id] = list(drafts)
         self.cached.append(
             CachedRequestData(
                 req_id=request.request_id,
@@ -168,7 +179,8 @@ class _Step:
     def _count(self, request: Request, num_tokens: int) -> None:
         self.num_tokens[request.request_id] = num_tokens
         self.token_budget -= num_tokens
-        if request.num_computed_tokens + num_tokens == request.num_tokens:
+        num_drafts = len(self.spec.get(request.request_id, ()))
+        if request.num_computed_tokens + num_tokens - num_drafts == request.num_tokens:
             self.sampling.add(request.request_id)
 
 
@@ -181,9 +193,14 @@ class Scheduler:
     """
 
     def __init__(
-        self, config: SchedulerConfig, num_blocks: int, eos_token_ids: Collection[int]
+        self,
+        config: SchedulerConfig,
+        num_blocks: int,
+        eos_token_ids: Collection[int],
+        speculator: NgramSpeculator | None = None,
     ) -> None:
         self.config = config
+        self.speculator = speculator  # n-gram drafts for decoding requests (None: off)
         self.eos_token_ids = frozenset(eos_token_ids)
         # NOTE: one pool per worker role; colocated mode has only "mixed". Disaggregation
         # adds "prefill" and "decode" pools, and `_pool_for` picks by a request's phase.
@@ -266,6 +283,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             running_loras=lora_counts(self.running),
             waiting_loras=lora_counts(self.waiting),
+            spec_decode=None if self.speculator is None else self.speculator.counters,
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -302,11 +320,17 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += num_tokens
+            accepted = result.accepted_token_ids.get(req_id, [])
+            num_rejected = self._count_verified(request, plan, accepted)
+            request.num_computed_tokens += num_tokens - num_rejected
+            if num_rejected:  # their KV is garbage: free the blocks only they needed
+                self._pool_for(request).trim(request)
             self._pool_for(request).cache_blocks(request)
             if req_id in sched_out.sampling_req_ids:
                 request.suspect = False
-                deltas.append(self._append(request, sampled[req_id], logprobs.get(req_id)))
+                lp = logprobs.get(req_id)
+                lps = None if lp is None else [*result.accepted_logprobs.get(req_id, []), lp]
+                deltas.append(self._append(request, [*accepted, sampled[req_id]], lps))
         self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
         return deltas
 
@@ -328,11 +352,34 @@ class Scheduler:
         while index < len(self.running) and step.token_budget > 0:
             request = self.running[index]
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, step)
-            new_block_ids = self._allocate_or_preempt(request, num_new, step)
+            drafts, new_block_ids = self._speculate(request, num_new, step)
+            if new_block_ids is None:
+                new_block_ids = self._allocate_or_preempt(request, num_new, step)
             if new_block_ids is None:
                 return  # it preempted itself, so it was the last running request
-            step.add_cached(request, num_new, new_block_ids)
+            step.add_cached(request, num_new + len(drafts), new_block_ids, drafts)
             index += 1
+
+    def _speculate(
+        self, request: Request, num_new: int, step: _Step
+    ) -> tuple[list[int], list[int] | None]:
+        """(drafts, their new block ids) for a decoding request; ([], None) when there are
+        none or their blocks do not fit without preempting (drafts never preempt)."""
+        if self.speculator is None or num_new != 1 or not request.output_token_ids:
+            return [], None
+        drafts = self.speculator.propose(request, step.token_budget - 1)
+        if not drafts:
+            return [], None
+        new_block_ids = self._pool_for(request).allocate_slots(request, 1 + len(drafts))
+        return (drafts, new_block_ids) if new_block_ids is not None else ([], None)
+
+    def _count_verified(self, request: Request, plan: StepPlan, accepted: list[int]) -> int:
+        """Count a request's verified draft, if it had one; returns its rejected tokens."""
+        drafts = plan.spec_token_ids.get(request.request_id)
+        if not drafts or self.speculator is None:
+            return 0
+        self.speculator.record(len(drafts), len(accepted))
+        return len(drafts) - len(accepted)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, step: _Step) -> list[int] | None:
         """Allocate for a running request, preempting from the tail until it fits."""
@@ -408,6 +455,7 @@ class Scheduler:
             cached_requests=step.cached,
             num_scheduled_tokens=step.num_tokens,
             finished_req_ids=forget,
+            spec_token_ids=step.spec,
         )
         return SchedulerOutput(plan, frozenset(step.sampling))
 
@@ -417,13 +465,22 @@ class Scheduler:
     # -- results -------------------------------------------------------------------------
 
     def _append(
-        self, request: Request, token_id: int, logprobs: TokenLogprobs | None
+        self, request: Request, token_ids: list[int], logprobs: list[TokenLogprobs] | None
     ) -> RequestDelta:
-        request.append_output_token(token_id)
-        stop = check_stop(request, self.eos_token_ids, self.config.max_model_len)
+        """Append a step's tokens (several with accepted drafts), up to the first stop."""
+        num_kept, stop = 0, None
+        for token_id in token_ids:
+            request.append_output_token(token_id)
+            num_kept += 1
+            stop = check_stop(request, self.eos_token_ids, self.config.max_model_len)
+            if stop is not None:
+                break
+        if num_kept > 1:  # accepted drafts completed blocks that are computed: publish them
+            self._pool_for(request).cache_blocks(request)
         if stop is not None:
             self._finish(request, stop)
-        return self._delta(request, [token_id], None if logprobs is None else [logprobs])
+        kept = token_ids[:num_kept]
+        return self._delta(request, kept, None if logprobs is None else logprobs[:num_kept])
 
     def _result_problem(self, sched_out: SchedulerOutput, result: StepResult) -> str | None:
         """What is wrong with a decodable result that does not fit its plan, if anything."""
@@ -436,6 +493,12 @@ class Scheduler:
         vocab = self.config.vocab_size
         if vocab is not None and not all(0 <= t < vocab for t in result.sampled_token_ids):
             return "the result has a token id outside the vocabulary"
+        for req_id, accepted in result.accepted_token_ids.items():
+            drafts = sched_out.plan.spec_token_ids.get(req_id, [])
+            if accepted != drafts[: len(accepted)]:
+                return "the result accepted tokens that were not drafted"
+            if len(result.accepted_logprobs.get(req_id, accepted)) != len(accepted):
+                return "the result's lists differ in length"
         return None
 
     def _fail_step(self, plan: StepPlan, error: str) -> list[RequestDelta]:
@@ -536,10 +599,15 @@ def rejected(request_id: str, error: str, kind: ErrorKind) -> RequestDelta:
 
 
 def scheduler_for(
-    config: EngineConfig, model: ModelConfig, num_blocks: int, max_model_len: int
+    config: EngineConfig,
+    model: ModelConfig,
+    num_blocks: int,
+    max_model_len: int,
+    role: str = "mixed",
 ) -> Scheduler:
     """The scheduler for one KV pool of `num_blocks`, with the engine's limits and the
-    model's EOS ids and vocabulary (the one place EngineConfig maps onto SchedulerConfig)."""
+    model's EOS ids and vocabulary (the one place EngineConfig maps onto SchedulerConfig).
+    Mixed and decode workers speculate if configured; prefill workers never do."""
     sched_config = SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
@@ -550,4 +618,8 @@ def scheduler_for(
         vocab_size=model.vocab_size,
         max_loras=config.max_loras if config.enable_lora else None,
     )
-    return Scheduler(sched_config, num_blocks, model.eos_token_ids)
+    spec = config.speculative_config
+    speculator = None
+    if spec is not None and role != "prefill":
+        speculator = NgramSpeculator(spec, max_model_len)
+    return Scheduler(sched_config, num_blocks, model.eos_token_ids, speculator)

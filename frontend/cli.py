@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from engine_core.messages.config import EngineConfig, parse_size
 from engine_core.messages.curve import add_curve_keys_argument
+from engine_core.messages.speculative import SpeculativeConfig, parse_speculative_config
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
 from frontend.bench.args import add_arguments as add_bench_arguments
 from frontend.lora_args import add_lora_arguments, check_lora_modules
@@ -143,6 +144,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="bind the core's worker socket here (e.g. tcp://0.0.0.0:5571) so that "
              "`duet prefill-worker/decode-worker --engine` can join from other hosts")  # fmt: skip
     add("--kv-connector", choices=["shm", "torch", "tcp"], default=default.kv_connector)
+    add("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
+        help='n-gram speculative decoding, as vLLM takes it: \'{"method": "ngram", '
+             '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'')  # fmt: skip
     add("--engine-address", default=None, metavar="ADDRESS",
         help="bind the core's frontend socket here (e.g. tcp://0.0.0.0:5570) so that "
              "`duet frontend --engine` can join from other hosts (default: private ipc)")  # fmt: skip
@@ -199,6 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
+        speculative_config=args.speculative_config,
     )
     check_lora_modules(args)
     logging.getLogger("duet").info(
@@ -266,6 +271,13 @@ def _colocated(args: argparse.Namespace) -> bool:
     if args.colocated is not None:
         return args.colocated
     return args.prefill_workers is None and args.decode_workers is None
+
+
+def _speculative_config(text: str) -> SpeculativeConfig | None:
+    try:
+        return parse_speculative_config(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative(text: str) -> int:

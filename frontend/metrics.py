@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from engine_core.messages.common import FinishReason
 from engine_core.messages.frontend import RequestDelta, SchedulerStats
+from frontend.spec_metrics import SpecDecodeMetrics
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -223,6 +224,7 @@ class EngineMetrics:
         )  # fmt: skip
         self._last_totals: dict[str, float] | None = None
         self.lora_info = None if max_lora is None else LoRAInfo(max_lora)
+        self.spec_decode = SpecDecodeMetrics(model_name)
 
     def flush(self) -> None:
         """Write the per-request updates held since the last flush to this process's files."""
@@ -238,6 +240,7 @@ class EngineMetrics:
             self.kv_usage.labels(self.model_name, pool).set(usage)
         if self.apply_core_stats:
             self._count_core_totals(stats)
+            self.spec_decode.on_totals(stats.spec_decode)
         if self.lora_info is not None:
             self.lora_info.update(stats)
 

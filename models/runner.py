@@ -17,6 +17,7 @@ from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import iter_weights, load_config, resolve_model
 from models.lora import LoRAManager
+from models.rejection_sampler import verify
 from models.sampler import SamplingState, sample
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class ModelRunner:
         if not order:
             return StepResult(step_id=plan.step_id, req_ids=[], sampled_token_ids=[])
         input_ids, positions, meta, sample_rows, sample_ids = self._prepare(
-            order, plan.num_scheduled_tokens
+            order, plan.num_scheduled_tokens, plan.spec_token_ids
         )
         if self.lora is not None:
             self.lora.set_batch(
@@ -131,6 +132,8 @@ class ModelRunner:
             return StepResult(step_id=plan.step_id, req_ids=[], sampled_token_ids=[])
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, V]
         states = [self.requests[r].sampling for r in sample_ids]
+        if plan.spec_token_ids:
+            return self._verify(plan, logits, sample_ids)
         out = sample(logits, states)
         for state, token in zip(states, out.token_ids, strict=True):
             state.output_token_ids.append(token)
@@ -141,6 +144,31 @@ class ModelRunner:
             sampled_token_ids=out.token_ids,
             logprobs=out.logprobs if wants_logprobs else None,
         )
+
+    def _verify(self, plan: StepPlan, logits: torch.Tensor, sample_ids: list[str]) -> StepResult:
+        """Sample a step with draft tokens: accept a prefix of each request's drafts, then
+        forget the KV of the rejected ones as the core does (KVCacheManager.trim)."""
+        drafts = [plan.spec_token_ids.get(r, []) for r in sample_ids]
+        states = [self.requests[r].sampling for r in sample_ids]
+        out = verify(logits, states, drafts)
+        result = StepResult(plan.step_id, sample_ids, out.token_ids)
+        for req_id, draft, accepted, token in zip(
+            sample_ids, drafts, out.accepted, out.token_ids, strict=True
+        ):
+            req = self.requests[req_id]
+            req.sampling.output_token_ids += [*accepted, token]
+            if draft:
+                result.accepted_token_ids[req_id] = accepted
+                req.num_computed_tokens -= len(draft) - len(accepted)
+                del req.block_ids[-(-req.num_computed_tokens // self.block_size) :]
+        if any(s.params.logprobs is not None for s in states):
+            result.logprobs = out.logprobs
+            result.accepted_logprobs = {
+                r: lps
+                for r, lps, d in zip(sample_ids, out.accepted_logprobs, drafts, strict=True)
+                if lps is not None and d
+            }
+        return result
 
     def _apply_plan(self, plan: StepPlan) -> None:
         for req_id in plan.finished_req_ids:
@@ -168,9 +196,13 @@ class ModelRunner:
         )
 
     def _prepare(
-        self, order: list[str], num_scheduled: dict[str, int]
+        self, order: list[str], num_scheduled: dict[str, int], spec: dict[str, list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[str]]:
-        """Flatten the scheduled requests (decodes first) into model inputs."""
+        """Flatten the scheduled requests (decodes first) into model inputs.
+
+        A request with drafts (`spec`) runs as a multi-token query over its known token and
+        the drafts, through the prefill path, and samples at each of those positions.
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -183,13 +215,15 @@ class ModelRunner:
             req = self.requests[req_id]
             start, count = req.num_computed_tokens, num_scheduled[req_id]
             end = start + count
-            input_ids.extend(req.token(i) for i in range(start, end))
+            drafts = spec.get(req_id, [])
+            input_ids.extend(req.token(i) for i in range(start, end - len(drafts)))
+            input_ids.extend(drafts)
             positions.extend(range(start, end))
             slots.extend(req.block_ids[i // bs] * bs + i % bs for i in range(start, end))
             query_start.append(query_start[-1] + count)
             seq_lens.append(end)
-            if end == req.num_tokens:
-                sample_rows.append(query_start[-1] - 1)
+            if end - len(drafts) == req.num_tokens:
+                sample_rows.extend(range(query_start[-1] - 1 - len(drafts), query_start[-1]))
                 sample_ids.append(req_id)
         max_blocks = max(len(self.requests[r].block_ids) for r in order)
         tables = torch.zeros(len(order), max_blocks, dtype=torch.int32)

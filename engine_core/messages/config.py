@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import msgspec
 
+from engine_core.messages.speculative import SpeculativeConfig, parse_speculative_config
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
@@ -56,6 +58,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # vLLM's --speculative-config; a dict or JSON text is parsed (and checked) on creation
+    speculative_config: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.speculative_config = parse_speculative_config(self.speculative_config)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
 from engine_core.messages.framing import Endpoint, MessageTable
 from engine_core.messages.lora import LoRARef
 from engine_core.messages.sampling_params import SamplingParams
+from engine_core.messages.speculative import SpecDecodeCounters
 
 
 class FrontendMsg(enum.IntEnum):
@@ -72,6 +73,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     # adapter name -> its running / waiting requests (for duet:lora_requests_info)
     running_loras: dict[str, int] = {}
     waiting_loras: dict[str, int] = {}
+    spec_decode: SpecDecodeCounters | None = None  # cumulative; None: no speculation
 
 
 class StepOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

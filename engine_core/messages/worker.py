@@ -123,6 +123,9 @@ class StepPlan(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     kv_cancels: list[str] = []
     kv_recvs: list[KVRecvOrder] = []
     kv_sends: list[KVSendOrder] = []
+    # speculative decoding: req_id -> draft tokens appended to its scheduled tokens (vLLM's
+    # scheduled_spec_decode_tokens); the worker verifies them and samples one more
+    spec_token_ids: dict[str, list[int]] = {}
 
 
 class StepResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -137,6 +140,10 @@ class StepResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None  # the step failed on the worker (logged there, not for clients)
+    # speculative decoding: req_id -> the drafts it accepted, which come before its sampled
+    # token in the output; and their logprobs, for the requests that asked for logprobs
+    accepted_token_ids: dict[str, list[int]] = {}
+    accepted_logprobs: dict[str, list[TokenLogprobs]] = {}
 
 
 TO_WORKER = MessageTable(
