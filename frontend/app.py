@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from frontend import dashboard
 from frontend.context import CONTEXT, ServerContext
 from frontend.errors import APIError
 from frontend.metrics import render_metrics
@@ -21,7 +22,8 @@ from frontend.serving_tokens import detokenize, tokenize
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024**2  # enough for a full context of token ids many times over
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # no API key needed
+# no API key needed (the dashboard's page holds no data; its stats need the key)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", *dashboard.PAGE_PATHS})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,6 +44,7 @@ def build_app(
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/version", version)
+    dashboard.add_routes(app)
     return app
 
 

@@ -23,6 +23,7 @@ from engine_core.messages.frontend import (
     TO_FRONTEND,
     AbortRequests,
     AddRequest,
+    EngineSnapshot,
     FrontendMsg,
     SchedulerStats,
 )
@@ -86,6 +87,7 @@ class EngineHarness:
         self.tokens: dict[str, list[int]] = {}
         self.finished: dict[str, str] = {}  # request id -> finish reason (or error)
         self.stats = SchedulerStats()
+        self.snapshot: EngineSnapshot | None = None  # the core's latest, twice a second
 
     def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -108,7 +110,7 @@ class EngineHarness:
                 continue
             kind, message = decoded
             if kind == FrontendMsg.STATS:
-                self.stats = message
+                self.snapshot = message
                 continue
             self.stats = message.stats or self.stats
             for delta in message.outputs:
