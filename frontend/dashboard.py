@@ -98,16 +98,27 @@ def _percentiles(new: Reading, old: Reading, key: str) -> dict[str, float | None
     return {f"p{round(q * 100)}": quantile(q, bounds, window) for q in QUANTILES}
 
 
+SERIES = ("tokens_in", "tokens_out", "ttft_p50", "ttft_p90", "itl_p50", "itl_p90")
+
+
 class Readings:
-    """Readings of the last HISTORY seconds, newest last."""
+    """Readings of the last HISTORY seconds, newest last, and one plot point per reading
+    (computed once, when it is added: a document costs the same however long the plots)."""
 
     def __init__(self) -> None:
         self._readings: deque[Reading] = deque()
+        self._points: deque[tuple[float, tuple[float | None, ...]]] = deque()
 
     def add(self, reading: Reading) -> None:
+        previous = self._readings[-1] if self._readings else None
         self._readings.append(reading)
-        while self._readings and self._readings[0].at < reading.at - HISTORY:
+        if previous is not None:
+            self._points.append((reading.at, self._point(previous, reading)))
+        horizon = reading.at - HISTORY
+        while self._readings and self._readings[0].at < horizon:
             self._readings.popleft()
+        while self._points and self._points[0][0] < horizon:
+            self._points.popleft()
 
     @property
     def latest(self) -> Reading:
@@ -119,22 +130,23 @@ class Readings:
         return next(r for r in self._readings if r.at >= than.at - seconds)
 
     def series(self) -> dict[str, list[float | None]]:
-        """Per reading: tokens/s in and out since the previous one, latency percentiles."""
-        out: dict[str, list[float | None]] = {
-            "t": [], "tokens_in": [], "tokens_out": [], "ttft_p50": [], "ttft_p90": [],
-            "itl_p50": [], "itl_p90": [],
-        }  # fmt: skip
-        for prev, cur in zip(self._readings, list(self._readings)[1:], strict=False):
-            span = max(cur.at - prev.at, 1e-9)
-            out["t"].append(round(cur.at - self.latest.at, 3))
-            out["tokens_in"].append(_delta(cur, prev, "prompt_tokens") / span)
-            out["tokens_out"].append(_delta(cur, prev, "generation_tokens") / span)
-            window = self.before(PLOT_WINDOW, cur)
-            for key in HISTOGRAMS:
-                p = _percentiles(cur, window, key) or {}
-                out[f"{key}_p50"].append(p.get("p50"))
-                out[f"{key}_p90"].append(p.get("p90"))
+        """Per reading: tokens/s in and out since the previous one, latency percentiles
+        over the trailing PLOT_WINDOW; `t` is seconds before the latest reading."""
+        out: dict[str, list] = {"t": [round(at - self.latest.at, 3) for at, _ in self._points]}
+        for i, name in enumerate(SERIES):
+            out[name] = [values[i] for _, values in self._points]
         return out
+
+    def _point(self, prev: Reading, cur: Reading) -> tuple[float | None, ...]:
+        span = max(cur.at - prev.at, 1e-9)
+        window = self.before(PLOT_WINDOW, cur)
+        ttft = _percentiles(cur, window, "ttft") or {}
+        itl = _percentiles(cur, window, "itl") or {}
+        return (
+            _delta(cur, prev, "prompt_tokens") / span,
+            _delta(cur, prev, "generation_tokens") / span,
+            ttft.get("p50"), ttft.get("p90"), itl.get("p50"), itl.get("p90"),
+        )  # fmt: skip
 
 
 class DashboardStats:
