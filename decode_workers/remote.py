@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from decode_workers.health import HealthServer
 from engine_core.messages.config import EngineConfig
 from engine_core.messages.curve import CurveKeyError, CurveKeys, add_curve_keys_argument, load_keys
 from engine_core.messages.framing import Channel
@@ -32,13 +33,15 @@ def main(role: str, argv: list[str] | None = None) -> None:
         keys = load_keys(args.curve_keys)
     except CurveKeyError as exc:
         raise SystemExit(f"duet: {exc}") from None
+    health = HealthServer(args.health_port) if args.health_port else None
     config = fetch_config(args.engine, worker_id, role, args.timeout, keys)
     if args.torch_threads:
         config.torch_threads = args.torch_threads
-    cores = [int(c) for c in args.cores.split(",")] if args.cores else cores_for(role)
+    cores = _cores(args.cores, role)
     from decode_workers.worker import run_worker
 
-    run_worker(config, args.engine, worker_id, role, cores, kv_host, keys)
+    run_worker(config, args.engine, worker_id, role, cores, kv_host, keys,
+               on_ready=health.mark_ready if health else None)  # fmt: skip
 
 
 def _parser(role: str) -> argparse.ArgumentParser:
@@ -58,12 +61,22 @@ def _parser(role: str) -> argparse.ArgumentParser:
     add(
         "--cores",
         default=None,
-        help="comma-separated CPU ids to pin to (default: this role's half)",
+        help="comma-separated CPU ids to pin to, or `all` (default: this role's half, "
+        "for a host shared with the other pool)",
     )
     add("--torch-threads", type=int, default=None)
     add("--timeout", type=float, default=30.0, help="seconds to wait for the core's answer")
+    add("--health-port", type=int, default=None, metavar="PORT",
+        help="answer GET /health on this port: 503 while starting, 200 once joined")  # fmt: skip
     add_curve_keys_argument(parser)
     return parser
+
+
+def _cores(spec: str | None, role: str) -> list[int] | None:
+    """--cores: None (every core of this process's CPU set) for `all`."""
+    if spec == "all":
+        return None
+    return [int(c) for c in spec.split(",")] if spec else cores_for(role)
 
 
 def fetch_config(

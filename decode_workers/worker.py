@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -96,12 +97,14 @@ def run_worker(
     cores: list[int] | None = None,
     kv_host: str = "127.0.0.1",
     keys: CurveKeys | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve step plans from the core at `engine_address` until told to shut down.
 
     `cores` pins the process (and sizes torch's thread pool unless `config.torch_threads`
     says otherwise); `kv_host` is the address KV senders use to reach a decode worker;
-    `keys` secure its tcp links (engine_core/messages/curve.py).
+    `keys` secure its tcp links (engine_core/messages/curve.py); `on_ready` is called
+    once the core has been told the worker is ready (a health probe's cue).
     """
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {role}-worker %(levelname)s %(message)s"
@@ -123,6 +126,8 @@ def run_worker(
     )
     channel.send(WorkerMsg.READY, ready)
     logger.info("ready: %d KV blocks, %d torch threads", runner.num_blocks, torch.get_num_threads())
+    if on_ready is not None:
+        on_ready()
     stop = threading.Event()
     beats = threading.Thread(target=_heartbeat, args=(ctx, engine_address, worker_id, keys, stop),
                              name="heartbeat", daemon=True)  # fmt: skip

@@ -2,9 +2,10 @@
 
 Requests go out as ADD / ABORT frames; the core answers with one StepOutputs per step for
 everything this frontend owns, which a single receive task splits into one queue per
-request. While idle the core still sends stats (an empty StepOutputs, or STATS) every
-second, which doubles as a heartbeat. A core that dies is noticed at once when its
-connection drops (a local core, or a remote one whose host is up), else after the silence.
+request. While idle the core still sends stats (an empty StepOutputs) every second, which
+doubles as a heartbeat; twice a second it also sends an EngineSnapshot (STATS). A core
+that dies is noticed at once when its connection drops (a local core, or a remote one
+whose host is up), else after the silence.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from engine_core.messages.frontend import (
     FRONTEND,
     AbortRequests,
     AddRequest,
+    EngineSnapshot,
     FrontendMsg,
     RequestDelta,
     SchedulerStats,
@@ -57,6 +59,7 @@ class EngineClient:
         health_timeout: float = HEALTH_TIMEOUT,
         on_stats: Callable[[SchedulerStats], None] | None = None,
         keys: CurveKeys | None = None,
+        on_snapshot: Callable[[EngineSnapshot], None] | None = None,
     ) -> None:
         self.address = address
         self.identity = identity
@@ -64,6 +67,8 @@ class EngineClient:
         self.health_timeout = health_timeout
         self.on_stats = on_stats  # called with every SchedulerStats (e.g. for /metrics)
         self.latest_stats: SchedulerStats | None = None
+        self.on_snapshot = on_snapshot  # called with every EngineSnapshot
+        self.latest_snapshot: EngineSnapshot | None = None
         self._ctx = zmq.asyncio.Context()
         self._channel: Channel | None = None
         self._queues: dict[str, asyncio.Queue[RequestDelta | Exception]] = {}
@@ -178,9 +183,14 @@ class EngineClient:
                 continue
             kind, message = decoded
             if kind == FrontendMsg.STATS:
-                self._set_stats(message)
+                self._set_snapshot(message)
             else:
                 self._dispatch(message)
+
+    def _set_snapshot(self, snapshot: EngineSnapshot) -> None:
+        self.latest_snapshot = snapshot
+        if self.on_snapshot is not None:
+            self.on_snapshot(snapshot)
 
     def _set_stats(self, stats: SchedulerStats) -> None:
         self.latest_stats = stats

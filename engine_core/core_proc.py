@@ -34,6 +34,7 @@ from engine_core.messages.frontend import (
 from engine_core.placement import cores_for
 from engine_core.pool import PoolEngine
 from engine_core.scheduler import Scheduler, rejected, scheduler_for
+from engine_core.snapshots import Snapshots
 from engine_core.worker_link import WorkerLink
 from models.loader import load_config, resolve_model
 
@@ -52,6 +53,7 @@ class BusyLoop:
         self.owners: dict[str, bytes] = {}
         self.draining_since: float | None = None
         self._last_sent: dict[bytes, float] = {}  # frontend identity -> monotonic time
+        self.snapshots = Snapshots(engine)
 
     def run(self) -> None:
         while self.draining_since is None or self.engine.has_unfinished_requests():
@@ -62,6 +64,8 @@ class BusyLoop:
             self._check_drain_deadline()
             if self._stats_due():
                 self._publish([])
+            if self.snapshots.due():
+                self.frontends.broadcast(self.snapshots.take())
 
     def start_draining(self) -> None:
         """Finish what is in flight, accept nothing new, replace no worker that dies."""

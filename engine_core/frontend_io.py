@@ -16,7 +16,7 @@ import zmq
 
 from engine_core.messages.curve import CurveKeys
 from engine_core.messages.framing import Channel
-from engine_core.messages.frontend import CORE, FrontendMsg, StepOutputs
+from engine_core.messages.frontend import CORE, EngineSnapshot, FrontendMsg, StepOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ class FrontendIO:
         self._push.send_multipart(
             self._channel.frames(FrontendMsg.OUTPUTS, outputs, to=identity), copy=False
         )
+
+    def broadcast(self, snapshot: EngineSnapshot) -> None:
+        """Queue one EngineSnapshot for every frontend known (called from the busy loop)."""
+        frames = self._channel.frames(FrontendMsg.STATS, snapshot)  # encoded once for all
+        for identity in list(self.frontends):
+            self._push.send_multipart([identity, *frames], copy=False)
 
     def close(self) -> None:
         self._stop.set()

@@ -75,6 +75,7 @@ class PoolEngine:
         self._retired_preemptions = 0  # of workers that died
         self._retired_spec = SpecDecodeCounters()  # likewise
         self.worker_requests: dict[str, int] = {}  # worker id -> requests taken, for stats
+        self.worker_deaths = 0  # workers lost after they were ready
 
     def add_worker(self, ready: WorkerReady) -> None:
         if ready.role not in self.roles:
@@ -268,6 +269,7 @@ class PoolEngine:
                 logger.error("%s worker %s died before it was ready", starting, worker_id)
                 self._replace(starting, uptime=0.0)
             return []
+        self.worker_deaths += 1
         orphans = [*worker.scheduler.requests.values(), *self.transfers.worker_died(worker_id)]
         logger.error("%s worker %s died with %d requests", worker.role, worker_id, len(orphans))
         self._retired_preemptions += worker.scheduler.num_preemptions

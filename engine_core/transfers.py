@@ -71,6 +71,11 @@ class TransferBook:
         """Requests out of prefill (first token sampled) and not yet in a decode scheduler."""
         return sum(1 for t in self.by_request.values() if t.prefilled_at is not None)
 
+    @property
+    def num_in_flight(self) -> int:
+        """Transfers routed to a decode worker and not yet confirmed (parked ones excluded)."""
+        return sum(1 for t in self.by_request.values() if t.transfer_id is not None)
+
     def plan(self, request: Request, src: Worker) -> None:
         """The step that finishes `request`'s prompt on `src` is being planned."""
         transfer = Transfer(request, src.id, request.num_tokens)

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from frontend import dashboard
 from frontend.context import CONTEXT, ServerContext
 from frontend.errors import APIError
 from frontend.lora import load_lora_adapter, runtime_updates_allowed, unload_lora_adapter
@@ -22,7 +23,8 @@ from frontend.serving_tokens import detokenize, tokenize
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024**2  # enough for a full context of token ids many times over
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # no API key needed
+# no API key needed (the dashboard's page holds no data; its stats need the key)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", *dashboard.PAGE_PATHS})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -46,6 +48,7 @@ def build_app(
     if runtime_updates_allowed():
         app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
         app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+    dashboard.add_routes(app)
     return app
 
 

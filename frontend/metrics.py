@@ -37,14 +37,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine_core.messages.common import FinishReason
-from engine_core.messages.frontend import RequestDelta, SchedulerStats
+from engine_core.messages.frontend import EngineSnapshot, RequestDelta, SchedulerStats
 from frontend.spec_metrics import SpecDecodeMetrics
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Histogram
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,46 @@ def setup_multiproc_dir() -> str:
 
 def render_metrics() -> tuple[bytes, str]:
     """Every frontend's metrics merged, as (body, content type) for GET /metrics."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(_merged_registry()), CONTENT_TYPE_LATEST
+
+
+def _merged_registry() -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return registry
+
+
+@dataclass
+class MergedMetrics:
+    """Every frontend's samples merged and summed over labels (names without `duet:`)."""
+
+    counters: dict[str, float] = field(default_factory=dict)  # without `_total`
+    # histogram -> (upper bounds ending with +Inf, cumulative counts)
+    histograms: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+
+
+def read_merged_metrics() -> MergedMetrics:
+    """The numbers /metrics would show now, as counters and histograms (the dashboard's)."""
+    merged = MergedMetrics()
+    for family in _merged_registry().collect():
+        name = family.name.removeprefix("duet:")
+        if family.type == "counter":
+            total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            merged.counters[name] = total
+        elif family.type == "histogram":
+            buckets: dict[float, float] = {}
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    bound = float(s.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + s.value
+            bounds = sorted(buckets)
+            merged.histograms[name] = (bounds, [buckets[b] for b in bounds])
+    return merged
 
 
 class BatchedCounter:
@@ -198,6 +233,17 @@ class EngineMetrics:
         self.running = gauge("num_requests_running", "Requests in the running batch.").labels(*name)
         self.waiting = gauge("num_requests_waiting", "Requests waiting to run.").labels(*name)
         self.kv_usage = gauge("kv_cache_usage_perc", "KV cache usage; 1 means full.", ("pool",))
+        self.workers = gauge("num_workers", "Workers serving, by role.", ("role",))
+        self.transfers_in_flight = gauge(
+            "kv_transfers_in_flight", "KV hand-offs routed and not yet confirmed."
+        ).labels(*name)
+        # the share of workers the core would give prefill (engine_core/pool_advice.py)
+        self.pd_fraction = gauge(
+            "pd_recommended_prefill_fraction", "Advised prefill share of the workers."
+        ).labels(*name)
+        self.pd_demand = gauge(
+            "pd_pool_demand", "Pool demand in worker-equivalents, windowed.", ("role",)
+        )
         self.core_counters = {key: counter(key, doc) for key, (_, doc) in _CORE_COUNTERS.items()}
         self.prompt_tokens = BatchedCounter(counter("prompt_tokens", "Prompt tokens prefilled."))
         self.generation_tokens = BatchedCounter(counter("generation_tokens", "Tokens generated."))
@@ -243,6 +289,17 @@ class EngineMetrics:
             self.spec_decode.on_totals(stats.spec_decode)
         if self.lora_info is not None:
             self.lora_info.update(stats)
+
+    def on_snapshot(self, snapshot: EngineSnapshot) -> None:
+        """Apply one EngineSnapshot from the core (a few times a second)."""
+        for role in ("mixed", "prefill", "decode"):
+            count = sum(1 for w in snapshot.workers if w.role == role)
+            self.workers.labels(self.model_name, role).set(count)
+        self.transfers_in_flight.set(snapshot.kv_transfers_in_flight)
+        if snapshot.pd_recommended_prefill_fraction is not None:
+            self.pd_fraction.set(snapshot.pd_recommended_prefill_fraction)
+            self.pd_demand.labels(self.model_name, "prefill").set(snapshot.prefill_demand)
+            self.pd_demand.labels(self.model_name, "decode").set(snapshot.decode_demand)
 
     def _count_core_totals(self, stats: SchedulerStats) -> None:
         totals = {key: float(getattr(stats, field)) for key, (field, _) in _CORE_COUNTERS.items()}

@@ -106,6 +106,7 @@ def build_context(settings: FrontendSettings, index: int) -> ServerContext:
             settings.engine_address,
             identity,
             on_stats=metrics.on_stats,
+            on_snapshot=metrics.on_snapshot,
             keys=load_keys(settings.curve_keys),
         ),
         tokenizer=tokenizer,

@@ -23,6 +23,7 @@ from engine_core.messages.frontend import (
     TO_FRONTEND,
     AbortRequests,
     AddRequest,
+    EngineSnapshot,
     FrontendMsg,
     SchedulerStats,
 )
@@ -87,6 +88,7 @@ class EngineHarness:
         self.tokens: dict[str, list[int]] = {}
         self.finished: dict[str, str] = {}  # request id -> finish reason (or error)
         self.stats = SchedulerStats()
+        self.snapshot: EngineSnapshot | None = None  # the core's latest, twice a second
 
     def add(
         self, request_id: str, prompt: list[int], max_tokens: int, lora: LoRARef | None = None
@@ -110,7 +112,7 @@ class EngineHarness:
                 continue
             kind, message = decoded
             if kind == FrontendMsg.STATS:
-                self.stats = message
+                self.snapshot = message
                 continue
             self.stats = message.stats or self.stats
             for delta in message.outputs:

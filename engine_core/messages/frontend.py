@@ -24,7 +24,7 @@ class FrontendMsg(enum.IntEnum):
     ABORT = 1  # frontend -> core: AbortRequests
     OUTPUTS = 2  # core -> frontend: StepOutputs
     HELLO = 3  # frontend -> core: no payload; registers the frontend's identity
-    STATS = 4  # core -> frontend: SchedulerStats (also sent when idle, for /metrics)
+    STATS = 4  # core -> frontend: EngineSnapshot, every SNAPSHOT_INTERVAL (dashboards, advice)
 
 
 class AddRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -76,6 +76,31 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     spec_decode: SpecDecodeCounters | None = None  # cumulative; None: no speculation
 
 
+class WorkerSnapshot(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One worker as the core sees it right now."""
+
+    worker_id: str
+    role: str  # "mixed" | "prefill" | "decode"
+    kv_cache_usage: float  # fraction of its KV blocks in use
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+
+
+class EngineSnapshot(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The core's state beyond SchedulerStats, sent a few times a second, not every step."""
+
+    timestamp: float
+    workers: list[WorkerSnapshot]
+    kv_transfers_in_flight: int = 0
+    worker_deaths: int = 0  # cumulative, since the core started
+    # disaggregated only: demand in worker-equivalents and the split it advises
+    # (engine_core/pool_advice.py), each averaged over the advice window
+    prefill_demand: float = 0.0
+    decode_demand: float = 0.0
+    pd_recommended_prefill_fraction: float | None = None
+
+
 class StepOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     outputs: list[RequestDelta]
     timestamp: float
@@ -87,7 +112,7 @@ TO_CORE = MessageTable(
     {FrontendMsg.ADD: AddRequest, FrontendMsg.ABORT: AbortRequests, FrontendMsg.HELLO: None},
 )
 TO_FRONTEND = MessageTable(
-    "core->frontend", {FrontendMsg.OUTPUTS: StepOutputs, FrontendMsg.STATS: SchedulerStats}
+    "core->frontend", {FrontendMsg.OUTPUTS: StepOutputs, FrontendMsg.STATS: EngineSnapshot}
 )
 
 CORE = Endpoint(zmq.ROUTER, sends=TO_FRONTEND, receives=TO_CORE)
