@@ -42,7 +42,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of a request that holds no blocks: (blocks, tokens)."""
-        if not self.enable_prefix_caching:
+        # as vLLM: prompt logprobs need every prompt position's hidden state, so no hits
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         # NOTE: the last token is always recomputed so the step has logits to sample from.
         max_blocks = (request.num_tokens - 1) // self.block_size

@@ -296,6 +296,10 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            if req_id in result.prompt_logprobs:
+                request.record_prompt_logprobs(
+                    request.num_computed_tokens, result.prompt_logprobs[req_id]
+                )
             request.num_computed_tokens += num_tokens
             self._pool_for(request).cache_blocks(request)
             if req_id in sched_out.sampling_req_ids:
@@ -414,7 +418,9 @@ class Scheduler:
         stop = check_stop(request, self.eos_token_ids, self.config.max_model_len)
         if stop is not None:
             self._finish(request, stop)
-        return self._delta(request, [token_id], None if logprobs is None else [logprobs])
+        delta = self._delta(request, [token_id], None if logprobs is None else [logprobs])
+        delta.prompt_logprobs = request.take_prompt_logprobs()
+        return delta
 
     def _result_problem(self, sched_out: SchedulerOutput, result: StepResult) -> str | None:
         """What is wrong with a decodable result that does not fit its plan, if anything."""

@@ -15,6 +15,7 @@ from models import cpu_features
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import iter_weights, load_config, resolve_model
+from models.prompt_logprobs import step_prompt_logprobs
 from models.sampler import SamplingState, sample
 
 logger = logging.getLogger(__name__)
@@ -112,10 +113,13 @@ class ModelRunner:
             order, plan.num_scheduled_tokens
         )
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        chunks = [(r, meta.query_start_loc_cpu[i], plan.num_scheduled_tokens[r])
+                  for i, r in enumerate(order)]  # fmt: skip
+        prompt_lp = step_prompt_logprobs(self.model.compute_logits, hidden, chunks, self.requests)
         for req_id in order:
             self.requests[req_id].num_computed_tokens += plan.num_scheduled_tokens[req_id]
         if not sample_ids:
-            return StepResult(step_id=plan.step_id, req_ids=[], sampled_token_ids=[])
+            return StepResult(plan.step_id, [], [], prompt_logprobs=prompt_lp)
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, V]
         states = [self.requests[r].sampling for r in sample_ids]
         out = sample(logits, states)
@@ -127,6 +131,7 @@ class ModelRunner:
             req_ids=sample_ids,
             sampled_token_ids=out.token_ids,
             logprobs=out.logprobs if wants_logprobs else None,
+            prompt_logprobs=prompt_lp,
         )
 
     def _apply_plan(self, plan: StepPlan) -> None:
