@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from engine_core.block_pool import BlockPool, KVBlock
 from engine_core.request import Request
@@ -10,6 +11,14 @@ from engine_core.request import Request
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class Reserved(NamedTuple):
+    """Blocks reserved for KV coming in: how many leading ones this pool already had
+    (cached, reused as they are), and the ids of the fresh ones the KV must fill."""
+
+    num_reused: int
+    block_ids: list[int]
 
 
 class KVCacheManager:
@@ -42,17 +51,22 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of a request that holds no blocks: (blocks, tokens)."""
-        if not self.enable_prefix_caching:
+        # as vLLM: prompt logprobs need every prompt position's hidden state, so no hits
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         # NOTE: the last token is always recomputed so the step has logits to sample from.
-        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits = self._cached_prefix(request, (request.num_tokens - 1) // self.block_size)
+        return hits, len(hits) * self.block_size
+
+    def _cached_prefix(self, request: Request, max_blocks: int) -> list[KVBlock]:
+        """The cached blocks that match the request's first block hashes, at most `max_blocks`."""
         hits: list[KVBlock] = []
         for block_hash in request.block_hashes[:max_blocks]:
             block = self.pool.get_cached_block(block_hash)
             if block is None:
                 break
             hits.append(block)
-        return hits, len(hits) * self.block_size
+        return hits
 
     def allocate_slots(
         self,
@@ -91,19 +105,28 @@ class KVCacheManager:
     def holds(self, request: Request) -> bool:
         return request.request_id in self._blocks
 
-    def reserve(self, request: Request, num_tokens: int) -> list[int] | None:
-        """Fresh blocks for the first `num_tokens` tokens of a request that holds none here.
+    def reserve(self, request: Request, num_tokens: int) -> Reserved | None:
+        """Blocks for the first `num_tokens` tokens of a request that holds none here.
 
-        For KV that another worker computed and will transfer in; no prefix lookup, and
-        the blocks are published (cache_blocks) only once the request runs here.
+        For KV that another worker computed and will transfer in: the full blocks this
+        pool already caches (looked up by hash, the way prefix caching matches) are taken
+        as they are, so only the rest must move; the last block always moves, so every
+        transfer carries something. The fresh blocks are published (cache_blocks) only
+        once the request runs here. None if the pool has no room.
         """
-        num_needed = cdiv(num_tokens, self.block_size)
-        if self.holds(request) or num_needed > self.pool.num_free_blocks:
+        if self.holds(request):
             return None
+        hits = self._cached_prefix(request, (num_tokens - 1) // self.block_size)
+        num_needed = cdiv(num_tokens, self.block_size) - len(hits)
+        # hits sitting in the free queue stop being free once touched
+        num_free_hits = sum(1 for block in hits if block.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_free_hits:
+            return None
+        self.pool.touch(hits)
         blocks = self.pool.get_new_blocks(num_needed)
-        self._blocks[request.request_id] = blocks
-        self._num_cached[request.request_id] = 0
-        return [block.block_id for block in blocks]
+        self._blocks[request.request_id] = [*hits, *blocks]
+        self._num_cached[request.request_id] = len(hits)
+        return Reserved(len(hits), [block.block_id for block in blocks])
 
     def cache_blocks(self, request: Request) -> None:
         """Publish the request's full blocks that are now computed (call after each step)."""

@@ -33,6 +33,7 @@ class _Sample:
 
     output: CompletionOutput
     detokenizer: IncrementalDetokenizer
+    request: RequestOutput
 
 
 class LLM:
@@ -123,7 +124,9 @@ class LLM:
             for child, child_params in enumerate(_child_params(p)):
                 child_id = f"{request_id}-{child}"
                 samples[child_id] = _Sample(
-                    result.outputs[child], IncrementalDetokenizer(self.tokenizer, child_params, ids)
+                    result.outputs[child],
+                    IncrementalDetokenizer(self.tokenizer, child_params, ids),
+                    result,
                 )
                 self.engine.add_request(AddRequest(child_id, ids, child_params, now, lora=lora))
         bar = tqdm(total=len(samples), desc="generate", disable=not use_tqdm)
@@ -140,6 +143,9 @@ class LLM:
         if delta.error:
             raise ValueError(delta.error)
         out.token_ids.extend(delta.new_token_ids)
+        sample.request.num_cached_tokens = delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            sample.request.prompt_logprobs = [None, *delta.prompt_logprobs]
         if delta.new_logprobs is not None:
             out.logprobs = (out.logprobs or []) + delta.new_logprobs
         text, stop_string = sample.detokenizer.update(

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from engine_core.messages.common import FinishReason
+from engine_core.messages.common import FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest
 from engine_core.messages.lora import LoRARef
 from engine_core.messages.sampling_params import SamplingParams
@@ -103,6 +103,9 @@ class Request:
         self.stop_reason: int | None = None
         self.block_hashes: list[BlockHash] = []
         self._hash_full_blocks()
+        # prompt_logprobs: entry p scores prompt token p + 1; sent once, with the first token
+        self.prompt_logprobs: list[TokenLogprobs] = []
+        self.prompt_logprobs_sent = False
 
     @classmethod
     def from_add_request(cls, msg: AddRequest, block_size: int) -> Request:
@@ -139,6 +142,19 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         self._hash_full_blocks()
+
+    def record_prompt_logprobs(self, start: int, entries: list[TokenLogprobs]) -> None:
+        """Store a step's prompt logprobs for positions from `start` on; a recomputed
+        prefill (after preemption or a lost worker) overwrites what it scores again."""
+        del self.prompt_logprobs[start:]
+        self.prompt_logprobs.extend(entries)
+
+    def take_prompt_logprobs(self) -> list[TokenLogprobs] | None:
+        """The prompt logprobs to deliver now: once, when asked for, else None."""
+        if self.sampling_params.prompt_logprobs is None or self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
 
     def _hash_full_blocks(self) -> None:
         size = self.block_size

@@ -320,6 +320,10 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            if req_id in result.prompt_logprobs:
+                request.record_prompt_logprobs(
+                    request.num_computed_tokens, result.prompt_logprobs[req_id]
+                )
             accepted = result.accepted_token_ids.get(req_id, [])
             num_rejected = self._count_verified(request, plan, accepted)
             request.num_computed_tokens += num_tokens - num_rejected
@@ -480,7 +484,9 @@ class Scheduler:
         if stop is not None:
             self._finish(request, stop)
         kept = token_ids[:num_kept]
-        return self._delta(request, kept, None if logprobs is None else logprobs[:num_kept])
+        delta = self._delta(request, kept, None if logprobs is None else logprobs[:num_kept])
+        delta.prompt_logprobs = request.take_prompt_logprobs()
+        return delta
 
     def _result_problem(self, sched_out: SchedulerOutput, result: StepResult) -> str | None:
         """What is wrong with a decodable result that does not fit its plan, if anything."""

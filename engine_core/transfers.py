@@ -3,7 +3,9 @@ which decode worker, and what happens when the receiver confirms, refuses or sta
 
 A transfer is planned with the step that finishes a prompt (decode blocks reserved, a send
 order for the prefill worker, a receive order for the decode worker). With no room on any
-decode worker it is parked and retried every step. It completes only on the receiver's
+decode worker it is parked and retried every step. Only the blocks the decode worker's
+prefix cache lacks move (looked up by block hash when the transfer is routed); the request
+shares the cached ones there. It completes only on the receiver's
 KV_DONE; then the prefill blocks are released (full ones stay in the prefill prefix cache)
 and the request joins the decode worker's scheduler. Until the prefill step's result is
 back (`prefilled_at`), the prefill scheduler still owns the request and its blocks.
@@ -145,16 +147,18 @@ class TransferBook:
         if not decoders or src is None:
             return
         dst = max(decoders, key=lambda w: w.free_blocks)
-        dst_ids = dst.pool.reserve(transfer.request, transfer.num_tokens)
-        if dst_ids is None:
+        reserved = dst.pool.reserve(transfer.request, transfer.num_tokens)
+        if reserved is None:
             return
+        # only the blocks the receiver's prefix cache lacks move
+        reused, dst_ids = reserved
         self._seq += 1
         transfer_id = f"{transfer.request.request_id}#{self._seq}"
         transfer.transfer_id, transfer.dst = transfer_id, dst.id
         self._by_id[transfer_id] = transfer.request.request_id
         if transfer.prefilled_at is not None:
             transfer.since = time.monotonic()
-        src_ids = src.pool.get_block_ids(transfer.request)[: len(dst_ids)]
+        src_ids = src.pool.get_block_ids(transfer.request)[reused : reused + len(dst_ids)]
         src.sends.append(
             KVSendOrder(
                 transfer_id, src_ids, dst.id, dst.ready.kv_address, dst_ids, dst.ready.kv_store

@@ -42,6 +42,7 @@ class ChoiceDelta:
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # with a choice's first delta, if asked
 
 
 class Generation:
@@ -154,6 +155,7 @@ def _choice_delta(index: int, delta: RequestDelta, detok: IncrementalDetokenizer
     text, stop = detok.update(delta.new_token_ids, delta.finish_reason is not None)
     used = detok.num_tokens - before
     out = ChoiceDelta(index, text, delta.new_token_ids[:used], _head(delta.new_logprobs, used))
+    out.prompt_logprobs = delta.prompt_logprobs
     if stop is not None:
         out.finish_reason, out.stop_reason = "stop", stop
     elif delta.finish_reason is not None:

@@ -68,6 +68,7 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    prompt_logprobs: Int | None = None  # vLLM's extension
 
     def usage_flags(self) -> tuple[bool, bool]:
         """(include_usage, continuous_usage_stats); the second only with the first, as in vLLM."""

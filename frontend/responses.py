@@ -53,6 +53,8 @@ class ChatCompletion(msgspec.Struct, tag_field="object", tag="chat.completion"):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # vLLM's extension, for the whole response (all choices share the prompt)
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class ChatDelta(msgspec.Struct, omit_defaults=True):
@@ -80,9 +82,18 @@ class ChatCompletionChunk(
 
 class CompletionLogprobs(msgspec.Struct):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    # null for an echoed prompt's first token: nothing predicts it
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(msgspec.Struct):
+    """vLLM's Logprob: one token's entry in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
 
 
 class CompletionChoice(msgspec.Struct):
@@ -91,6 +102,8 @@ class CompletionChoice(msgspec.Struct):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's extension (`prompt_logprobs` asked): None first, then token id -> entry
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class Completion(msgspec.Struct, omit_defaults=True, tag_field="object", tag="text_completion"):

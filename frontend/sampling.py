@@ -49,6 +49,7 @@ def sampling_params(
         include_stop_str_in_output=_pick(req.include_stop_str_in_output, False),
         ignore_eos=_pick(req.ignore_eos, False),
         logprobs=logprobs,
+        prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=_pick(req.skip_special_tokens, True),
     )
     try:

@@ -15,6 +15,7 @@ from frontend import tokenizing
 from frontend.context import CONTEXT, ServerContext
 from frontend.errors import bad_request
 from frontend.generation import ChoiceDelta, Generation
+from frontend.prompt_logprobs import check_prompt_logprobs, render
 from frontend.protocol import (
     UNSUPPORTED_CHAT,
     UNSUPPORTED_MESSAGE,
@@ -58,6 +59,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         vocab_size=ctx.vocab_size,
         logprobs_param="top_logprobs",
     )
+    check_prompt_logprobs(body)
     params = fit_max_tokens(params, len(prompt), ctx.max_model_len, None, "messages")
     ctx.admit()
     gen = Generation(ctx, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, lora)
@@ -161,8 +163,11 @@ class _ChatView:
             )
             for i in range(self.gen.num_choices)
         ]
+        prompt_logprobs = None
         async with contextlib.aclosing(self.gen.stream()) as deltas:
             async for delta in deltas:
+                if delta.prompt_logprobs is not None and delta.index == 0:
+                    prompt_logprobs = render(self.ctx.formatter, delta.prompt_logprobs)
                 choice = choices[delta.index]
                 choice.message.content += delta.text
                 new = self._logprobs(delta)
@@ -174,5 +179,6 @@ class _ChatView:
                         delta.stop_reason,
                     )
         return ChatCompletion(
-            self.gen.request_id, self.created, self.gen.model_name, choices, self.gen.usage()
-        )
+            self.gen.request_id, self.created, self.gen.model_name, choices, self.gen.usage(),
+            prompt_logprobs,
+        )  # fmt: skip

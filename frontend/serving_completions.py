@@ -13,6 +13,7 @@ from frontend import tokenizing
 from frontend.context import CONTEXT, ServerContext
 from frontend.errors import bad_request
 from frontend.generation import ChoiceDelta, Generation
+from frontend.prompt_logprobs import check_prompt_logprobs, echo_logprobs, echo_params, render
 from frontend.protocol import (
     UNSUPPORTED_COMPLETION,
     CompletionRequest,
@@ -38,8 +39,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     )
     if body.best_of is not None and body.best_of != params.n:
         raise bad_request("best_of is not supported (other than best_of == n)", "best_of")
-    if body.echo and params.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported yet", "echo")
+    check_prompt_logprobs(body)
+    params = echo_params(params, bool(body.echo))
     prompts = await completion_prompts(ctx, body.prompt)
     if len(prompts) * params.n > MAX_CHOICES:
         raise bad_request(f"at most {MAX_CHOICES} choices (prompts × n) per request", "prompt")
@@ -96,6 +97,7 @@ class _CompletionView:
         self.echo = echo
         self.created = int(time.time())
         self.text_lengths = [0] * gen.num_choices  # for logprobs' text_offset
+        self.echoed: set[int] = set()  # choices whose prompt has been echoed
 
     def _choice(self, delta: ChoiceDelta) -> CompletionChoice:
         logprobs = None
@@ -105,6 +107,19 @@ class _CompletionView:
         return CompletionChoice(
             delta.index, delta.text, logprobs, delta.finish_reason, delta.stop_reason
         )
+
+    def _echo(self, delta: ChoiceDelta) -> CompletionChoice | None:
+        """At a choice's first delta (which holds its prompt logprobs), its echoed prompt,
+        with the prompt tokens' logprobs when logprobs are asked; None otherwise."""
+        if self.echo is None or delta.index in self.echoed:
+            return None
+        self.echoed.add(delta.index)
+        text, logprobs = self._prompt_text(delta.index), None
+        if self.gen.params.logprobs is not None and delta.prompt_logprobs is not None:
+            prompt = self.gen.prompts[delta.index // self.gen.params.n]
+            logprobs = echo_logprobs(self.ctx.formatter, prompt, delta.prompt_logprobs)
+        self.text_lengths[delta.index] += len(text)
+        return CompletionChoice(delta.index, text, logprobs)
 
     def _body(self, choices: list[CompletionChoice], usage: bool) -> Completion:
         return Completion(
@@ -120,16 +135,11 @@ class _CompletionView:
 
     async def chunks(self, include_usage: bool, continuous: bool) -> AsyncGenerator[Completion]:
         """Stream chunks: the echoed prompt first (if asked), then text as it is final."""
-        started = False
         async with contextlib.aclosing(self.gen.stream()) as deltas:
             async for delta in deltas:
-                if not started and self.echo is not None:  # only now: see serving_chat
-                    for i in range(self.gen.num_choices):
-                        yield self._body(
-                            [self._choice(ChoiceDelta(i, self._prompt_text(i), [], None))],
-                            continuous,
-                        )
-                started = True
+                # only now, not before any output: see serving_chat
+                if (echo := self._echo(delta)) is not None:
+                    yield self._body([echo], continuous)
                 if delta.text or delta.finish_reason or delta.logprobs:
                     yield self._body([self._choice(delta)], continuous)
         if include_usage:
@@ -137,13 +147,15 @@ class _CompletionView:
 
     async def complete(self) -> Completion:
         """Wait for every choice and build the whole response."""
-        choices = [
-            self._choice(ChoiceDelta(i, self._prompt_text(i), [], None))
-            for i in range(self.gen.num_choices)
-        ]
+        choices = [CompletionChoice(i, "") for i in range(self.gen.num_choices)]
         async with contextlib.aclosing(self.gen.stream()) as deltas:
             async for delta in deltas:
-                choice, part = choices[delta.index], self._choice(delta)
+                choice = choices[delta.index]
+                if delta.prompt_logprobs is not None:
+                    choice.prompt_logprobs = render(self.ctx.formatter, delta.prompt_logprobs)
+                if (echo := self._echo(delta)) is not None:
+                    choice.text, choice.logprobs = echo.text, echo.logprobs
+                part = self._choice(delta)
                 choice.text += part.text
                 if part.logprobs is not None:
                     choice.logprobs = _extend(choice.logprobs, part.logprobs)

@@ -17,6 +17,7 @@ from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import iter_weights, load_config, resolve_model
 from models.lora import LoRAManager
+from models.prompt_logprobs import step_prompt_logprobs
 from models.rejection_sampler import verify
 from models.sampler import SamplingState, sample
 
@@ -126,14 +127,19 @@ class ModelRunner:
                 [(self.requests[r].lora, plan.num_scheduled_tokens[r]) for r in order]
             )
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        chunks = [(r, meta.query_start_loc_cpu[i], plan.num_scheduled_tokens[r])
+                  for i, r in enumerate(order)]  # fmt: skip
+        prompt_lp = step_prompt_logprobs(self.model.compute_logits, hidden, chunks, self.requests)
         for req_id in order:
             self.requests[req_id].num_computed_tokens += plan.num_scheduled_tokens[req_id]
         if not sample_ids:
-            return StepResult(step_id=plan.step_id, req_ids=[], sampled_token_ids=[])
+            return StepResult(plan.step_id, [], [], prompt_logprobs=prompt_lp)
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, V]
         states = [self.requests[r].sampling for r in sample_ids]
         if plan.spec_token_ids:
-            return self._verify(plan, logits, sample_ids)
+            result = self._verify(plan, logits, sample_ids)
+            result.prompt_logprobs = prompt_lp
+            return result
         out = sample(logits, states)
         for state, token in zip(states, out.token_ids, strict=True):
             state.output_token_ids.append(token)
@@ -143,6 +149,7 @@ class ModelRunner:
             req_ids=sample_ids,
             sampled_token_ids=out.token_ids,
             logprobs=out.logprobs if wants_logprobs else None,
+            prompt_logprobs=prompt_lp,
         )
 
     def _verify(self, plan: StepPlan, logits: torch.Tensor, sample_ids: list[str]) -> StepResult:

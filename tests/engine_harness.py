@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from engine_core.messages.common import TokenLogprobs
 from engine_core.messages.config import EngineAddresses, EngineConfig
 from engine_core.messages.framing import encode
 from engine_core.messages.frontend import (
@@ -89,11 +90,19 @@ class EngineHarness:
         self.finished: dict[str, str] = {}  # request id -> finish reason (or error)
         self.stats = SchedulerStats()
         self.snapshot: EngineSnapshot | None = None  # the core's latest, twice a second
+        self.prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
 
     def add(
-        self, request_id: str, prompt: list[int], max_tokens: int, lora: LoRARef | None = None
+        self,
+        request_id: str,
+        prompt: list[int],
+        max_tokens: int,
+        lora: LoRARef | None = None,
+        prompt_logprobs: int | None = None,
     ) -> None:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=prompt_logprobs
+        )
         self.tokens[request_id] = []
         request = AddRequest(request_id, prompt, params, time.time(), lora=lora)
         self.sock.send_multipart(encode(FrontendMsg.ADD, request))
@@ -117,6 +126,8 @@ class EngineHarness:
             self.stats = message.stats or self.stats
             for delta in message.outputs:
                 self.tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+                if delta.prompt_logprobs is not None:
+                    self.prompt_logprobs[delta.request_id] = delta.prompt_logprobs
                 if delta.finish_reason is not None or delta.error:
                     self.finished[delta.request_id] = delta.error or delta.finish_reason.api_name
 

@@ -126,3 +126,24 @@ def test_kv_header_carries_its_data_frames(ctx) -> None:
     frames = receiver.sock.recv_multipart()
     assert receiver.decode(frames) == (kv.KVMsg.HEADER, header)
     assert frames[2:] == [b"\x01\x02", b"\x03"]
+
+
+def test_step_result_prompt_logprobs_rows_may_be_absent(ctx) -> None:
+    core, work = pair(ctx, worker.CORE, worker.WORKER)
+    chunk = [TokenLogprobs([4, 4], [-0.5, -0.5], 1), TokenLogprobs([6, 2], [-3.0, -0.2], 7)]
+    # "b" is a prompt chunk that asked nothing; "c" samples without prompt logprobs
+    result = worker.StepResult(3, ["c"], [9], prompt_logprobs={"a": chunk})
+    assert through(work, core, worker.WorkerMsg.RESULT, result) == result
+    plain = worker.StepResult(4, [], [])
+    received = through(work, core, worker.WorkerMsg.RESULT, plain)
+    assert received == plain and received.prompt_logprobs == {}
+
+
+def test_first_delta_carries_prompt_logprobs(ctx) -> None:
+    core, front = pair(ctx, frontend.CORE, frontend.FRONTEND)
+    entries = [TokenLogprobs([8, 1, 8], [-1.5, -0.3, -1.5], 2)]
+    first = frontend.RequestDelta("r", [5], prompt_logprobs=entries)
+    later = frontend.RequestDelta("r", [6])
+    message = frontend.StepOutputs([first, later], 1.0)
+    received = through(core, front, frontend.FrontendMsg.OUTPUTS, message)
+    assert received == message and received.outputs[1].prompt_logprobs is None

@@ -54,6 +54,8 @@ class RequestDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     # why the request failed (e.g. a prompt longer than max_model_len); never a traceback
     error: str | None = None
     error_kind: ErrorKind = ErrorKind.SERVER
+    # with the first token: prompt tokens 1.. (the first has none), if prompt_logprobs asked
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -33,6 +33,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, kw_only=True)
     ignore_eos: bool = False
     # None: no logprobs; 0: the sampled token's only; N: plus the top N.
     logprobs: int | None = None
+    # None: none; N: each prompt token's logprob (after the first) plus the top N there.
+    # NOTE: such a request takes no prefix-cache hits: every prompt position is scored.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     @property
@@ -60,6 +63,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, kw_only=True)
                 "min_tokens must not exceed max_tokens",
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs must be in [0, 20]",
+            ),
             (
                 all(-100.0 <= v <= 100.0 for v in (self.logit_bias or {}).values()),
                 "logit_bias values must be in [-100, 100]",

@@ -139,6 +139,9 @@ class StepResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     req_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None
+    # req_id -> logprobs of the prompt tokens this step scored, one per scheduled position
+    # p < num_prompt_tokens - 1 (for token p + 1); only requests with prompt_logprobs
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
     error: str | None = None  # the step failed on the worker (logged there, not for clients)
     # speculative decoding: req_id -> the drafts it accepted, which come before its sampled
     # token in the output; and their logprobs, for the requests that asked for logprobs
