@@ -31,12 +31,12 @@ class LogprobFormatter:
 
     def _chat_entry(self, entry: TokenLogprobs, top: int) -> ChatTokenLogprob:
         alternatives = [
-            TopLogprob(self.token(t), finite(lp), list(self.token(t).encode()))
+            TopLogprob(self.token(t), _finite(lp), list(self.token(t).encode()))
             for t, lp in zip(entry.token_ids[1 : top + 1], entry.logprobs[1 : top + 1], strict=True)
         ]
         token = self.token(entry.token_ids[0])
         return ChatTokenLogprob(
-            token, finite(entry.logprobs[0]), list(token.encode()), alternatives
+            token, _finite(entry.logprobs[0]), list(token.encode()), alternatives
         )
 
     def completion(self, entries: list[TokenLogprobs], text_offset: int) -> CompletionLogprobs:
@@ -45,10 +45,10 @@ class LogprobFormatter:
         for entry in entries:
             token = self.token(entry.token_ids[0])
             out.tokens.append(token)
-            out.token_logprobs.append(finite(entry.logprobs[0]))
+            out.token_logprobs.append(_finite(entry.logprobs[0]))
             out.top_logprobs.append(
                 {
-                    self.token(t): finite(lp)
+                    self.token(t): _finite(lp)
                     for t, lp in zip(entry.token_ids, entry.logprobs, strict=True)
                 }
             )
@@ -57,6 +57,5 @@ class LogprobFormatter:
         return out
 
 
-def finite(logprob: float) -> float:
-    """A logprob JSON can carry (-inf becomes MIN_LOGPROB)."""
+def _finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)

@@ -13,7 +13,7 @@ import msgspec
 from engine_core.messages.common import TokenLogprobs
 from engine_core.messages.sampling_params import SamplingParams
 from frontend.errors import bad_request
-from frontend.logprobs import LogprobFormatter, finite
+from frontend.logprobs import MIN_LOGPROB, LogprobFormatter
 from frontend.protocol import SamplingRequest
 from frontend.responses import CompletionLogprobs, PromptLogprob
 
@@ -33,8 +33,10 @@ def render(formatter: LogprobFormatter, entries: list[TokenLogprobs]) -> PromptL
         ranks = [entry.rank, *range(1, len(entry.token_ids))]  # the top N in order
         scored: dict[int, PromptLogprob] = {}
         for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs, ranks, strict=True):
-            if token_id not in scored:  # the prompt token may also be in the top N
-                scored[token_id] = PromptLogprob(finite(logprob), rank, formatter.token(token_id))
+            # the prompt token may also be in the top N; JSON has no -inf (frontend/logprobs.py)
+            if token_id not in scored:
+                entry_lp = max(logprob, MIN_LOGPROB)
+                scored[token_id] = PromptLogprob(entry_lp, rank, formatter.token(token_id))
         out.append(scored)
     return out
 
