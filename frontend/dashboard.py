@@ -129,6 +129,14 @@ class Readings:
         than = than or self.latest
         return next(r for r in self._readings if r.at >= than.at - seconds)
 
+    def rate_base(self) -> Reading:
+        """What rates are measured from: the oldest reading within RATE_WINDOW, or, when
+        nobody looked for longer than that, the one before the latest."""
+        base = self.before(RATE_WINDOW)
+        if base is self.latest and len(self._readings) > 1:
+            return self._readings[-2]
+        return base
+
     def series(self) -> dict[str, list[float | None]]:
         """Per reading: tokens/s in and out since the previous one, latency percentiles
         over the trailing PLOT_WINDOW; `t` is seconds before the latest reading."""
@@ -170,7 +178,7 @@ class DashboardStats:
     def document(self) -> dict:
         """Everything the page shows (the latest reading against earlier ones)."""
         r = self.readings
-        new, rate_base, minute = r.latest, r.before(RATE_WINDOW), r.before(LATENCY_WINDOW)
+        new, rate_base, minute = r.latest, r.rate_base(), r.before(LATENCY_WINDOW)
         span = new.at - rate_base.at
         rate = (lambda key: _delta(new, rate_base, key) / span) if span > 0 else (lambda _: None)
         return {
