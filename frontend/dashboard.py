@@ -179,6 +179,7 @@ class DashboardStats:
         """Everything the page shows (the latest reading against earlier ones)."""
         r = self.readings
         new, rate_base, minute = r.latest, r.rate_base(), r.before(LATENCY_WINDOW)
+        snapshot = self.ctx.client.latest_snapshot
         span = new.at - rate_base.at
         rate = (lambda key: _delta(new, rate_base, key) / span) if span > 0 else (lambda _: None)
         return {
@@ -196,6 +197,7 @@ class DashboardStats:
             "ttft": _percentiles(new, minute, "ttft"),
             "itl": _percentiles(new, minute, "itl"),
             "kv_transfers": self._transfers(rate("kv_transfer_bytes")),
+            "worker_deaths": snapshot.worker_deaths if snapshot else 0,
             "spec_decode_acceptance": self._spec_decode(new, minute),
             "pool_advice": self._advice(),
             "history": r.series(),
@@ -216,11 +218,8 @@ class DashboardStats:
 
     def _transfers(self, bytes_per_s: float | None) -> dict[str, float | None]:
         snapshot = self.ctx.client.latest_snapshot
-        return {
-            "in_flight": snapshot.kv_transfers_in_flight if snapshot else 0,
-            "bytes_per_s": bytes_per_s,
-            "worker_deaths": snapshot.worker_deaths if snapshot else 0,
-        }
+        in_flight = snapshot.kv_transfers_in_flight if snapshot else 0
+        return {"in_flight": in_flight, "bytes_per_s": bytes_per_s}
 
     def _spec_decode(self, new: Reading, minute: Reading) -> float | None:
         """Accepted / drafted tokens over the last minute; None when spec decode is off."""

@@ -235,9 +235,24 @@ def test_a_dead_worker_shows_as_a_death_and_recomputes(
         wait_for(lambda: any(w["role"] == "decode" and w["worker_id"] != busy["worker_id"]
                              for w in stats(url)["workers"]))  # fmt: skip
     doc = stats(url)
-    assert doc["kv_transfers"]["worker_deaths"] == 1
+    assert doc["worker_deaths"] == 1
     assert doc["totals"]["recomputed_prefills"] >= 1  # it had requests running
     page = PageValues(dump_dom(browser, f"{url}/dashboard?key={KEY}", tmp_path / "profile"))
     assert page.value("worker-deaths") == "1"
     recomputed = metrics(url)[("duet:recomputed_prefills_total", ())]
     assert float(page.value("recomputed-prefills") or -1) == recomputed
+
+
+def test_colocated_server_shows_one_mixed_worker_and_no_advice(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    colocated = [a for a in ARGS if a not in ("--prefill-workers", "--decode-workers", "1")]
+    with server_process([str(tiny_checkpoint()), *colocated], tmp_path / "duet.log") as (_, url):
+        with Load(url):
+            wait_for(lambda: stats(url)["totals"]["generation_tokens"] > 0)
+        doc = wait_for(lambda: (d := stats(url))["workers"] and d)
+        scraped = metrics(url)
+    assert [(w["worker_id"], w["role"]) for w in doc["workers"]] == [("worker-0", "mixed")]
+    assert doc["pool_advice"] is None and doc["kv_transfers"]["in_flight"] == 0
+    assert scraped[("duet:num_workers", (("role", "mixed"),))] == 1
+    assert not any(name == "duet:pd_recommended_prefill_fraction" for name, _ in scraped)
