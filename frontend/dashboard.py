@@ -21,12 +21,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
 
 from frontend.context import CONTEXT, ServerContext
-from frontend.metrics import read_merged_metrics
+from frontend.metrics import merged_registry
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
 
 INTERVAL = 1.0  # seconds: the freshest a document gets (the page polls this often)
 HISTORY = 120.0  # seconds of readings kept for the plots
@@ -62,11 +66,29 @@ class Reading:
 
 
 def take_reading(at: float) -> Reading:
-    """Read every frontend's metric files once."""
-    merged = read_merged_metrics()
-    counters = {key: merged.counters[key] for key in COUNTERS if key in merged.counters}
-    histograms = {k: merged.histograms[v] for k, v in HISTOGRAMS.items() if v in merged.histograms}
+    """Read every frontend's metric files once: the numbers /metrics would show now,
+    summed over labels."""
+    counters: dict[str, float] = {}
+    histograms: dict[str, tuple[list[float], list[float]]] = {}
+    wanted = {f"duet:{name}": key for key, name in HISTOGRAMS.items()}
+    for family in merged_registry().collect():
+        name = family.name.removeprefix("duet:")
+        if family.type == "counter" and name in COUNTERS:
+            counters[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+        elif family.type == "histogram" and family.name in wanted:
+            histograms[wanted[family.name]] = _buckets(family)
     return Reading(at, counters, histograms)
+
+
+def _buckets(family: Metric) -> tuple[list[float], list[float]]:
+    """A histogram's (upper bounds, cumulative counts), summed over its other labels."""
+    buckets: dict[float, float] = {}
+    for sample in family.samples:
+        if sample.name.endswith("_bucket"):
+            bound = float(sample.labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    bounds = sorted(buckets)
+    return bounds, [buckets[b] for b in bounds]
 
 
 def quantile(q: float, bounds: list[float], cumulative: list[float]) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -30,17 +31,20 @@ ARGS = ["--served-model-name", "tiny", "--max-model-len", "256", "--kv-cache-mem
 STREAMS = 3
 
 
+Server = tuple[subprocess.Popen, str, Path]  # the launcher, its URL, its log
+
+
 @pytest.fixture(scope="module")
 def server(
     tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[subprocess.Popen, str]]:
+) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("dashboard") / "duet.log"
-    with server_process([str(tiny_checkpoint()), *ARGS], log) as launched:
-        yield launched
+    with server_process([str(tiny_checkpoint()), *ARGS], log) as (launcher, url):
+        yield launcher, url, log
 
 
 @pytest.fixture(scope="module")
-def url(server: tuple[subprocess.Popen, str]) -> str:
+def url(server: Server) -> str:
     return server[1]
 
 
@@ -50,7 +54,6 @@ class Load:
     def __init__(self, url: str) -> None:
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
         self.stop = threading.Event()
-        self.done = 0
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(STREAMS)]
 
@@ -65,7 +68,6 @@ class Load:
                 )  # fmt: skip
                 for _ in stream:
                     pass
-                self.done += 1
             except Exception as exc:  # the test reports it
                 self.errors.append(exc)
                 return
@@ -224,9 +226,9 @@ def descendant_named(name: str, root: int) -> int:
 
 
 def test_a_dead_worker_shows_as_a_death_and_recomputes(
-    server: tuple[subprocess.Popen, str], browser: str, tmp_path: Path
+    server: Server, browser: str, tmp_path: Path
 ) -> None:
-    launcher, url = server
+    launcher, url, log = server
     with Load(url):
         busy = wait_for(lambda: next((w for w in stats(url)["workers"]
                                       if w["role"] == "decode" and w["num_running"]), None))  # fmt: skip
@@ -234,13 +236,19 @@ def test_a_dead_worker_shows_as_a_death_and_recomputes(
         # replaced (under a new id), and the load goes on through the new worker
         wait_for(lambda: any(w["role"] == "decode" and w["worker_id"] != busy["worker_id"]
                              for w in stats(url)["workers"]))  # fmt: skip
+    time.sleep(1.5)  # the next document: built after the last request was counted
     doc = stats(url)
+    # the core says how many requests the worker held when it died: each is recomputed
+    found = re.search(
+        rf"decode worker {busy['worker_id']} died with (\d+) requests", log.read_text()
+    )
+    assert found is not None
     assert doc["worker_deaths"] == 1
-    assert doc["totals"]["recomputed_prefills"] >= 1  # it had requests running
+    assert doc["totals"]["recomputed_prefills"] == int(found.group(1))
     page = PageValues(dump_dom(browser, f"{url}/dashboard?key={KEY}", tmp_path / "profile"))
     assert page.value("worker-deaths") == "1"
     recomputed = metrics(url)[("duet:recomputed_prefills_total", ())]
-    assert float(page.value("recomputed-prefills") or -1) == recomputed
+    assert float(page.value("recomputed-prefills") or -1) == recomputed == int(found.group(1))
 
 
 def test_colocated_server_shows_one_mixed_worker_and_no_advice(
