@@ -163,6 +163,15 @@ def browser() -> str:
     return binary
 
 
+def test_page_without_the_key_asks_for_it(url: str, browser: str, tmp_path: Path) -> None:
+    html = dump_dom(browser, f"{url}/dashboard", tmp_path / "profile")
+    page = PageValues(html)
+    assert page.by_id["status"][0] == "API key needed"
+    assert page.body["data-updates"] == "0"  # nothing shown without the key
+    login = re.search(r"<form id=\"login\"[^>]*>", html)
+    assert login is not None and "hidden" not in login.group(0)
+
+
 def test_page_in_chromium_matches_metrics(url: str, browser: str, tmp_path: Path) -> None:
     page = f"{url}/dashboard?key={KEY}"
     with Load(url):
