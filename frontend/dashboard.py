@@ -21,12 +21,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
 
 from frontend.context import CONTEXT, ServerContext
-from frontend.metrics import read_merged_metrics
+from frontend.metrics import merged_registry
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
 
 INTERVAL = 1.0  # seconds: the freshest a document gets (the page polls this often)
 HISTORY = 120.0  # seconds of readings kept for the plots
@@ -62,11 +66,29 @@ class Reading:
 
 
 def take_reading(at: float) -> Reading:
-    """Read every frontend's metric files once."""
-    merged = read_merged_metrics()
-    counters = {key: merged.counters[key] for key in COUNTERS if key in merged.counters}
-    histograms = {k: merged.histograms[v] for k, v in HISTOGRAMS.items() if v in merged.histograms}
+    """Read every frontend's metric files once: the numbers /metrics would show now,
+    summed over labels."""
+    counters: dict[str, float] = {}
+    histograms: dict[str, tuple[list[float], list[float]]] = {}
+    wanted = {f"duet:{name}": key for key, name in HISTOGRAMS.items()}
+    for family in merged_registry().collect():
+        name = family.name.removeprefix("duet:")
+        if family.type == "counter" and name in COUNTERS:
+            counters[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+        elif family.type == "histogram" and family.name in wanted:
+            histograms[wanted[family.name]] = _buckets(family)
     return Reading(at, counters, histograms)
+
+
+def _buckets(family: Metric) -> tuple[list[float], list[float]]:
+    """A histogram's (upper bounds, cumulative counts), summed over its other labels."""
+    buckets: dict[float, float] = {}
+    for sample in family.samples:
+        if sample.name.endswith("_bucket"):
+            bound = float(sample.labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    bounds = sorted(buckets)
+    return bounds, [buckets[b] for b in bounds]
 
 
 def quantile(q: float, bounds: list[float], cumulative: list[float]) -> float | None:
@@ -129,6 +151,14 @@ class Readings:
         than = than or self.latest
         return next(r for r in self._readings if r.at >= than.at - seconds)
 
+    def rate_base(self) -> Reading:
+        """What rates are measured from: the oldest reading within RATE_WINDOW, or, when
+        nobody looked for longer than that, the one before the latest."""
+        base = self.before(RATE_WINDOW)
+        if base is self.latest and len(self._readings) > 1:
+            return self._readings[-2]
+        return base
+
     def series(self) -> dict[str, list[float | None]]:
         """Per reading: tokens/s in and out since the previous one, latency percentiles
         over the trailing PLOT_WINDOW; `t` is seconds before the latest reading."""
@@ -170,7 +200,8 @@ class DashboardStats:
     def document(self) -> dict:
         """Everything the page shows (the latest reading against earlier ones)."""
         r = self.readings
-        new, rate_base, minute = r.latest, r.before(RATE_WINDOW), r.before(LATENCY_WINDOW)
+        new, rate_base, minute = r.latest, r.rate_base(), r.before(LATENCY_WINDOW)
+        snapshot = self.ctx.client.latest_snapshot
         span = new.at - rate_base.at
         rate = (lambda key: _delta(new, rate_base, key) / span) if span > 0 else (lambda _: None)
         return {
@@ -188,6 +219,7 @@ class DashboardStats:
             "ttft": _percentiles(new, minute, "ttft"),
             "itl": _percentiles(new, minute, "itl"),
             "kv_transfers": self._transfers(rate("kv_transfer_bytes")),
+            "worker_deaths": snapshot.worker_deaths if snapshot else 0,
             "spec_decode_acceptance": self._spec_decode(new, minute),
             "pool_advice": self._advice(),
             "history": r.series(),
@@ -208,11 +240,8 @@ class DashboardStats:
 
     def _transfers(self, bytes_per_s: float | None) -> dict[str, float | None]:
         snapshot = self.ctx.client.latest_snapshot
-        return {
-            "in_flight": snapshot.kv_transfers_in_flight if snapshot else 0,
-            "bytes_per_s": bytes_per_s,
-            "worker_deaths": snapshot.worker_deaths if snapshot else 0,
-        }
+        in_flight = snapshot.kv_transfers_in_flight if snapshot else 0
+        return {"in_flight": in_flight, "bytes_per_s": bytes_per_s}
 
     def _spec_decode(self, new: Reading, minute: Reading) -> float | None:
         """Accepted / drafted tokens over the last minute; None when spec decode is off."""

@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine_core.messages.common import FinishReason
@@ -102,44 +101,17 @@ def render_metrics() -> tuple[bytes, str]:
     """Every frontend's metrics merged, as (body, content type) for GET /metrics."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return generate_latest(_merged_registry()), CONTENT_TYPE_LATEST
+    return generate_latest(merged_registry()), CONTENT_TYPE_LATEST
 
 
-def _merged_registry() -> CollectorRegistry:
+def merged_registry() -> CollectorRegistry:
+    """A registry collecting every frontend's metric files (read anew on each collect)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     return registry
-
-
-@dataclass
-class MergedMetrics:
-    """Every frontend's samples merged and summed over labels (names without `duet:`)."""
-
-    counters: dict[str, float] = field(default_factory=dict)  # without `_total`
-    # histogram -> (upper bounds ending with +Inf, cumulative counts)
-    histograms: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
-
-
-def read_merged_metrics() -> MergedMetrics:
-    """The numbers /metrics would show now, as counters and histograms (the dashboard's)."""
-    merged = MergedMetrics()
-    for family in _merged_registry().collect():
-        name = family.name.removeprefix("duet:")
-        if family.type == "counter":
-            total = sum(s.value for s in family.samples if s.name.endswith("_total"))
-            merged.counters[name] = total
-        elif family.type == "histogram":
-            buckets: dict[float, float] = {}
-            for s in family.samples:
-                if s.name.endswith("_bucket"):
-                    bound = float(s.labels["le"])
-                    buckets[bound] = buckets.get(bound, 0.0) + s.value
-            bounds = sorted(buckets)
-            merged.histograms[name] = (bounds, [buckets[b] for b in bounds])
-    return merged
 
 
 class BatchedCounter:

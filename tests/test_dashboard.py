@@ -5,6 +5,10 @@ page itself in headless Chromium, whose DOM values are checked against /metrics.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -16,7 +20,7 @@ import openai
 import pytest
 from browser import PageValues, chromium, dump_dom, pixel_spread, screenshot
 from prometheus_client.parser import text_string_to_metric_families
-from server_process import running_server
+from server_process import server_process
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +31,21 @@ ARGS = ["--served-model-name", "tiny", "--max-model-len", "256", "--kv-cache-mem
 STREAMS = 3
 
 
+Server = tuple[subprocess.Popen, str, Path]  # the launcher, its URL, its log
+
+
 @pytest.fixture(scope="module")
-def url(
+def server(
     tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("dashboard") / "duet.log"
-    with running_server([str(tiny_checkpoint()), *ARGS], log) as base:
-        yield base
+    with server_process([str(tiny_checkpoint()), *ARGS], log) as (launcher, url):
+        yield launcher, url, log
+
+
+@pytest.fixture(scope="module")
+def url(server: Server) -> str:
+    return server[1]
 
 
 class Load:
@@ -42,7 +54,6 @@ class Load:
     def __init__(self, url: str) -> None:
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
         self.stop = threading.Event()
-        self.done = 0
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(STREAMS)]
 
@@ -57,7 +68,6 @@ class Load:
                 )  # fmt: skip
                 for _ in stream:
                     pass
-                self.done += 1
             except Exception as exc:  # the test reports it
                 self.errors.append(exc)
                 return
@@ -133,12 +143,16 @@ def test_stats_and_pool_advice_under_load(url: str) -> None:
     assert len(doc["history"]["t"]) >= 1
     advice = doc["pool_advice"]
     assert 0.0 <= advice["prefill_fraction"] <= 1.0
-    assert advice["prefill_demand"] > 0 and advice["decode_demand"] > 0
+    # NOTE: the tiny model prefills in a blink, so a sample rarely catches a prompt queued:
+    # prefill demand may be 0, and decode (streams running) is what must show
+    prefill, decode = advice["prefill_demand"], advice["decode_demand"]
+    assert prefill >= 0 and decode > 0
+    assert advice["prefill_fraction"] == pytest.approx(prefill / (prefill + decode))
     fraction = scraped[("duet:pd_recommended_prefill_fraction", ())]
-    assert 0.0 < fraction < 1.0  # both pools had work
+    assert 0.0 <= fraction < 1.0  # decode had work
     assert scraped[("duet:num_workers", (("role", "prefill"),))] == 1
     assert scraped[("duet:num_workers", (("role", "decode"),))] == 1
-    assert scraped[("duet:pd_pool_demand", (("role", "prefill"),))] > 0
+    assert scraped[("duet:pd_pool_demand", (("role", "decode"),))] > 0
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +161,15 @@ def browser() -> str:
     if binary is None:
         pytest.skip(f"no headless chromium: {why}")
     return binary
+
+
+def test_page_without_the_key_asks_for_it(url: str, browser: str, tmp_path: Path) -> None:
+    html = dump_dom(browser, f"{url}/dashboard", tmp_path / "profile")
+    page = PageValues(html)
+    assert page.by_id["status"][0] == "API key needed"
+    assert page.body["data-updates"] == "0"  # nothing shown without the key
+    login = re.search(r"<form id=\"login\"[^>]*>", html)
+    assert login is not None and "hidden" not in login.group(0)
 
 
 def test_page_in_chromium_matches_metrics(url: str, browser: str, tmp_path: Path) -> None:
@@ -190,3 +213,63 @@ def test_page_in_chromium_matches_metrics(url: str, browser: str, tmp_path: Path
         usage = scraped[("duet:kv_cache_usage_perc", (("pool", worker_id),))]
         assert float(cells["kv.value"]) == pytest.approx(usage)
     assert float(idle.value("worker-deaths") or -1) == 0
+
+
+def descendant_named(name: str, root: int) -> int:
+    """The pid of the process called `name` (workers name themselves) under `root`."""
+    parents = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)  # fmt: skip
+        except OSError:
+            continue
+        parents[int(status.parent.name)] = (fields.get("Name", "").strip(), int(fields["PPid"]))
+    for pid, (comm, _) in parents.items():
+        ancestor = pid
+        while ancestor in parents and ancestor != root:
+            ancestor = parents[ancestor][1]
+        if comm == name[:15] and ancestor == root:
+            return pid
+    raise LookupError(f"no process named {name} under {root}")
+
+
+def test_a_dead_worker_shows_as_a_death_and_recomputes(
+    server: Server, browser: str, tmp_path: Path
+) -> None:
+    launcher, url, log = server
+    with Load(url):
+        busy = wait_for(lambda: next((w for w in stats(url)["workers"]
+                                      if w["role"] == "decode" and w["num_running"]), None))  # fmt: skip
+        os.kill(descendant_named(busy["worker_id"], launcher.pid), signal.SIGKILL)
+        # replaced (under a new id), and the load goes on through the new worker
+        wait_for(lambda: any(w["role"] == "decode" and w["worker_id"] != busy["worker_id"]
+                             for w in stats(url)["workers"]))  # fmt: skip
+    time.sleep(1.5)  # the next document: built after the last request was counted
+    doc = stats(url)
+    # the core says how many requests the worker held when it died: each is recomputed
+    found = re.search(
+        rf"decode worker {busy['worker_id']} died with (\d+) requests", log.read_text()
+    )
+    assert found is not None
+    assert doc["worker_deaths"] == 1
+    assert doc["totals"]["recomputed_prefills"] == int(found.group(1))
+    page = PageValues(dump_dom(browser, f"{url}/dashboard?key={KEY}", tmp_path / "profile"))
+    assert page.value("worker-deaths") == "1"
+    recomputed = metrics(url)[("duet:recomputed_prefills_total", ())]
+    assert float(page.value("recomputed-prefills") or -1) == recomputed == int(found.group(1))
+
+
+def test_colocated_server_shows_one_mixed_worker_and_no_advice(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    colocated = [a for a in ARGS if a not in ("--prefill-workers", "--decode-workers", "1")]
+    with server_process([str(tiny_checkpoint()), *colocated], tmp_path / "duet.log") as (_, url):
+        with Load(url):
+            wait_for(lambda: stats(url)["totals"]["generation_tokens"] > 0)
+        doc = wait_for(lambda: (d := stats(url))["workers"] and d)
+        scraped = metrics(url)
+    assert [(w["worker_id"], w["role"]) for w in doc["workers"]] == [("worker-0", "mixed")]
+    assert doc["pool_advice"] is None and doc["kv_transfers"]["in_flight"] == 0
+    assert scraped[("duet:num_workers", (("role", "mixed"),))] == 1
+    assert not any(name == "duet:pd_recommended_prefill_fraction" for name, _ in scraped)

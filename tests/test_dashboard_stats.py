@@ -43,3 +43,12 @@ def test_series_are_rates_and_window_percentiles() -> None:
     # each point covers the trailing 10 s: at 103 s all four ITLs, median at 0.1 s
     assert series["itl_p50"] == [pytest.approx(0.05), pytest.approx(0.1)]
     assert readings.before(2.5) is readings.before(2.0)  # the oldest within 2.5 s: 101 s
+
+
+def test_rates_after_a_gap_span_back_to_the_previous_reading() -> None:
+    readings = Readings()
+    readings.add(reading(100.0, 0.0, [0.0] * 4))
+    readings.add(reading(101.0, 10.0, [0.0] * 4))
+    assert readings.rate_base().at == 100.0  # within the window
+    readings.add(reading(131.0, 70.0, [0.0] * 4))  # nobody looked for 30 s
+    assert readings.rate_base().at == 101.0

@@ -8,6 +8,7 @@ Kubernetes deployment runs what this test proves works."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -193,6 +194,11 @@ def test_manifest_roles_serve_across_namespaces(namespaces: dict[str, str], tmp_
         )  # fmt: skip
         with urllib.request.urlopen(f"{frontend}/metrics", timeout=10) as resp:
             scraped = resp.read().decode()
+        dashboard = urllib.request.Request(
+            f"{frontend}/dashboard/stats", headers={"Authorization": f"Bearer {API_KEY}"}
+        )
+        with urllib.request.urlopen(dashboard, timeout=10) as resp:
+            workers = {w["role"] for w in json.loads(resp.read())["workers"]}
     finally:
         for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -204,3 +210,4 @@ def test_manifest_roles_serve_across_namespaces(namespaces: dict[str, str], tmp_
     assert 'duet:num_workers{model_name="SmolLM2-135M-Instruct",role="prefill"} 1.0' in scraped
     assert 'duet:num_workers{model_name="SmolLM2-135M-Instruct",role="decode"} 1.0' in scraped
     assert "duet:pd_recommended_prefill_fraction{" in scraped
+    assert workers == {"prefill", "decode"}  # the core's snapshot reached a remote frontend

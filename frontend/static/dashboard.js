@@ -134,7 +134,7 @@ function render(doc) {
   show("transfers-in-flight", t.in_flight);
   show("transfer-bytes-per-s", t.bytes_per_s, bytes);
   show("transfer-failures", doc.totals.kv_transfer_failures, count);
-  show("worker-deaths", t.worker_deaths);
+  show("worker-deaths", doc.worker_deaths);
   show("recomputed-prefills", doc.totals.recomputed_prefills, count);
   const advice = doc.pool_advice;
   show("pd-fraction", advice && advice.prefill_fraction, percent);
