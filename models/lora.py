@@ -216,9 +216,12 @@ class LoRAManager:
         resident = {a.ref.key: i for i, a in enumerate(self.slots) if a is not None}
         missing = [key for key in wanted if key not in resident]
         if missing:
-            for key, slot in zip(missing, self._victims(wanted), strict=False):
-                self.slots[slot] = self._get(wanted[key])
-                resident[key] = slot
+            # NOTE: every adapter is read before any slot changes, so one that fails to
+            # load leaves the slots and their stacked weights as they were
+            incoming = [self._get(wanted[key]) for key in missing]
+            for adapter, slot in zip(incoming, self._victims(wanted), strict=False):
+                self.slots[slot] = adapter
+                resident[adapter.ref.key] = slot
             self._restack()
         for key in wanted:
             self.loaded.move_to_end(key)
