@@ -7,8 +7,8 @@ import argparse
 import pytest
 
 from frontend.app import build_app
-from frontend.lora import RUNTIME_UPDATES_ENV
 from frontend.lora_args import lora_module
+from frontend.serving_lora import RUNTIME_UPDATES_ENV
 
 RUNTIME_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 
