@@ -1,16 +1,21 @@
-"""LoRA's API surface without a server: the flags' parsing and the runtime-update switch."""
+"""LoRA without a model or a server: flag parsing, the runtime-update switch, and the
+adapter checks on malformed folders."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from frontend.app import build_app
 from frontend.lora_args import lora_module
 from frontend.serving_lora import RUNTIME_UPDATES_ENV
+from models.config import ModelConfig
+from models.lora_files import LoRAError, read_adapter
 
 RUNTIME_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+MODEL = ModelConfig("llama", 100, 64, 128, 2, 4, 2, 16, 1e-6, 10000.0, 2048, False)
 
 
 def _routes() -> set[str]:
@@ -41,3 +46,29 @@ def test_lora_modules_take_vllms_two_forms() -> None:
     for bad in ("sql", "=/p", "sql=", '{"name": "x"}', "{nope"):
         with pytest.raises(argparse.ArgumentTypeError):
             lora_module(bad)
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "expected"),
+    [
+        ("{nope", None, "unreadable (JSONDecodeError)"),
+        ("[1, 2]", None, "not a JSON object"),
+        ('{"r": true, "lora_alpha": 8}', None, "needs a positive integer r"),
+        ('{"r": 0}', None, "needs a positive integer r"),
+        ('{"r": 4, "target_modules": [1, "q_proj"]}', None, "unknown target module '1'"),
+        ('{"r": 4, "use_dora": true}', None, "DoRA is not supported"),
+        ('{"r": 4, "bias": "all"}', None, "bias='all' is not supported"),
+        ('{"r": 4}', b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]", "not a safetensors file"),
+        ('{"r": 4}', b"\xff" * 8, "not a safetensors file"),
+        ('{"r": 4}', b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "holds no LoRA tensors"),
+    ],
+)
+def test_malformed_adapters_are_refused_in_one_line(
+    tmp_path: Path, config: str, weights: bytes | None, expected: str
+) -> None:
+    (tmp_path / "adapter_config.json").write_text(config)
+    if weights is not None:
+        (tmp_path / "adapter_model.safetensors").write_bytes(weights)
+    with pytest.raises(LoRAError) as info:
+        read_adapter(tmp_path, MODEL, max_rank=16)
+    assert expected in str(info.value) and "\n" not in str(info.value)
