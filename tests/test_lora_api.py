@@ -4,14 +4,21 @@ adapter checks on malformed folders."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from frontend.app import build_app
+from frontend.bench.cli import pick_lora_modules
+from frontend.bench.client import RequestSettings, payload
+from frontend.bench.datasets import SampleRequest
 from frontend.lora_args import lora_module
 from frontend.serving_lora import RUNTIME_UPDATES_ENV
 from models.config import ModelConfig
+from models.loader import load_config
 from models.lora_files import LoRAError, read_adapter
 
 RUNTIME_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
@@ -72,3 +79,25 @@ def test_malformed_adapters_are_refused_in_one_line(
     with pytest.raises(LoRAError) as info:
         read_adapter(tmp_path, MODEL, max_rank=16)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bench_spreads_requests_over_the_lora_modules() -> None:
+    requests = [SampleRequest(f"p{i}", 1, 4) for i in range(200)]
+    picked = pick_lora_modules(requests, ["a", "b", "c"], np.random.default_rng(0))
+    assert [r.prompt for r in picked] == [r.prompt for r in requests]
+    assert {r.model for r in picked} == {"a", "b", "c"}
+    again = pick_lora_modules(requests, ["a", "b", "c"], np.random.default_rng(0))
+    assert [r.model for r in again] == [r.model for r in picked]  # seeded
+    settings = RequestSettings(url="http://x/v1/completions", model="base", chat=False)
+    assert payload(picked[0], settings)["model"] == picked[0].model
+    assert payload(requests[0], settings)["model"] == "base"
+
+
+def test_made_adapters_pass_the_check(tmp_path: Path, default_source) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_lora_adapters.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path), "--count", "2", "--rank", "4"],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    model = load_config(default_source)
+    for name in ("a0", "a1"):
+        spec = read_adapter(tmp_path / name, model, max_rank=16)
+        assert (spec.rank, spec.scaling, len(spec.tensors)) == (4, 2.0, 7 * model.num_hidden_layers)
