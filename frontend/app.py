@@ -13,11 +13,11 @@ from aiohttp import web
 from frontend import dashboard
 from frontend.context import CONTEXT, ServerContext
 from frontend.errors import APIError
-from frontend.lora import load_lora_adapter, runtime_updates_allowed, unload_lora_adapter
 from frontend.metrics import render_metrics
 from frontend.responses import ModelCard, ModelList, Version, json_response
 from frontend.serving_chat import create_chat_completion
 from frontend.serving_completions import create_completion
+from frontend.serving_lora import load_lora_adapter, runtime_updates_allowed, unload_lora_adapter
 from frontend.serving_tokens import detokenize, tokenize
 
 logger = logging.getLogger(__name__)

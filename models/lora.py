@@ -198,7 +198,7 @@ class LoRAManager:
             self.state.batch = None
             return
         slot_per_row = torch.tensor(
-            [slot_of[ref.key] if ref else -1 for ref, n in rows for _ in range(n)],
+            [-1 if ref is None else slot_of[ref.key] for ref, n in rows for _ in range(n)],
             dtype=torch.int64,
         )
         adapter_rows = (slot_per_row >= 0).nonzero().flatten()
@@ -216,15 +216,25 @@ class LoRAManager:
         resident = {a.ref.key: i for i, a in enumerate(self.slots) if a is not None}
         missing = [key for key in wanted if key not in resident]
         if missing:
-            free = [i for i, a in enumerate(self.slots) if a is None or a.ref.key not in wanted]
-            for key, slot in zip(missing, free, strict=False):
-                self.slots[slot] = self._get(wanted[key])
-                resident[key] = slot
+            # NOTE: every adapter is read before any slot changes, so one that fails to
+            # load leaves the slots and their stacked weights as they were
+            incoming = [self._get(wanted[key]) for key in missing]
+            for adapter, slot in zip(incoming, self._victims(wanted), strict=False):
+                self.slots[slot] = adapter
+                resident[adapter.ref.key] = slot
             self._restack()
         for key in wanted:
             self.loaded.move_to_end(key)
         self._trim()
         return {key: resident[key] for key in wanted}
+
+    def _victims(self, wanted: dict[str, LoRARef]) -> list[int]:
+        """Slots this step may take over: empty ones, then the least recently used."""
+        age = {key: i for i, key in enumerate(self.loaded)}  # oldest first
+        free = [i for i, a in enumerate(self.slots) if a is None or a.ref.key not in wanted]
+        return sorted(
+            free, key=lambda i: -1 if self.slots[i] is None else age[self.slots[i].ref.key]
+        )
 
     def _get(self, ref: LoRARef) -> AdapterWeights:
         adapter = self.loaded.get(ref.key)

@@ -71,7 +71,7 @@ def read_adapter(path: str | Path, model: ModelConfig, max_rank: int) -> Adapter
     folder = Path(path)
     config = _read_config(folder)
     rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, int | float):
+    if not _is_number(rank, int) or rank < 1 or not _is_number(alpha, int | float):
         raise LoRAError(f"{folder / CONFIG_FILE}: needs a positive integer r and a lora_alpha")
     if rank > max_rank:
         raise LoRAError(f"{folder}: rank {rank} is above --max-lora-rank {max_rank}")
@@ -107,7 +107,7 @@ def _check_config(folder: Path, config: dict) -> None:
         raise LoRAError(f"{folder}: layers_to_transform is not supported")
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(TARGETS))
+        unknown = sorted({str(t) for t in targets} - set(TARGETS))
         if unknown:
             raise LoRAError(
                 f"{folder}: unknown target module {unknown[0]!r} (supported: {', '.join(TARGETS)})"
@@ -126,6 +126,8 @@ def _read_header(file: Path) -> dict:
             header = json.loads(f.read(size))
     except (OSError, struct.error, ValueError, UnicodeDecodeError):
         raise LoRAError(f"{file}: not a safetensors file") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise LoRAError(f"{file}: not a safetensors file")
     header.pop("__metadata__", None)
     return header
 
@@ -156,3 +158,7 @@ def _check_tensors(
             raise LoRAError(f"{folder}: layer {layer} {target} lacks lora_A or lora_B")
         pairs[(layer, target)] = (sides["A"], sides["B"])
     return pairs
+
+
+def _is_number(value: object, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)  # JSON true is no rank

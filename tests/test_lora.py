@@ -4,6 +4,7 @@ slots and the LRU, bf16 packed linears, and bad adapters refused in one line."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from engine_core import LLM, LoRARequest, SamplingParams
+from engine_core.messages.lora import LoRARef
 from models.lora import LoRALinear
 from models.lora_files import LoRAError
 from models.packed import PackedLinear, packing_available
@@ -130,6 +132,18 @@ def test_bf16_packed_linears_carry_the_adapter(base_folder: Path, adapters: list
     refs = hf_greedy(hf_merged(base_folder, adapters[0]), PROMPTS, 8, None)
     for out, ref in zip(outs, refs, strict=True):
         compare(out.outputs[0].token_ids, out.outputs[0].logprobs, ref)
+
+
+def test_an_adapter_failing_to_load_on_the_worker_leaves_the_slots_consistent(
+    llm: LLM, adapters: list[Path], tmp_path: Path
+) -> None:
+    choices = [lora(a, i) for i, a in enumerate(adapters)]
+    tokens(llm, choices, [PROMPTS[0]] * 4)  # every slot taken
+    copy = tmp_path / "copy"
+    shutil.copytree(adapters[1], copy)  # the same weights under another identity
+    with pytest.raises(LoRAError):
+        llm.runner.lora.set_batch([(LoRARef("copy", str(copy)), 2), (LoRARef("gone", "/no"), 2)])
+    assert tokens(llm, [lora(copy)], PROMPTS[:1]) == tokens(llm, [choices[1]], PROMPTS[:1])
 
 
 # -- bad adapters ------------------------------------------------------------------------

@@ -74,3 +74,20 @@ def test_lora_requests_are_refused_when_lora_is_off() -> None:
     msg = AddRequest("x", [1, 2], SamplingParams(), 0.0, lora=A)
     delta = sched.add_request(msg)
     assert delta is not None and "--enable-lora" in (delta.error or "")
+
+
+def test_a_preempted_request_resumes_with_its_adapter() -> None:
+    sched = make_scheduler(num_blocks=5, max_model_len=16, max_loras=2)  # 4 blocks of 4
+    for req_id, lora in [("a", A), ("b", B)]:
+        msg = AddRequest(req_id, [1] * 7, SamplingParams(max_tokens=8, ignore_eos=True), 0.0,
+                         lora=lora)  # fmt: skip
+        assert sched.add_request(msg) is None
+    resumed = []
+    for _ in range(30):
+        out = sched.schedule()
+        resumed += [n for n in out.plan.new_requests if n.req_id == "b" and sched.num_preemptions]
+        sched.update_from_output(out, result_for(out))
+        if not sched.has_unfinished_requests():
+            break
+    assert sched.num_preemptions >= 1 and resumed
+    assert all(n.lora == B for n in resumed)

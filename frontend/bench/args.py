@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument("--model", help="model name to request (default: the server's first)")
     server.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME",
+        help="as vLLM's: adapter names the server serves; each request picks one at random",
+    )
+    server.add_argument(
         "--tokenizer",
         help="for synthetic prompts: a .gguf file or Hugging Face "
         "tokenizer folder (default: duet's embedded model)",

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -47,6 +48,14 @@ def build_requests(
     return random_requests(sampler, n, args.input_len, out)
 
 
+def pick_lora_modules(
+    requests: list[SampleRequest], names: list[str], rng: np.random.Generator
+) -> list[SampleRequest]:
+    """Give each request one of the adapter names, uniformly at random (seeded)."""
+    picks = rng.integers(len(names), size=len(requests))
+    return [replace(req, model=names[i]) for req, i in zip(requests, picks, strict=True)]
+
+
 async def first_served_model(base_url: str) -> str:
     """The id of the first model GET /v1/models lists."""
     async with aiohttp.ClientSession() as session, session.get(f"{base_url}/v1/models") as resp:
@@ -65,6 +74,10 @@ async def _bench(args: argparse.Namespace) -> int:
         args, args.num_prompts + args.num_warmups, np.random.default_rng([args.seed, 0])
     )
     # warm-ups get prompts of their own, so they warm no measured prompt's prefix cache
+    if args.lora_modules:
+        requests = pick_lora_modules(
+            requests, args.lora_modules, np.random.default_rng([args.seed, 2])
+        )
     warmups, requests = requests[: args.num_warmups], requests[args.num_warmups :]
     if not requests:
         raise ValueError("the dataset has no requests")

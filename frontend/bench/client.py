@@ -66,7 +66,7 @@ class RequestResult:
 def payload(req: SampleRequest, settings: RequestSettings) -> dict[str, Any]:
     """The JSON body: streaming, with usage in the last chunk."""
     body: dict[str, Any] = {
-        "model": settings.model,
+        "model": req.model or settings.model,
         # max_tokens (not max_completion_tokens) in chat too: more servers understand it
         "max_tokens": req.max_tokens,
         "stream": True,

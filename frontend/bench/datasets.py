@@ -16,6 +16,7 @@ class SampleRequest:
     prompt: str
     prompt_len: int
     max_tokens: int
+    model: str | None = None  # None: the run's --model (else a --lora-modules pick)
 
 
 def random_requests(
