@@ -139,6 +139,13 @@ class KVCacheManager:
             self.pool.cache_block(held[index], request.block_hashes[index])
         self._num_cached[request.request_id] = max(start, end)
 
+    def can_extend(self, request: Request, num_new_tokens: int, reserve: int = 0) -> bool:
+        """Whether a running request's slots can grow by `num_new_tokens` and still leave
+        `reserve` blocks free (for requests scheduled after it)."""
+        held = len(self._blocks.get(request.request_id, ()))
+        total = request.num_computed_tokens + num_new_tokens
+        return cdiv(total, self.block_size) - held + reserve <= self.pool.num_free_blocks
+
     def trim(self, request: Request) -> None:
         """Free the tail blocks past what the request's computed tokens need.
 

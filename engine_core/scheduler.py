@@ -356,7 +356,10 @@ class Scheduler:
         while index < len(self.running) and step.token_budget > 0:
             request = self.running[index]
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, step)
-            drafts, new_block_ids = self._speculate(request, num_new, step)
+            # NOTE: drafts leave a block per request still to schedule, so they never
+            # cause a preemption (each of those needs at most one more for its decode)
+            reserve = len(self.running) - index - 1
+            drafts, new_block_ids = self._speculate(request, num_new, step, reserve)
             if new_block_ids is None:
                 new_block_ids = self._allocate_or_preempt(request, num_new, step)
             if new_block_ids is None:
@@ -365,17 +368,17 @@ class Scheduler:
             index += 1
 
     def _speculate(
-        self, request: Request, num_new: int, step: _Step
+        self, request: Request, num_new: int, step: _Step, reserve: int
     ) -> tuple[list[int], list[int] | None]:
-        """(drafts, their new block ids) for a decoding request; ([], None) when there are
-        none or their blocks do not fit without preempting (drafts never preempt)."""
+        """(drafts, the new block ids of 1 + drafts tokens) for a decoding request; ([],
+        None) when there are none or their blocks would not leave `reserve` free."""
         if self.speculator is None or num_new != 1 or not request.output_token_ids:
             return [], None
         drafts = self.speculator.propose(request, step.token_budget - 1)
-        if not drafts:
+        pool = self._pool_for(request)
+        if not drafts or not pool.can_extend(request, 1 + len(drafts), reserve):
             return [], None
-        new_block_ids = self._pool_for(request).allocate_slots(request, 1 + len(drafts))
-        return (drafts, new_block_ids) if new_block_ids is not None else ([], None)
+        return drafts, pool.allocate_slots(request, 1 + len(drafts))
 
     def _count_verified(self, request: Request, plan: StepPlan, accepted: list[int]) -> int:
         """Count a request's verified draft, if it had one; returns its rejected tokens."""

@@ -58,7 +58,8 @@ def verify(
         result.token_ids.append(sampled[num_accepted])
         lps = out.logprobs[first : first + num_accepted + 1]
         wants = state.params.logprobs is not None
-        result.accepted_logprobs.append([lp for lp in lps[:-1] if lp] if wants else None)
+        accepted_lps = [lp for lp in lps[:-1] if lp is not None]
+        result.accepted_logprobs.append(accepted_lps if wants else None)
         result.logprobs.append(lps[-1])
         first += len(draft) + 1
     return result

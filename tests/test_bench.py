@@ -28,6 +28,7 @@ from frontend.bench.datasets import (
     mixed_requests,
     prefix_repetition_requests,
     random_requests,
+    repeat_requests,
 )
 from frontend.bench.plot import plot_results, tokens_per_second
 from frontend.bench.runner import LoadShape, arrival_offsets, run_load
@@ -205,6 +206,19 @@ def test_synthetic_datasets_have_exact_lengths() -> None:
     assert len({r.prompt[:8] for r in rep[0::2]}) == len({r.prompt[:8] for r in rep[1::2]}) == 1
     mixed = mixed_requests(sampler, 10, 3, 20, 0.2, 4)
     assert [r.prompt_len for r in mixed] == [3, 3, 3, 20, 3, 3, 20, 3, 3, 3]
+
+
+def test_repeat_dataset_asks_to_copy_each_paragraph_in_turn(default_tokenizer) -> None:
+    from frontend.bench.paragraphs import PARAGRAPHS
+    from frontend.bench.tokens import TokenSampler
+
+    sampler = TokenSampler(default_tokenizer, np.random.default_rng(0))
+    requests = repeat_requests(sampler, len(PARAGRAPHS) + 1, 160)
+    for request, paragraph in zip(requests, [*PARAGRAPHS, PARAGRAPHS[0]], strict=True):
+        assert paragraph in request.prompt and request.prompt.startswith("Repeat")
+        assert request.max_tokens == 160
+        assert request.prompt_len == len(default_tokenizer.encode(request.prompt))
+    assert requests[0] == requests[-1]
 
 
 def test_jsonl(tmp_path: Path) -> None:

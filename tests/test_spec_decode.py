@@ -272,6 +272,21 @@ def test_drafts_never_preempt() -> None:
     assert sched.num_preemptions == 0 and blocks_in_use(sched) == 4
 
 
+@pytest.mark.parametrize(("num_blocks", "drafted"), [(5, False), (6, True)])
+def test_drafts_never_take_the_block_a_later_decode_needs(num_blocks: int, drafted: bool) -> None:
+    # "a" holds 2 blocks and its drafts [2, 3, 1] need a 3rd; "b" holds 1 and its decode
+    # needs a 2nd: with 4 usable blocks only one of them can have its block
+    sched = make_scheduler(num_blocks=num_blocks, max_model_len=16)
+    add(sched, "a", [1, 2, 3, 1, 2, 3])
+    add(sched, "b", [5, 6, 7, 8])
+    out = sched.schedule()
+    sched.update_from_output(out, StepResult(out.plan.step_id, ["a", "b"], [1, 5]))
+    out = sched.schedule()
+    assert out.plan.spec_token_ids == ({"a": [2, 3, 1]} if drafted else {})
+    assert out.plan.num_scheduled_tokens == {"a": 4 if drafted else 1, "b": 1}
+    assert sched.num_preemptions == 0
+
+
 def test_prefill_schedulers_never_speculate() -> None:
     from engine_core.scheduler import scheduler_for
     from models.config import ModelConfig

@@ -10,7 +10,7 @@ import argparse
 import math
 from pathlib import Path
 
-DATASETS = ("random", "prefix-repetition", "mixed", "jsonl")
+DATASETS = ("random", "prefix-repetition", "mixed", "repeat", "jsonl")
 DESCRIPTION = (
     "Benchmark a running OpenAI-compatible server with streaming requests: throughput, "
     "TTFT/TPOT/ITL/E2EL percentiles, goodput."

@@ -20,6 +20,7 @@ from frontend.bench.datasets import (
     mixed_requests,
     prefix_repetition_requests,
     random_requests,
+    repeat_requests,
 )
 from frontend.bench.report import format_report, save_result
 from frontend.bench.runner import LoadShape, run_load
@@ -45,6 +46,8 @@ def build_requests(
         return mixed_requests(
             sampler, n, args.mixed_short_len, args.mixed_long_len, args.mixed_long_fraction, out
         )
+    if args.dataset_name == "repeat":
+        return repeat_requests(sampler, n, out)
     return random_requests(sampler, n, args.input_len, out)
 
 

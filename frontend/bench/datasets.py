@@ -1,4 +1,5 @@
-"""The request sets `duet bench serve` can send: random, prefix-repetition, mixed, jsonl."""
+"""The request sets `duet bench serve` can send: random, prefix-repetition, mixed, repeat,
+jsonl."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from frontend.bench.paragraphs import CUE, INSTRUCTION, PARAGRAPHS
 from frontend.bench.tokens import TokenSampler
 
 
@@ -70,6 +72,20 @@ def mixed_requests(
         _sample(sampler, sampler.ids(long_len if i in long_at else short_len), output_len)
         for i in range(num)
     ]
+
+
+def repeat_requests(sampler: TokenSampler, num: int, output_len: int) -> list[SampleRequest]:
+    """Copy-heavy prompts: "repeat this paragraph exactly", the paragraphs taking turns.
+
+    Meant for greedy decoding at concurrency 1, with and without n-gram speculation; the
+    prompt reads as a task both as a completion and as a chat message.
+    """
+    requests = []
+    for i in range(num):
+        prompt = INSTRUCTION + PARAGRAPHS[i % len(PARAGRAPHS)] + CUE
+        prompt_len = len(sampler.tokenizer.encode(prompt, add_special_tokens=False))
+        requests.append(SampleRequest(prompt, prompt_len, output_len))
+    return requests
 
 
 def jsonl_requests(path: Path, num: int | None, default_max_tokens: int) -> list[SampleRequest]:
