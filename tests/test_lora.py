@@ -23,6 +23,8 @@ from models.packed import PackedLinear, packing_available
 
 PROMPTS = [[1, 5, 7, 9, 100, 200, 300, 400, 500, 600, 700, 800, 900], [1, 42, 43], [1, 3000]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+         "prompt_lookup_min": 2}  # fmt: skip
 SHAPE = {"num_heads": 4, "num_kv_heads": 2}  # GQA: q and k/v shards differ in size
 TARGET_SETS = [
     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -92,6 +94,20 @@ def test_a_mixed_batch_gives_each_request_its_solo_output(
     # one generate call: all eight are admitted together and decode in the same steps
     mixed = tokens(llm, choices * 2, [prompt] * 4 + [PROMPTS[1]] * 4)
     assert mixed[:4] == solo
+
+
+def test_speculative_steps_carry_the_adapter_over_their_draft_rows(
+    llm: LLM, base_folder: Path, adapters: list[Path]
+) -> None:
+    # a repetitive prompt so the n-gram proposer drafts, and verification rows (1 + k per
+    # request) must each get their request's adapter
+    prompt = [1, *([5, 7, 9, 11] * 6)]
+    spec = LLM(str(base_folder), dtype="float32", enable_lora=True, max_loras=4,
+               kv_cache_memory="64MiB", speculative_config=NGRAM)  # fmt: skip
+    choices = [None, lora(adapters[0], 0), lora(adapters[1], 1), lora(adapters[3], 3)]
+    assert tokens(spec, choices, [prompt] * 4) == tokens(llm, choices, [prompt] * 4)
+    stats = spec.engine.stats().spec_decode
+    assert stats is not None and stats.num_draft_tokens > 0
 
 
 def test_slots_and_the_cpu_lru_hold_at_most_their_limits(
