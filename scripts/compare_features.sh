@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Benchmarks duet's optional features against duet without them, in one run on one machine:
+# each variant is served alone, measured with the same client, seed and workload as its
+# baseline, and the ratios go into docs/benchmarks.md. Pairs (name: what is compared):
+#   lora4   c16 random, 4 adapters mixed (--max-loras 4)   vs  base model alone
+#   spec    c1 copy-heavy chats, n-gram speculation         vs  no speculation (both float32)
+#   spec-random  c16 random, n-gram speculation             vs  no speculation (both float32)
+# HEAVY: takes both cores for ~15 minutes; run it alone. Knobs: PORT, OUT, SEED_BASE, DTYPE
+# (auto), ONLY (a space-separated subset of the pair names above).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PORT="${PORT:-8021}"
+OUT="${OUT:-bench_results/features-$(date +%Y%m%d-%H%M%S)}"
+SEED_BASE="${SEED_BASE:-$(date +%s)}"
+DTYPE="${DTYPE:-auto}"
+ONLY="${ONLY:-lora4 spec spec-random}"
+BENCH=(.venv/bin/duet bench serve --base-url "http://127.0.0.1:$PORT" --disable-tqdm)
+RANDOM_C16=(--dataset-name random --input-len 256 --output-len 128 --num-prompts 64
+            --max-concurrency 16 --ignore-eos --temperature 0 --num-warmups 8)
+COPY_C1=(--dataset-name repeat --endpoint /v1/chat/completions --temperature 0
+         --max-concurrency 1 --num-prompts 12 --output-len 160 --num-warmups 2)
+NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+SERVER_PID=""
+
+start_server() {  # start_server NAME ARGS...: `duet serve ARGS` in its own process group
+    local name="$1"; shift
+    echo "[features] starting $name: duet serve $*"
+    setsid .venv/bin/duet serve --host 127.0.0.1 --port "$PORT" --disable-log-requests "$@" \
+        > "$OUT/$name-server.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 600); do
+        kill -0 "$SERVER_PID" 2>/dev/null || { echo "[features] $name died; see $OUT/$name-server.log" >&2; exit 1; }
+        curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && return
+        sleep 1
+    done
+    echo "[features] $name not ready after 600 s" >&2
+    exit 1
+}
+
+stop_server() {
+    [ -n "$SERVER_PID" ] || return 0
+    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+}
+trap stop_server EXIT
+
+measure() {  # measure NAME SEED_OFFSET SERVER_ARGS... --bench BENCH_ARGS...
+    local name="$1" seed=$((SEED_BASE + $2)); shift 2
+    local server=()
+    while [ "$1" != --bench ]; do server+=("$1"); shift; done
+    shift
+    start_server "$name" "${server[@]}"
+    echo "[features] $name: bench"
+    "${BENCH[@]}" --seed "$seed" --save-result "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
+    curl -s "http://127.0.0.1:$PORT/metrics" > "$OUT/$name.metrics"
+    stop_server
+}
+
+wants() { [[ " $ONLY " == *" $1 "* ]]; }
+
+scripts/install.sh
+mkdir -p "$OUT"
+echo "[features] results in $OUT, seeds from $SEED_BASE"
+if wants lora4; then
+    .venv/bin/python scripts/make_lora_adapters.py "$OUT/adapters" --count 4
+    modules=()
+    for i in 0 1 2 3; do modules+=("a$i=$OUT/adapters/a$i"); done
+    measure base-c16 1 --dtype "$DTYPE" --bench "${RANDOM_C16[@]}"
+    measure lora4-c16 1 --dtype "$DTYPE" --enable-lora --max-loras 4 --lora-modules "${modules[@]}" \
+        --bench "${RANDOM_C16[@]}" --lora-modules a0 a1 a2 a3
+fi
+if wants spec; then
+    measure fp32-copy-c1 2 --dtype float32 --bench "${COPY_C1[@]}"
+    measure spec-copy-c1 2 --dtype float32 --speculative-config "$NGRAM" --bench "${COPY_C1[@]}"
+fi
+if wants spec-random; then
+    measure fp32-c16 3 --dtype float32 --bench "${RANDOM_C16[@]}"
+    measure spec-c16 3 --dtype float32 --speculative-config "$NGRAM" --bench "${RANDOM_C16[@]}"
+fi
+
+.venv/bin/python - "$OUT" docs/benchmarks.md "$DTYPE" <<'EOF'
+import json, os, re, subprocess, sys, time
+from pathlib import Path
+
+out, doc, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+PAIRS = [  # (variant, baseline, what differs)
+    ("lora4-c16", "base-c16", "4 LoRA adapters mixed, c16 random 256/128"),
+    ("spec-copy-c1", "fp32-copy-c1", "n-gram speculation, c1 copy-heavy chats (fp32)"),
+    ("spec-c16", "fp32-c16", "n-gram speculation, c16 random 256/128 (fp32)"),
+]
+ROWS = [("output tok/s", "output_throughput"), ("TPOT p50 ms", ("tpot", "median")),
+        ("TTFT p50 ms", ("ttft", "median")), ("ITL p50 ms", ("itl", "median"))]
+
+def value(result, key):
+    return result[key[0]][key[1]] if isinstance(key, tuple) else result[key]
+
+lines = ["| compared | metric | without | with | with/without |", "|---|---|---:|---:|---:|"]
+for variant, base, what in PAIRS:
+    if not (out / f"{variant}.json").exists():
+        continue
+    mine, theirs = (json.loads((out / f"{n}.json").read_text()) for n in (variant, base))
+    for label, key in ROWS:
+        a, b = value(theirs, key), value(mine, key)
+        if a is None or b is None:
+            continue
+        ratio = f"{b / a:.2f}" if a else "—"
+        lines.append(f"| {what} | {label} | {a:.1f} | {b:.1f} | {ratio} |")
+metrics = out / "spec-copy-c1.metrics"
+if metrics.exists():
+    text = metrics.read_text()
+    def total(name):
+        return sum(float(m) for m in re.findall(rf"^duet:{name}_total\{{[^}}]*\}} (\S+)$", text, re.M))
+    drafted, accepted = total("spec_decode_num_draft_tokens"), total("spec_decode_num_accepted_tokens")
+    if drafted:
+        lines.append(f"\nCopy-heavy run: {accepted:.0f} of {drafted:.0f} draft tokens accepted "
+                     f"({accepted / drafted:.0%}).")
+cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+            if line.startswith("model name")), "?")
+flags = sorted(set(re.findall(r"\b(avx512\w*|avx2|amx\w*)\b", open("/proc/cpuinfo").read())))
+rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+begin_mark, end_mark = "<!-- compare_features:begin -->", "<!-- compare_features:end -->"
+section = "\n".join([
+    begin_mark,
+    f"## duet's features vs duet without them — {time.strftime('%Y-%m-%d')}",
+    "",
+    f"SmolLM2-135M-Instruct, `--dtype {dtype}` unless marked fp32, {os.cpu_count()} × {cpu} "
+    f"(flags: {' '.join(flags)}), duet {rev}. Written by `scripts/compare_features.sh`; raw "
+    f"results in `{out}`. Each pair ran in the same invocation with the same seed and workload.",
+    "",
+    *lines,
+    end_mark,
+])
+text = doc.read_text()
+begin, end = text.find(begin_mark), text.find(end_mark)
+if begin >= 0 and end > begin:
+    text = text[:begin] + section + text[end + len(end_mark):]
+else:
+    text = text.rstrip("\n") + "\n\n" + section + "\n"
+doc.write_text(text)
+print(f"[features] wrote {doc}")
+EOF
