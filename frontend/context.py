@@ -29,6 +29,7 @@ class ServerContext:
     max_waiting_requests: int | None = None
     log_requests: bool = True
     dtype: str | None = None
+    tool_call_parser: str | None = None  # tool_choice "auto" is enabled with this parser
 
     def check_model(self, model: str | None) -> None:
         """404 unless `model` is unset or the served model's name."""

@@ -108,4 +108,5 @@ def build_context(settings: FrontendSettings, index: int) -> ServerContext:
         max_waiting_requests=settings.max_waiting_requests,
         log_requests=settings.log_requests,
         dtype=settings.dtype,
+        tool_call_parser=settings.tool_call_parser,
     )

@@ -16,6 +16,7 @@ from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import iter_weights, load_config, resolve_model
 from models.sampler import SamplingState, sample
+from models.structured import GrammarMasker, RequestGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class RunnerRequest:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingState
+    grammar: RequestGrammar | None = None  # structured outputs: accepts each output token
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +70,8 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, kv_allocator: KVAllocator = zeros_allocator) -> None:
         source = resolve_model(config.model)
+        self.source = source
+        self._masker: GrammarMasker | None = None  # built by the first structured request
         self.model_config = load_config(source)
         self.dtype, self.kv_dtype = model_dtypes(config)
         self.block_size = config.block_size
@@ -118,9 +122,14 @@ class ModelRunner:
             return StepResult(step_id=plan.step_id, req_ids=[], sampled_token_ids=[])
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, V]
         states = [self.requests[r].sampling for r in sample_ids]
+        grammars = [self.requests[r].grammar for r in sample_ids]
+        if self._masker is not None:  # first: the grammar bounds every later stage
+            self._masker.apply(logits, grammars)
         out = sample(logits, states)
-        for state, token in zip(states, out.token_ids, strict=True):
+        for state, token, grammar in zip(states, out.token_ids, grammars, strict=True):
             state.output_token_ids.append(token)
+            if grammar is not None:
+                grammar.accept(token)
         wants_logprobs = any(s.params.logprobs is not None for s in states)
         return StepResult(
             step_id=plan.step_id,
@@ -139,6 +148,9 @@ class ModelRunner:
             req.block_ids.extend(cached.new_block_ids)
             req.num_computed_tokens = cached.num_computed_tokens
             req.sampling.output_token_ids.extend(cached.new_token_ids)
+            if req.grammar is not None:
+                for token in cached.new_token_ids:
+                    req.grammar.accept(token)
 
     def _new_request(self, new: NewRequestData) -> RunnerRequest:
         state = SamplingState(
@@ -151,7 +163,20 @@ class ModelRunner:
             block_ids=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
             sampling=state,
+            grammar=self._grammar(state),
         )
+
+    def _grammar(self, state: SamplingState) -> RequestGrammar | None:
+        """The request's matcher, replayed over the output it already has (see structured)."""
+        spec = state.params.structured
+        if spec is None:
+            return None
+        if self._masker is None:
+            from models.tokenizer import load_tokenizer  # transformers: only when needed
+
+            hf = load_tokenizer(self.source).hf
+            self._masker = GrammarMasker(hf, self.model_config.vocab_size, state.eos_token_ids)
+        return self._masker.request(spec, state.output_token_ids)
 
     def _prepare(
         self, order: list[str], num_scheduled: dict[str, int]
