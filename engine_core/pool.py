@@ -71,6 +71,7 @@ class PoolEngine:
         self.backlog: list[Request] = []  # requests no prefill worker has taken yet
         self.recomputed_prefills = 0
         self._retired_preemptions = 0  # of workers that died
+        self._retired_structured_seconds = 0.0
         self.worker_requests: dict[str, int] = {}  # worker id -> requests taken, for stats
 
     def add_worker(self, ready: WorkerReady) -> None:
@@ -152,6 +153,8 @@ class PoolEngine:
             kv_transfer_seconds=self.transfers.seconds,
             kv_transfer_failures=self.transfers.failures,
             recomputed_prefills=self.recomputed_prefills,
+            structured_output_seconds=self._retired_structured_seconds
+            + sum(s.structured_output_seconds for s in per_worker),
             worker_requests=dict(self.worker_requests),
         )
 
@@ -254,6 +257,7 @@ class PoolEngine:
         orphans = [*worker.scheduler.requests.values(), *self.transfers.worker_died(worker_id)]
         logger.error("%s worker %s died with %d requests", worker.role, worker_id, len(orphans))
         self._retired_preemptions += worker.scheduler.num_preemptions
+        self._retired_structured_seconds += worker.scheduler.structured_output_seconds
         if self.respawn is None:
             return [rejected(r.request_id, DRAIN_DEATH, ErrorKind.SERVER) for r in orphans]
         for request in orphans:

@@ -199,6 +199,7 @@ class Scheduler:
         self._forget_ids: list[str] = []  # finished since the last plan; workers must drop them
         self._step_id = 0
         self.num_preemptions = 0
+        self.structured_output_seconds = 0.0  # cumulative, from the worker's results
 
     def add_request(self, msg: AddRequest) -> RequestDelta | None:
         """Queue a request; returns a finished delta carrying the error if it is rejected."""
@@ -260,6 +261,7 @@ class Scheduler:
             prefix_cache_queries=sum(pool.prefix_cache_queries for pool in pools),
             prefix_cache_hits=sum(pool.prefix_cache_hits for pool in pools),
             num_preemptions=self.num_preemptions,
+            structured_output_seconds=self.structured_output_seconds,
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -284,6 +286,7 @@ class Scheduler:
         plan = sched_out.plan
         if result.step_id != plan.step_id:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
+        self.structured_output_seconds += result.structured_seconds
         problem = result.error or self._result_problem(sched_out, result)
         if problem is not None:
             return self._fail_step(plan, problem)

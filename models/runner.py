@@ -123,8 +123,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, V]
         states = [self.requests[r].sampling for r in sample_ids]
         grammars = [self.requests[r].grammar for r in sample_ids]
+        masking = 0.0
         if self._masker is not None:  # first: the grammar bounds every later stage
-            self._masker.apply(logits, grammars)
+            masking = self._masker.apply(logits, grammars)
         out = sample(logits, states)
         for state, token, grammar in zip(states, out.token_ids, grammars, strict=True):
             state.output_token_ids.append(token)
@@ -136,6 +137,7 @@ class ModelRunner:
             req_ids=sample_ids,
             sampled_token_ids=out.token_ids,
             logprobs=out.logprobs if wants_logprobs else None,
+            structured_seconds=masking,
         )
 
     def _apply_plan(self, plan: StepPlan) -> None:

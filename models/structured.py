@@ -105,7 +105,6 @@ class GrammarMasker:
         self.vocab_size = vocab_size
         self.eos = tuple(eos)
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [rows, ceil(V/32)]
-        self.mask_seconds = 0.0  # cumulative time spent building and applying masks
 
     def request(self, spec: StructuredSpec, output_token_ids: Sequence[int]) -> RequestGrammar:
         """A matcher for `spec` that has already accepted `output_token_ids`."""
@@ -114,10 +113,13 @@ class GrammarMasker:
             grammar.accept(token)
         return grammar
 
-    def apply(self, logits: torch.Tensor, grammars: Sequence[RequestGrammar | None]) -> None:
-        """Mask `logits` [S, V] in place: row i keeps only what grammars[i] allows."""
+    def apply(self, logits: torch.Tensor, grammars: Sequence[RequestGrammar | None]) -> float:
+        """Mask `logits` [S, V] in place: row i keeps only what grammars[i] allows.
+
+        Returns the seconds it took (the structured-output overhead of the step).
+        """
         if not any(grammars):
-            return
+            return 0.0
         start = time.perf_counter()
         if self._bitmask.shape[0] < len(grammars):
             self._bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
@@ -126,4 +128,4 @@ class GrammarMasker:
             xgr.apply_token_bitmask_inplace(
                 logits, self._bitmask[: len(grammars)], vocab_size=self.vocab_size, indices=rows
             )
-        self.mask_seconds += time.perf_counter() - start
+        return time.perf_counter() - start

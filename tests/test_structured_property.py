@@ -82,3 +82,22 @@ def test_random_schemas_give_valid_json(llm: LLM, schema: dict[str, Any], seed: 
     for sample in output.outputs:
         assert sample.finish_reason == "stop", sample.text
         jsonschema.validate(json.loads(sample.text), schema)
+
+
+def test_grammar_survives_preemption(tiny_checkpoint: Callable[..., Path]) -> None:
+    """Requests preempted mid-object resume with their matcher replayed from their tokens."""
+    # ~40 KV blocks of 16 tokens: four ~250-token outputs cannot all stay resident
+    llm = LLM(
+        str(tiny_checkpoint()), kv_cache_memory=640 * 1024, max_model_len=512, dtype="float32"
+    )
+    word = {"type": "string", "minLength": 3, "maxLength": 6}
+    schema = {"type": "array", "items": word, "minItems": 40, "maxItems": 40}
+    params = SamplingParams(
+        n=4, temperature=1.0, seed=7, max_tokens=480,
+        structured=StructuredSpec("json", json.dumps(schema)),
+    )  # fmt: skip
+    [output] = llm.generate(["Words:"], params)
+    assert llm.engine.stats().num_preemptions > 0
+    for sample in output.outputs:
+        assert sample.finish_reason == "stop", sample.text
+        jsonschema.validate(json.loads(sample.text), schema)

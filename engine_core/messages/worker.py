@@ -135,6 +135,7 @@ class StepResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None
     error: str | None = None  # the step failed on the worker (logged there, not for clients)
+    structured_seconds: float = 0.0  # spent building and applying grammar masks this step
 
 
 TO_WORKER = MessageTable(
