@@ -22,7 +22,7 @@ from frontend.errors import bad_request
 from models.structured import GrammarError, compile_spec, make_compiler
 from models.tokenizer import Tokenizer
 
-COMPILE_TIMEOUT = env_seconds("DUET_GRAMMAR_COMPILE_TIMEOUT", 10.0)
+COMPILE_TIMEOUT = env_seconds("DUET_GRAMMAR_COMPILE_TIMEOUT", 5.0)
 # NOTE: a compile that overruns cannot be interrupted; it keeps its thread until done, so
 # a few threads keep one such request from blocking everyone else's validation
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar")

@@ -188,7 +188,7 @@ def test_tools_named(client: openai.OpenAI) -> None:
 def test_tool_calls_streamed(client: openai.OpenAI, tool_choice: object) -> None:
     stream = client.chat.completions.create(
         model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice=tool_choice, max_tokens=150,
-        stream=True,
+        stream=True, parallel_tool_calls=False,
     )  # fmt: skip
     calls: dict[int, dict] = {}
     finish = None
@@ -250,8 +250,9 @@ def test_tools_auto_and_none_leave_text_alone(client: openai.OpenAI) -> None:
 
 def test_tool_result_round_trip(client: openai.OpenAI) -> None:
     first = client.chat.completions.create(
-        model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="required", max_tokens=100
-    )
+        model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="required", max_tokens=100,
+        parallel_tool_calls=False, temperature=0,
+    )  # fmt: skip
     call = first.choices[0].message.tool_calls[0]
     messages = [
         *WEATHER,
