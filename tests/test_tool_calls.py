@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from frontend.errors import APIError
 from frontend.tool_calls import ToolPlan, plan_tools
-from frontend.tool_prompt import hermes
+from frontend.tool_prompt import hermes, knows_tools, native
 from frontend.tool_stream import ToolStreamer
+from models.loader import resolve_model
+from models.tokenizer import load_tokenizer
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
@@ -100,3 +102,22 @@ def test_hermes_prompt_carries_tools_calls_and_results() -> None:
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     assert out[2]["content"] == call
     assert out[3] == {"role": "tool", "content": "<tool_response>\nsunny\n</tool_response>"}
+
+
+def test_tool_aware_templates_get_tools_natively() -> None:
+    template = (
+        "{% for t in tools %}{{ t.function.name }};{% endfor %}"
+        "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[{{ c.function.arguments.city }}]{% endfor %}|"
+        "{% endfor %}"
+    )
+    tokenizer = load_tokenizer(resolve_model(None), chat_template=template)
+    assert knows_tools(tokenizer.chat_template)
+    messages = [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+    ]  # fmt: skip
+    messages, tools = native(messages, _plan().functions)
+    text = tokenizer.render_chat(messages, add_generation_prompt=False, tools=tools)
+    assert text == "get_weather;get_time;assistant:[Oslo]|"
