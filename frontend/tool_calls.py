@@ -199,11 +199,13 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCallOut]]:
     if not calls:
         return text, []
     content = text[: text.index(HERMES_OPEN)].strip()
-    return content or None, calls
+    return content or None, [new_call(name, args) for name, args in calls]
 
 
-def hermes_call(body: str) -> ToolCallOut | None:
-    """One `<tool_call>` body, {"name": ..., "arguments": {...}}; None if it is not one."""
+def hermes_call(body: str) -> tuple[str, str] | None:
+    """(name, arguments JSON) of one `<tool_call>` body, {"name": ..., "arguments": {...}};
+    None if it is not one. The arguments keep the model's own text where it is plain (as
+    the stream sent it piece by piece)."""
     try:
         call = json.loads(body)
         name, arguments = call["name"], call.get("arguments", {})
@@ -211,4 +213,14 @@ def hermes_call(body: str) -> ToolCallOut | None:
         return None
     if not isinstance(name, str):
         return None
-    return new_call(name, arguments if isinstance(arguments, str) else json.dumps(arguments))
+    scanned = scan_calls(body, "arguments")
+    if scanned and scanned[0][0] == name and _parses_to(scanned[0][1], arguments):
+        return name, scanned[0][1]
+    return name, arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+
+def _parses_to(text: str, value: Any) -> bool:
+    try:
+        return not isinstance(value, str) and json.loads(text) == value
+    except ValueError:
+        return False

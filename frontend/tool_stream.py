@@ -1,8 +1,8 @@
 """One streamed choice's text -> OpenAI-shaped content and tool-call deltas.
 
 Each call's first delta carries its index, id, type and name; its arguments follow in
-pieces as the model writes them (required / named, whose format the grammar fixes), or
-in one piece when its `</tool_call>` closes (auto, free text the hermes parser reads).
+pieces as the model writes them. In auto mode a call is announced once its name is
+complete, so a `<tool_call>` block that never names a function sends nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class ToolStreamer:
         self.sent_args: list[int] = []  # characters of each call's arguments sent
         self.content_end = 0  # auto: text[:content_end] went out as content (or calls)
         self.in_call = False  # auto: inside an unclosed <tool_call>
+        self.closed: list[tuple[str, str]] = []  # auto: (name, arguments) of closed calls
 
     @property
     def called(self) -> bool:
@@ -63,14 +64,15 @@ class ToolStreamer:
             if self.in_call:
                 close = rest.find(HERMES_CLOSE)
                 if close < 0 and not final:
+                    deltas += self._diff(self.closed + scan_calls(rest, "arguments")[:1])
                     break
                 body = rest if close < 0 else rest[:close]
                 call = hermes_call(body)
+                if call is None and len(self.ids) > len(self.closed):
+                    call = scan_calls(body, "arguments")[0]  # announced: keep what was sent
                 if call is not None:
-                    index = len(self.ids)
-                    self.ids.append(call.id)
-                    fn = FunctionDelta(call.function.name, call.function.arguments)
-                    deltas.append(ToolCallDelta(index, fn, call.id, "function"))
+                    self.closed.append(call)
+                    deltas += self._diff(self.closed)
                 self.content_end += len(rest) if close < 0 else close + len(HERMES_CLOSE)
                 self.in_call = False
                 continue
