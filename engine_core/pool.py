@@ -74,6 +74,7 @@ class PoolEngine:
         self.recomputed_prefills = 0
         self._retired_preemptions = 0  # of workers that died
         self._retired_spec = SpecDecodeCounters()  # likewise
+        self._retired_structured_seconds = 0.0
         self.worker_requests: dict[str, int] = {}  # worker id -> requests taken, for stats
         self.worker_deaths = 0  # workers lost after they were ready
 
@@ -156,6 +157,8 @@ class PoolEngine:
             kv_transfer_seconds=self.transfers.seconds,
             kv_transfer_failures=self.transfers.failures,
             recomputed_prefills=self.recomputed_prefills,
+            structured_output_seconds=self._retired_structured_seconds
+            + sum(s.structured_output_seconds for s in per_worker),
             worker_requests=dict(self.worker_requests),
             running_loras=merge_counts(s.running_loras for s in per_worker),
             waiting_loras=merge_counts(
@@ -275,6 +278,7 @@ class PoolEngine:
         self._retired_preemptions += worker.scheduler.num_preemptions
         if worker.scheduler.speculator is not None:
             self._retired_spec.add(worker.scheduler.speculator.counters)
+        self._retired_structured_seconds += worker.scheduler.structured_output_seconds
         if self.respawn is None:
             return [rejected(r.request_id, DRAIN_DEATH, ErrorKind.SERVER) for r in orphans]
         for request in orphans:

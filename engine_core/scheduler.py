@@ -220,6 +220,7 @@ class Scheduler:
         self._forget_ids: list[str] = []  # finished since the last plan; workers must drop them
         self._step_id = 0
         self.num_preemptions = 0
+        self.structured_output_seconds = 0.0  # cumulative, from the worker's results
 
     def add_request(self, msg: AddRequest) -> RequestDelta | None:
         """Queue a request; returns a finished delta carrying the error if it is rejected."""
@@ -284,6 +285,7 @@ class Scheduler:
             running_loras=lora_counts(self.running),
             waiting_loras=lora_counts(self.waiting),
             spec_decode=None if self.speculator is None else self.speculator.counters,
+            structured_output_seconds=self.structured_output_seconds,
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -308,6 +310,7 @@ class Scheduler:
         plan = sched_out.plan
         if result.step_id != plan.step_id:
             raise ValueError(f"result for step {result.step_id}, expected {plan.step_id}")
+        self.structured_output_seconds += result.structured_seconds
         problem = result.error or self._result_problem(sched_out, result)
         if problem is not None:
             return self._fail_step(plan, problem)

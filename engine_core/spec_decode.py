@@ -55,7 +55,10 @@ class NgramSpeculator:
 
     def propose(self, request: Request, max_drafts: int) -> list[int]:
         """Draft tokens for a decoding request: at most `max_drafts`, and never more than
-        could be kept (past max_tokens or the last position of max_model_len)."""
+        could be kept (past max_tokens or the last position of max_model_len). Requests
+        under a grammar get none: their drafts would need masks of their own."""
+        if request.sampling_params.structured is not None:
+            return []
         k = min(self.config.num_speculative_tokens, max_drafts)
         # NOTE: the step verifies positions num_tokens - 1 .. num_tokens - 1 + k
         k = min(k, self.max_model_len - request.num_tokens)

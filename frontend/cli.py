@@ -21,7 +21,7 @@ from engine_core.messages.speculative import SpeculativeConfig, parse_speculativ
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
 from frontend.bench.args import add_arguments as add_bench_arguments
 from frontend.lora_args import add_lora_arguments, check_lora_modules
-from frontend.settings import FrontendSettings, setup_logging
+from frontend.settings import TOOL_CALL_PARSERS, FrontendSettings, setup_logging
 from models.cpu_features import describe as describe_cpu
 from models.cpu_features import resolve_dtype
 
@@ -100,6 +100,10 @@ def _add_http_args(parser: argparse.ArgumentParser) -> None:
     add("--max-model-len", type=_length, default=None,
         help="context length in tokens, e.g. 4096 or 4K (default: the model's)")  # fmt: skip
     add("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    add("--enable-auto-tool-choice", action="store_true",
+        help='tool_choice "auto": the model decides, a --tool-call-parser finds its calls')  # fmt: skip
+    add("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+        help="how tool calls look in the model's free text (hermes: <tool_call>{...})")  # fmt: skip
     add("--api-server-count", type=_positive, default=1,
         help="frontend processes sharing the port (SO_REUSEPORT)")  # fmt: skip
     add("--disable-log-requests", action="store_true", help="no log line per request")
@@ -158,6 +162,7 @@ def _frontend_settings(args: argparse.Namespace, engine_address: str) -> Fronten
         model=args.model or args.model_option,
         served_model_name=args.served_model_name,
         chat_template=args.chat_template,
+        tool_call_parser=_tool_call_parser(args),
         max_model_len=args.max_model_len,
         host=args.host,
         port=args.port,
@@ -171,6 +176,12 @@ def _frontend_settings(args: argparse.Namespace, engine_address: str) -> Fronten
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras,
     )
+
+
+def _tool_call_parser(args: argparse.Namespace) -> str | None:
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("duet: --enable-auto-tool-choice needs --tool-call-parser")
+    return args.tool_call_parser if args.enable_auto_tool_choice else None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ class ServerContext:
     log_requests: bool = True
     dtype: str | None = None
     loras: LoRARegistry | None = None
+    tool_call_parser: str | None = None  # tool_choice "auto" is enabled with this parser
 
     def check_model(self, model: str | None) -> LoRARef | None:
         """The LoRA adapter `model` names, None for the base model (or no `model`); 404 else."""

@@ -69,6 +69,11 @@ _CORE_COUNTERS = {
     "kv_transfer_seconds": ("kv_transfer_seconds", "Seconds spent transferring KV blocks."),
     "kv_transfer_failures": ("kv_transfer_failures", "KV transfers that failed."),
     "recomputed_prefills": ("recomputed_prefills", "Prefills recomputed after a lost transfer."),
+    # per-step overhead of structured outputs: rate() of it over rate() of steps
+    "structured_output_mask_seconds": (
+        "structured_output_seconds",
+        "Seconds workers spent building and applying grammar token masks.",
+    ),
 }
 
 

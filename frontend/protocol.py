@@ -69,6 +69,9 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     prompt_logprobs: Int | None = None  # vLLM's extension
+    # structured outputs (checked by frontend/structured_outputs.py)
+    response_format: Any = None
+    structured_outputs: Any = None
 
     def usage_flags(self) -> tuple[bool, bool]:
         """(include_usage, continuous_usage_stats); the second only with the first, as in vLLM."""
@@ -88,7 +91,6 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     functions: Any = None
     function_call: Any = None
     parallel_tool_calls: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -120,11 +122,10 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True):
 
 
 UNSUPPORTED_CHAT = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-    "response_format", "audio", "modalities", "prediction", "web_search_options",
+    "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
     "reasoning_effort",
 )  # fmt: skip
-UNSUPPORTED_MESSAGE = ("tool_calls", "tool_call_id", "function_call", "audio")
+UNSUPPORTED_MESSAGE = ("function_call", "audio")
 UNSUPPORTED_COMPLETION = ("suffix",)
 
 # values that ask for nothing, so sending them is harmless

@@ -6,7 +6,7 @@ from typing import TypeVar
 
 import msgspec
 
-from engine_core.messages.sampling_params import SamplingParams
+from engine_core.messages.sampling_params import SamplingParams, StructuredSpec
 from frontend.errors import APIError, bad_request
 from frontend.protocol import SamplingRequest
 
@@ -22,6 +22,7 @@ def sampling_params(
     logprobs: int | None,
     vocab_size: int,
     logprobs_param: str = "logprobs",
+    structured: StructuredSpec | None = None,
 ) -> SamplingParams:
     """SamplingParams for `req`; `max_tokens` / `logprobs` are already endpoint-specific.
 
@@ -51,6 +52,7 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=_pick(req.skip_special_tokens, True),
+        structured=structured,
     )
     try:
         params.validate()

@@ -120,4 +120,5 @@ def build_context(settings: FrontendSettings, index: int) -> ServerContext:
         dtype=settings.dtype,
         loras=LoRARegistry(name, model_config, settings.max_lora_rank, settings.enable_lora,
                            settings.lora_modules),
+        tool_call_parser=settings.tool_call_parser,
     )  # fmt: skip

@@ -23,6 +23,7 @@ from frontend.protocol import (
 from frontend.responses import Completion, CompletionChoice, CompletionLogprobs, json_response
 from frontend.sampling import check_token_ids, fit_max_tokens, sampling_params
 from frontend.sse import stream_events
+from frontend.structured_outputs import request_spec
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
 MAX_CHOICES = 1024  # each choice is a request in the core; bounds one body's fan-out
@@ -34,8 +35,15 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     body = decode_request(await request.read(), CompletionRequest)
     lora = ctx.check_model(body.model)
     reject_unsupported(body, UNSUPPORTED_COMPLETION)
+    structured = await request_spec(
+        ctx.tokenizer, ctx.vocab_size, body.response_format, body.structured_outputs
+    )
     params = sampling_params(
-        body, max_tokens=body.max_tokens, logprobs=body.logprobs, vocab_size=ctx.vocab_size
+        body,
+        max_tokens=body.max_tokens,
+        logprobs=body.logprobs,
+        vocab_size=ctx.vocab_size,
+        structured=structured,
     )
     if body.best_of is not None and body.best_of != params.n:
         raise bad_request("best_of is not supported (other than best_of == n)", "best_of")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+TOOL_CALL_PARSERS = ("hermes",)  # --tool-call-parser choices (frontend/tool_calls.py)
+
 
 @dataclass(frozen=True)
 class FrontendSettings:
@@ -14,6 +16,7 @@ class FrontendSettings:
     model: str | None = None
     served_model_name: str | None = None
     chat_template: str | None = None
+    tool_call_parser: str | None = None  # set only with --enable-auto-tool-choice
     max_model_len: int | None = None
     host: str | None = None
     port: int = 8000

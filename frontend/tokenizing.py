@@ -28,12 +28,15 @@ async def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = Tru
 
 
 async def apply_chat_template(
-    tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """`tokenizer.apply_chat_template(...)`, in a thread when the messages are long."""
-    if sum(len(m["content"]) for m in messages) <= INLINE_MAX_CHARS:
+    if sum(len(m["content"]) for m in messages) <= INLINE_MAX_CHARS and not tools:
         return tokenizer.apply_chat_template(messages, add_generation_prompt)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
-        _POOL, tokenizer.apply_chat_template, messages, add_generation_prompt
+        _POOL, tokenizer.apply_chat_template, messages, add_generation_prompt, tools
     )

@@ -20,6 +20,7 @@ from models.lora import LoRAManager
 from models.prompt_logprobs import step_prompt_logprobs
 from models.rejection_sampler import verify
 from models.sampler import SamplingState, sample
+from models.structured import GrammarMasker, RequestGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class RunnerRequest:
     num_computed_tokens: int
     sampling: SamplingState
     lora: LoRARef | None = None
+    grammar: RequestGrammar | None = None  # structured outputs: accepts each output token
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +75,8 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, kv_allocator: KVAllocator = zeros_allocator) -> None:
         source = resolve_model(config.model)
+        self.source = source
+        self._masker: GrammarMasker | None = None  # built by the first structured request
         self.model_config = load_config(source)
         self.dtype, self.kv_dtype = model_dtypes(config)
         self.block_size = config.block_size
@@ -136,13 +140,23 @@ class ModelRunner:
             return StepResult(plan.step_id, [], [], prompt_logprobs=prompt_lp)
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, V]
         states = [self.requests[r].sampling for r in sample_ids]
+        grammars = [self.requests[r].grammar for r in sample_ids]
+        masking = 0.0
+        if self._masker is not None:  # first: the grammar bounds every later stage
+            # one logits row per verified position; constrained requests never draft
+            rows = [g for r, g in zip(sample_ids, grammars, strict=True)
+                    for g in [g, *[None] * len(plan.spec_token_ids.get(r, []))]]  # fmt: skip
+            masking = self._masker.apply(logits, rows)
         if plan.spec_token_ids:
             result = self._verify(plan, logits, sample_ids)
             result.prompt_logprobs = prompt_lp
+            result.structured_seconds = masking
             return result
         out = sample(logits, states)
-        for state, token in zip(states, out.token_ids, strict=True):
+        for state, token, grammar in zip(states, out.token_ids, grammars, strict=True):
             state.output_token_ids.append(token)
+            if grammar is not None:
+                grammar.accept(token)
         wants_logprobs = any(s.params.logprobs is not None for s in states)
         return StepResult(
             step_id=plan.step_id,
@@ -150,6 +164,7 @@ class ModelRunner:
             sampled_token_ids=out.token_ids,
             logprobs=out.logprobs if wants_logprobs else None,
             prompt_logprobs=prompt_lp,
+            structured_seconds=masking,
         )
 
     def _verify(self, plan: StepPlan, logits: torch.Tensor, sample_ids: list[str]) -> StepResult:
@@ -164,6 +179,8 @@ class ModelRunner:
         ):
             req = self.requests[req_id]
             req.sampling.output_token_ids += [*accepted, token]
+            if req.grammar is not None:  # it had no drafts (NgramSpeculator.propose)
+                req.grammar.accept(token)
             if draft:
                 result.accepted_token_ids[req_id] = accepted
                 req.num_computed_tokens -= len(draft) - len(accepted)
@@ -187,6 +204,9 @@ class ModelRunner:
             req.block_ids.extend(cached.new_block_ids)
             req.num_computed_tokens = cached.num_computed_tokens
             req.sampling.output_token_ids.extend(cached.new_token_ids)
+            if req.grammar is not None:
+                for token in cached.new_token_ids:
+                    req.grammar.accept(token)
 
     def _new_request(self, new: NewRequestData) -> RunnerRequest:
         state = SamplingState(
@@ -200,7 +220,20 @@ class ModelRunner:
             num_computed_tokens=new.num_computed_tokens,
             sampling=state,
             lora=new.lora,
+            grammar=self._grammar(state),
         )
+
+    def _grammar(self, state: SamplingState) -> RequestGrammar | None:
+        """The request's matcher, replayed over the output it already has (see structured)."""
+        spec = state.params.structured
+        if spec is None:
+            return None
+        if self._masker is None:
+            from models.tokenizer import load_tokenizer  # transformers: only when needed
+
+            hf = load_tokenizer(self.source).hf
+            self._masker = GrammarMasker(hf, self.model_config.vocab_size, state.eos_token_ids)
+        return self._masker.request(spec, state.output_token_ids)
 
     def _prepare(
         self, order: list[str], num_scheduled: dict[str, int], spec: dict[str, list[int]]

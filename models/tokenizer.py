@@ -56,25 +56,31 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The chat template applied to OpenAI-style messages, as text.
+        """The chat template applied to OpenAI-style messages (and tools), as text.
 
         Raises ValueError when the model has no chat template.
         """
         if self.chat_template is None:
             raise ValueError("this model has no chat template; pass one with --chat-template")
         return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """The chat template applied to OpenAI-style messages, as token ids."""
+        """The chat template applied to OpenAI-style messages (and tools), as token ids."""
         # the template writes the special tokens itself, as transformers assumes too
         return self.encode(
-            self.render_chat(messages, add_generation_prompt), add_special_tokens=False
+            self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False
         )
 
 

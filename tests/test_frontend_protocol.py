@@ -124,16 +124,10 @@ def test_out_of_range_values_are_400(fields: dict, param: str) -> None:
 
 def test_unsupported_fields_are_named() -> None:
     reject_unsupported(
-        _chat(tools=[], tool_choice="none", response_format={"type": "text"}), UNSUPPORTED_CHAT
+        _chat(functions=[], audio=None, tools=[], tool_choice="none"), UNSUPPORTED_CHAT
     )
-    error = _error(
-        reject_unsupported, _chat(response_format={"type": "json_object"}), UNSUPPORTED_CHAT
-    )
-    assert (error.status, error.param, error.code) == (
-        400,
-        "response_format",
-        "unsupported_parameter",
-    )
+    error = _error(reject_unsupported, _chat(functions=[{"name": "f"}]), UNSUPPORTED_CHAT)
+    assert (error.status, error.param, error.code) == (400, "functions", "unsupported_parameter")
 
 
 def test_error_body_shape() -> None:
@@ -198,7 +192,7 @@ def test_chat_messages(ctx: SimpleNamespace) -> None:
     assert text.endswith("What is\nthe capital?<|im_end|>\n<|im_start|>assistant\n")
     assert _error(chat_prompt, ctx, _chat(messages=[])).param == "messages"
     assert (
-        _error(chat_prompt, ctx, _chat(messages=[{"role": "tool", "content": "x"}])).param
+        _error(chat_prompt, ctx, _chat(messages=[{"role": "narrator", "content": "x"}])).param
         == "messages[0].role"
     )
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]

@@ -70,6 +70,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     kv_transfer_seconds: float = 0.0
     kv_transfer_failures: int = 0
     recomputed_prefills: int = 0
+    structured_output_seconds: float = 0.0  # cumulative grammar-mask time in workers
     # disaggregated: worker id -> requests it has taken so far (cumulative)
     worker_requests: dict[str, int] = {}
     # adapter name -> its running / waiting requests (for duet:lora_requests_info)

@@ -7,6 +7,17 @@ import math
 import msgspec
 
 
+class StructuredSpec(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A constraint on a request's output, as data: workers compile it (cached by value).
+
+    kind: "json" (spec is a JSON schema's text), "json_object" (any JSON object; spec is
+    empty), "regex" or "grammar" (spec is EBNF, xgrammar's dialect of GBNF).
+    """
+
+    kind: str
+    spec: str = ""
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, kw_only=True):
     """How to sample one request's tokens and when to stop.
 
@@ -37,6 +48,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, kw_only=True)
     # NOTE: such a request takes no prefix-cache hits: every prompt position is scored.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredSpec | None = None  # constrained decoding (structured outputs)
 
     @property
     def greedy(self) -> bool:

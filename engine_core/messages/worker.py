@@ -147,6 +147,7 @@ class StepResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     # token in the output; and their logprobs, for the requests that asked for logprobs
     accepted_token_ids: dict[str, list[int]] = {}
     accepted_logprobs: dict[str, list[TokenLogprobs]] = {}
+    structured_seconds: float = 0.0  # spent building and applying grammar masks this step
 
 
 TO_WORKER = MessageTable(

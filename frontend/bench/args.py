@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--ignore-eos", action="store_true")
     load.add_argument("--temperature", type=float, help="default: the server's")
+    load.add_argument("--structured-output", choices=["json_schema"], default=None,
+        help="constrain every request: json_schema adds a small JSON schema response_format")  # fmt: skip
     out = parser.add_argument_group("output")
     out.add_argument(
         "--goodput",

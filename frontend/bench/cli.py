@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 
 from frontend.bench.args import DESCRIPTION, add_arguments
-from frontend.bench.client import RequestSettings
+from frontend.bench.client import RequestSettings, response_format
 from frontend.bench.datasets import (
     SampleRequest,
     jsonl_requests,
@@ -91,6 +91,7 @@ async def _bench(args: argparse.Namespace) -> int:
         chat=args.endpoint.rstrip("/").endswith("chat/completions"),
         ignore_eos=args.ignore_eos,
         temperature=args.temperature,
+        response_format=response_format(args.structured_output),
     )
     shape = LoadShape(args.request_rate, args.burstiness, args.max_concurrency)
     outcome = await run_load(

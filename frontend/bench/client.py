@@ -23,6 +23,7 @@ class RequestSettings:
     chat: bool
     ignore_eos: bool = False
     temperature: float | None = None  # None: the server's default
+    response_format: dict[str, Any] | None = None  # the structured-output workload
 
 
 @dataclass
@@ -80,7 +81,39 @@ def payload(req: SampleRequest, settings: RequestSettings) -> dict[str, Any]:
         body["ignore_eos"] = True  # vLLM's extension; duet honours it too
     if settings.temperature is not None:
         body["temperature"] = settings.temperature
+    if settings.response_format is not None:
+        body["response_format"] = settings.response_format
     return body
+
+
+# The structured-output workload's schema: a record of bounded fields, nested once, so
+# outputs finish by themselves (with --ignore-eos the request goes on at EOS only).
+BENCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+        "author": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 30},
+                "alive": {"type": "boolean"},
+            },
+            "required": ["name", "alive"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["title", "year", "tags", "author"],
+    "additionalProperties": False,
+}
+
+
+def response_format(kind: str | None) -> dict[str, Any] | None:
+    """The response_format of `--structured-output kind` (None: unconstrained)."""
+    if kind is None:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "record", "schema": BENCH_SCHEMA}}
 
 
 async def send_request(
