@@ -101,3 +101,32 @@ def test_grammar_survives_preemption(tiny_checkpoint: Callable[..., Path]) -> No
     for sample in output.outputs:
         assert sample.finish_reason == "stop", sample.text
         jsonschema.validate(json.loads(sample.text), schema)
+
+
+def test_constrained_requests_stay_valid_beside_speculating_ones(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    """In speculative steps, constrained rows are masked and never drafted; the plain
+    requests beside them still draft from their repetitive prompts."""
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+             "prompt_lookup_min": 1}  # fmt: skip
+    llm = LLM(str(tiny_checkpoint()), kv_cache_memory="64MiB", max_model_len=1024,
+              dtype="float32", speculative_config=ngram)  # fmt: skip
+    schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+              "minItems": 5, "maxItems": 5}  # fmt: skip
+    constrained = SamplingParams(
+        temperature=1.0,
+        seed=3,
+        max_tokens=200,
+        structured=StructuredSpec("json", json.dumps(schema)),
+    )
+    plain = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    repetitive = [1, *([5, 7, 9] * 8)]
+    outputs = llm.generate(
+        [repetitive, "Digits:", repetitive, "Digits:"], [plain, constrained, plain, constrained]
+    )
+    for output in outputs[1::2]:
+        assert output.outputs[0].finish_reason == "stop", output.outputs[0].text
+        jsonschema.validate(json.loads(output.outputs[0].text), schema)
+    stats = llm.engine.stats().spec_decode
+    assert stats is not None and stats.num_draft_tokens > 0
