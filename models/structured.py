@@ -30,12 +30,20 @@ class GrammarError(ValueError):
     """A spec that does not compile; the message is fit for a client."""
 
 
-def make_compiler(hf_tokenizer: object, vocab_size: int, eos: Sequence[int]) -> xgr.GrammarCompiler:
-    """A caching compiler for one tokenizer; `vocab_size` is the model's logits width
-    (the tokenizer may have fewer ids: the bitmask must cover every logit)."""
-    info = xgr.TokenizerInfo.from_huggingface(
+def tokenizer_info(hf_tokenizer: object, vocab_size: int, eos: Sequence[int]) -> xgr.TokenizerInfo:
+    """xgrammar's view of the tokenizer; `vocab_size` is the model's logits width (the
+    tokenizer may have fewer ids: the bitmask must cover every logit)."""
+    return xgr.TokenizerInfo.from_huggingface(
         hf_tokenizer, vocab_size=vocab_size, stop_token_ids=list(eos)
     )
+
+
+def make_compiler(hf_tokenizer: object, vocab_size: int, eos: Sequence[int]) -> xgr.GrammarCompiler:
+    """A caching compiler for one tokenizer (see tokenizer_info)."""
+    return compiler_for(tokenizer_info(hf_tokenizer, vocab_size, eos))
+
+
+def compiler_for(info: xgr.TokenizerInfo) -> xgr.GrammarCompiler:
     return xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_LIMIT_BYTES)
 
 
@@ -64,9 +72,15 @@ def compile_spec(compiler: xgr.GrammarCompiler, spec: StructuredSpec) -> xgr.Com
 class RequestGrammar:
     """One request's matcher; `accept` each token the request outputs, in order."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar, eos: Sequence[int]) -> None:
+    def __init__(
+        self,
+        compiled: xgr.CompiledGrammar,
+        eos: Sequence[int],
+        allowed: torch.Tensor | None = None,
+    ) -> None:
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=list(eos))
         self.eos = list(eos)
+        self.allowed = allowed  # a bitmask row ANDed into every mask, if any
         self.broken = False  # a token the grammar refused: stop constraining, say so once
 
     def accept(self, token_id: int) -> None:
@@ -89,7 +103,18 @@ class RequestGrammar:
                 bitmask[row, token // 32] |= _bit(token % 32)
             return True
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.allowed is not None:
+            bitmask[row] &= self.allowed
         return True
+
+
+def _without_control_bytes(decoded_vocab: Sequence[bytes], vocab_size: int) -> torch.Tensor:
+    """A bitmask row allowing every token but those whose bytes hold 0x00-0x1F."""
+    row = xgr.allocate_token_bitmask(1, vocab_size)[0]
+    for token, text in enumerate(decoded_vocab):
+        if any(byte < 0x20 for byte in text):
+            row[token // 32] &= ~_bit(token % 32)
+    return row
 
 
 def _bit(index: int) -> int:
@@ -101,14 +126,20 @@ class GrammarMasker:
     """A worker's structured-output side: builds RequestGrammars, masks batch logits."""
 
     def __init__(self, hf_tokenizer: object, vocab_size: int, eos: Sequence[int]) -> None:
-        self.compiler = make_compiler(hf_tokenizer, vocab_size, eos)
+        info = tokenizer_info(hf_tokenizer, vocab_size, eos)
+        self.compiler = compiler_for(info)
         self.vocab_size = vocab_size
         self.eos = tuple(eos)
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [rows, ceil(V/32)]
+        self._no_control = _without_control_bytes(info.decoded_vocab, vocab_size)
 
     def request(self, spec: StructuredSpec, output_token_ids: Sequence[int]) -> RequestGrammar:
         """A matcher for `spec` that has already accepted `output_token_ids`."""
-        grammar = RequestGrammar(compile_spec(self.compiler, spec), self.eos)
+        # NOTE: xgrammar 0.2.9 lets a string with maxLength take raw control characters,
+        # which JSON forbids; JSON here has no free whitespace, so no control byte is ever
+        # valid in it and they are banned outright
+        allowed = self._no_control if spec.kind in ("json", "json_object") else None
+        grammar = RequestGrammar(compile_spec(self.compiler, spec), self.eos, allowed)
         for token in output_token_ids:
             grammar.accept(token)
         return grammar

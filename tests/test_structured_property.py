@@ -14,11 +14,15 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine_core.llm import LLM
 from engine_core.messages.sampling_params import SamplingParams, StructuredSpec
+from models.loader import resolve_model
+from models.structured import GrammarMasker
+from models.tokenizer import load_tokenizer
 
 NAMES = st.text(alphabet="abcdefghij_", min_size=1, max_size=6)
 LEAVES = st.one_of(
@@ -130,3 +134,20 @@ def test_constrained_requests_stay_valid_beside_speculating_ones(
         jsonschema.validate(json.loads(output.outputs[0].text), schema)
     stats = llm.engine.stats().spec_decode
     assert stats is not None and stats.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("limit", [{}, {"maxLength": 4}])
+def test_json_strings_never_take_raw_control_characters(limit: dict[str, int]) -> None:
+    # xgrammar 0.2.9 allows them in a string with maxLength; JSON does not
+    tokenizer = load_tokenizer(resolve_model(None))
+    masker = GrammarMasker(tokenizer.hf, 49152, tokenizer.eos_token_ids)
+    schema = {"type": "object", "properties": {"v": {"type": "string", **limit}},
+              "required": ["v"], "additionalProperties": False}  # fmt: skip
+    grammar = masker.request(
+        StructuredSpec("json", json.dumps(schema)), tokenizer.encode('{"v": "', False)
+    )
+    logits = torch.zeros(1, 49152)
+    masker.apply(logits, [grammar])
+    control = [i for i in range(256) if any(ord(c) < 0x20 for c in tokenizer.decode([i]))]
+    assert control and bool(torch.isinf(logits[0, control]).all())
+    assert not bool(torch.isinf(logits[0, tokenizer.encode("abc", False)]).any())
