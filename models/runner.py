@@ -15,6 +15,7 @@ from models import cpu_features
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import iter_weights, load_config, resolve_model
+from models.quant_int8 import check_quantization, quantize_model
 from models.sampler import SamplingState, sample
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,18 @@ class ModelRunner:
     """Loads the model, owns the KV pool, and turns each StepPlan into a StepResult."""
 
     def __init__(self, config: EngineConfig, kv_allocator: KVAllocator = zeros_allocator) -> None:
+        check_quantization(config.quantization)
         source = resolve_model(config.model)
         self.model_config = load_config(source)
         self.dtype, self.kv_dtype = model_dtypes(config)
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.model = LlamaForCausalLM(self.model_config, max_positions=self.max_model_len)
-        self.model.load_weights(iter_weights(source, self.dtype))
+        # int8 quantizes from the checkpoint's fp32 values, not from bf16-rounded ones
+        load_dtype = torch.float32 if config.quantization else self.dtype
+        self.model.load_weights(iter_weights(source, load_dtype))
+        if config.quantization:
+            quantize_model(self.model)
         self.model.to(self.dtype).eval()
         packed = self.model.pack_weights()
         logger.info(
