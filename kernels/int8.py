@@ -11,11 +11,18 @@ import ctypes
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from kernels import native
 
 LANES = 16  # output channels per packed block (the C kernels' layout, int8_gemm.c)
-NATIVE_ISAS = ("vnni", "avx2")
+# W8A8 (VNNI, AVX2) and weight-only (fp32 math on int8 weights) twins -> C function
+NATIVE_KERNELS = {
+    "vnni": "int8_linear_vnni",
+    "avx2": "int8_linear_avx2",
+    "wo-avx512": "int8_wo_linear_avx512",
+    "wo-avx2": "int8_wo_linear_avx2",
+}
 _DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -24,8 +31,8 @@ def _kernels() -> ctypes.CDLL | None:
     lib = native.load()
     if lib is None:
         return None
-    for isa in NATIVE_ISAS:
-        kernel = getattr(lib, f"int8_linear_{isa}")
+    for name in NATIVE_KERNELS.values():
+        kernel = getattr(lib, name)
         kernel.restype = None
         kernel.argtypes = (
             [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -60,9 +67,9 @@ def native_linear(
     wsum: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
-    isa: str,
+    kernel: str,
 ) -> torch.Tensor:
-    """W8A8 through the C kernel `isa` ("vnni" or "avx2"): x [M, K] fp32/bf16 -> [M, N]."""
+    """x [M, K] fp32/bf16 -> [M, N] through the C kernel `kernel` (a NATIVE_KERNELS key)."""
     x = x.contiguous()
     if x.dtype not in _DTYPE_FLAG:
         x = x.float()
@@ -70,11 +77,35 @@ def native_linear(
     n = wsum.shape[0]
     out = torch.empty(m, n, dtype=x.dtype)
     flag = _DTYPE_FLAG[x.dtype]
-    getattr(_kernels(), f"int8_linear_{isa}")(
+    getattr(_kernels(), NATIVE_KERNELS[kernel])(
         x.data_ptr(), flag, m, k, packed.data_ptr(), wsum.data_ptr(), scale.data_ptr(),
         0 if bias is None else bias.data_ptr(), n, out.data_ptr(), flag, torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def dequantize_packed(
+    packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """The float weight [N, K] in `dtype` back from its packed int8 form (one strided copy)."""
+    blocks, groups, lanes, four = packed.shape
+    out = torch.empty(blocks * lanes, groups * four, dtype=dtype)
+    out.view(blocks, lanes, groups, four).copy_(packed.permute(0, 2, 1, 3))
+    n, k = shape
+    return out[:n, :k].mul_(scale.to(dtype)[:, None])
+
+
+def dense(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """Dequantize, then a dense GEMM in x's dtype: for large batches, where the GEMM is
+    compute-bound and the one pass over the weights costs little."""
+    w = dequantize_packed(packed, scale, shape, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

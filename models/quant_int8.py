@@ -12,7 +12,7 @@ VNNI kernel where the CPU has AVX512_VNNI, the AVX2 one elsewhere, and torch's i
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
 
 import torch
 from torch import nn
@@ -25,23 +25,24 @@ from models.packed import swap_linears
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Crossover:
-    """Where one int8 path stops beating the next, in rows (tokens) per call."""
-
-    weight_only_max: int  # up to here: weight-only int8 (only where bf16 is native)
-    native_max: int | None  # then up to here the native W8A8 kernel (None: at every size);
-    # above it torch._int_mm W8A8
-
-
-# Per W8A8 kernel, from scripts/bench_int8.py on this machine kind (docs/benchmarks.md,
-# "int8"): VNNI beat weight-only and torch._int_mm at every batch measured (1-512 rows);
-# the AVX2 twin up to 16 rows; without native kernels weight-only wins up to 2 rows.
-CROSSOVERS = {
-    "vnni": Crossover(weight_only_max=0, native_max=None),
-    "avx2": Crossover(weight_only_max=0, native_max=16),
-    "torch": Crossover(weight_only_max=2, native_max=0),
+# How each call is computed, by its number of rows (tokens): the first (max_rows, path)
+# whose max_rows holds it, None meaning any size. Paths:
+#   wo    weight-only: fp32 math on the int8 weights (the native kernel; torch's
+#         bf16-activation one without it), no activation rounding
+#   w8a8  activations quantized per token, int8 x int8 (VNNI or AVX2; torch._int_mm without
+#         native kernels)
+#   dense dequantize the weight, then a float GEMM in the activations' dtype
+# Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): W8A8 is the fastest at every
+# batch size but costs 2-10 % perplexity on SmolLM2 (above the 3 % budget), so the default
+# keeps float activations: weight-only while the step is memory-bound, dense above.
+# DUET_INT8_W8A8=1 picks W8A8 throughout, for speed over fidelity.
+Route = tuple[tuple[int | None, str], ...]
+ROUTES: dict[str, Route] = {
+    "native": ((16, "wo"), (None, "dense")),
+    "torch": ((2, "wo"), (None, "dense")),
 }
+W8A8_ROUTE: Route = ((None, "w8a8"),)
+W8A8_ENV = "DUET_INT8_W8A8"
 
 
 class QuantizationError(ValueError):
@@ -77,53 +78,68 @@ def w8a8_kernel() -> str:
     return "vnni" if cpu_features.has_vnni() else "avx2"
 
 
-def crossover(kernel: str, out_features: int, in_features: int) -> Crossover:
-    """The measured crossover for `kernel`, without weight-only where bf16 is emulated or
-    the shape is one `torch._weight_int8pack_mm` cannot take."""
-    table = CROSSOVERS[kernel]
-    if cpu_features.native_bf16() and int8.weight_only_supports(out_features, in_features):
-        return table
-    return Crossover(weight_only_max=0, native_max=table.native_max)
+def route(kernel: str, out_features: int, in_features: int) -> Route:
+    """The measured route for this CPU, without torch's weight-only kernel where it cannot
+    run (bf16 emulated, or a shape it crashes on)."""
+    if os.environ.get(W8A8_ENV) == "1":
+        return W8A8_ROUTE
+    if kernel != "torch":
+        return ROUTES["native"]
+    torch_wo = cpu_features.native_bf16() and int8.weight_only_supports(out_features, in_features)
+    return ROUTES["torch"] if torch_wo else ((None, "dense"),)
 
 
 class Int8Linear(nn.Module):
     """`x @ W.T + bias` with W held as int8 plus an fp32 scale per output channel.
 
-    Holds, for a native kernel, the packed int8 weight, and the plain one where the
-    crossover also uses the weight-only or torch paths. The tensors are plain attributes, not buffers, so `model.to(dtype)`
+    With native kernels only the packed int8 weight is kept (every path reads it), else
+    the plain one. The tensors are plain attributes, not buffers, so `model.to(dtype)`
     leaves the int8 weight and its fp32 scales alone.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.qweight, self.scale = quantize_weight(weight)
+        qweight, self.scale = quantize_weight(weight)
         self.bias = None if bias is None else bias.detach().float()
         self.kernel = kernel
-        self.crossover = crossover(kernel, self.out_features, self.in_features)
-        if kernel != "torch":
-            self.packed, self.wsum = int8.pack_weight(self.qweight)
-        if self.crossover.weight_only_max == 0 and self.crossover.native_max is None:
-            del self.qweight  # only the packed copy is ever read
+        self.route = route(kernel, self.out_features, self.in_features)
+        if kernel == "torch":
+            self.qweight = qweight
+        else:
+            self.packed, self.wsum = int8.pack_weight(qweight)
+        self.wo_kernel = f"wo-{cpu_features.isa()}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        rows = x.shape[0]
-        if rows <= self.crossover.weight_only_max:
-            y = int8.weight_only(x, self.qweight, self.scale, self.bias)
-        elif self.crossover.native_max is None or rows <= self.crossover.native_max:
-            y = int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, self.kernel)
-        else:
-            y = int8.torch_w8a8(x, self.qweight.t(), self.scale, self.bias)
+        y = getattr(self, f"_{self.path_for(x.shape[0])}")(x)
         return y.view(*shape[:-1], self.out_features)
+
+    def path_for(self, rows: int) -> str:
+        """The path a call with `rows` rows takes."""
+        return next(path for limit, path in self.route if limit is None or rows <= limit)
+
+    def _wo(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch":
+            return int8.weight_only(x, self.qweight, self.scale, self.bias)
+        return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, self.wo_kernel)
+
+    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch":
+            return int8.torch_w8a8(x, self.qweight.t(), self.scale, self.bias)
+        return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, self.kernel)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch":
+            w = dequantize_weight(self.qweight, self.scale).to(x.dtype)
+            return torch.nn.functional.linear(x, w, self.bias)
+        return int8.dense(
+            x, self.packed, self.scale, self.bias, (self.out_features, self.in_features)
+        )
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
-
-
-def _max_rows(table: Crossover) -> str:
-    return "any size" if table.native_max is None else f"{table.native_max} rows"
 
 
 def quantize_model(model: nn.Module) -> int:
@@ -135,9 +151,9 @@ def quantize_model(model: nn.Module) -> int:
     if getattr(model, "lm_head", ...) is None:
         model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel)
         count += 1
-    table = crossover(kernel, *model.embed_tokens.weight.shape)
-    logger.info(
-        "int8: %d linears quantized; weight-only up to %d rows, native W8A8 (%s) up to %s, "
-        "torch._int_mm above", count, table.weight_only_max, kernel, _max_rows(table),
-    )  # fmt: skip
+    steps = ", ".join(
+        f"{path} up to {limit} rows" if limit else f"{path} above"
+        for limit, path in route(kernel, *model.embed_tokens.weight.shape)
+    )
+    logger.info("int8: %d linears quantized; kernels %s: %s", count, kernel, steps)
     return count

@@ -60,11 +60,16 @@ def build_paths(weights: list[torch.Tensor], dtype: torch.dtype) -> dict[str, li
             for q, s in quantized
         ],
     }
+    shapes = [tuple(w.shape) for w in weights]
+    paths["dequantize + F.linear"] = [
+        functools.partial(int8.dense, packed=p, scale=s, bias=None, shape=shape)
+        for (p, _, s), shape in zip(packed, shapes, strict=True)
+    ]
     if int8.native_available():
-        for isa in int8.NATIVE_ISAS:
-            paths[f"native W8A8 {isa}"] = [
+        for kernel in int8.NATIVE_KERNELS:
+            paths[f"native {kernel}"] = [
                 functools.partial(
-                    int8.native_linear, packed=p, wsum=ws, scale=s, bias=None, isa=isa
+                    int8.native_linear, packed=p, wsum=ws, scale=s, bias=None, kernel=kernel
                 )
                 for p, ws, s in packed
             ]

@@ -11,6 +11,7 @@ from engine_core import LLM, SamplingParams
 from kernels import int8
 from models import cpu_features
 from models.quant_int8 import (
+    W8A8_ENV,
     Int8Linear,
     QuantizationError,
     check_quantization,
@@ -99,10 +100,10 @@ def _check_w8a8(path, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
     assert excess.max() <= 0, f"worst excess over the int8 bound: {excess.max():.3g}"
 
 
-def _native(isa: str):
+def _native(kernel: str):
     def run(x, q, scale, bias):
         packed, wsum = int8.pack_weight(q)
-        return int8.native_linear(x, packed, wsum, scale, bias, isa)
+        return int8.native_linear(x, packed, wsum, scale, bias, kernel)
 
     return run
 
@@ -125,38 +126,85 @@ def test_w8a8_paths_within_the_int8_bound(path, shape: tuple, dtype: torch.dtype
     _check_w8a8(path, shape, dtype)
 
 
+def _weight_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|y - x @ w.T| allowed by rounding the weight alone to int8 (half a step)."""
+    return x.abs().sum(1, keepdim=True) * (w.abs().amax(1) / 127 / 2) + 1e-4 * (x.abs() @ w.abs().T)
+
+
+def _check_weight_only(path, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    m, k, n = shape
+    w = _weights(n, k, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    q, scale = quantize_weight(w)
+    got = path(x, q, scale, None)
+    assert got.dtype == dtype and got.shape == (m, n)
+    expected = x.float() @ w.T
+    bound = _weight_bound(x.float(), w)
+    if dtype == torch.bfloat16:  # bf16 weights (torch's kernel, dense) and output rounding
+        bound = bound + (x.float().abs() @ w.abs().T) * 2**-7
+    assert ((got.float() - expected).abs() <= bound).all()
+
+
+def _torch_weight_only(x, q, scale, bias):
+    return int8.weight_only(x, q, scale, bias)
+
+
+def _dense(x, q, scale, bias):
+    packed, _ = int8.pack_weight(q)
+    return int8.dense(x, packed, scale, bias, tuple(q.shape))
+
+
+_AVX512 = pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512 here")
 _WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(_native("wo-avx512"), marks=[_NATIVE, _AVX512], id="native-wo-avx512"),
+        pytest.param(_native("wo-avx2"), marks=_NATIVE, id="native-wo-avx2"),
+        pytest.param(_dense, id="dense"),
+    ],
+)
+def test_weight_only_paths_within_the_weight_bound(path, shape: tuple, dtype) -> None:
+    _check_weight_only(path, shape, dtype)
 
 
 @pytest.mark.parametrize(
     "shape", _WEIGHT_ONLY_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in _WEIGHT_ONLY_SHAPES]
 )
-def test_weight_only_within_the_weight_rounding_bound(shape: tuple) -> None:
-    m, k, n = shape
-    w = _weights(n, k, seed=k)
-    x = torch.randn(m, k).bfloat16()
-    q, scale = quantize_weight(w)
-    got = int8.weight_only(x, q, scale, None).float()
-    expected = x.float() @ w.T
-    bound = x.float().abs().sum(1, keepdim=True) * scale / 2 + expected.abs() * 2**-7 + 1e-3
-    assert ((got - expected).abs() <= bound).all()
+def test_torch_weight_only_within_the_weight_bound(shape: tuple) -> None:
+    _check_weight_only(_torch_weight_only, shape, torch.bfloat16)
 
 
 @_NATIVE
-@pytest.mark.parametrize("rows", [1, 5, 40])
-def test_forced_avx2_layer_picks_the_avx2_kernel(
-    monkeypatch: pytest.MonkeyPatch, rows: int
-) -> None:
-    # DUET_CPU_ISA=avx2: no VNNI, no native bf16 (so no weight-only), the AVX2 twin
+def test_forced_avx2_layer_routes_through_the_avx2_twins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
+    monkeypatch.delenv(W8A8_ENV, raising=False)
     assert w8a8_kernel() == "avx2"
     w = _weights(48, 96, seed=3)
     layer = Int8Linear(w, None, w8a8_kernel())
-    assert layer.crossover.weight_only_max == 0
-    x = torch.randn(rows, 96)
-    got = layer(x)
-    excess = (got - x @ w.T).abs() - _w8a8_bound(x, w)
-    assert excess.max() <= 0
+    assert layer.wo_kernel == "wo-avx2"
+    assert [layer.path_for(rows) for rows in (1, 16, 17, 500)] == ["wo", "wo", "dense", "dense"]
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 96)
+        assert ((layer(x) - x @ w.T).abs() <= _weight_bound(x, w)).all()
+
+
+@pytest.mark.parametrize("isa", [pytest.param("avx512", marks=_VNNI), "avx2"])
+def test_w8a8_switch_routes_every_size_through_w8a8(
+    monkeypatch: pytest.MonkeyPatch, isa: str
+) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, isa)
+    monkeypatch.setenv(W8A8_ENV, "1")
+    w = _weights(48, 96, seed=4)
+    layer = Int8Linear(w, None, w8a8_kernel())
+    assert {layer.path_for(rows) for rows in (1, 16, 500)} == {"w8a8"}
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 96)
+        assert ((layer(x) - x @ w.T).abs() <= _w8a8_bound(x, w)).all()
 
 
 def test_unknown_quantization_is_a_clear_error() -> None:

@@ -53,6 +53,19 @@ static void quantize_rows(const void *x, int x_bf16, int m, int k, int kp, int o
     }
 }
 
+// v (+ bias) -> one output row (fp32 or bf16), columns n0 .. n0 + cols
+static void store_row(float *v, int n0, int cols, const float *bias, void *out, long at,
+                      int out_bf16) {
+    if (bias)
+        for (int c = 0; c < cols; ++c) v[c] += bias[n0 + c];
+    if (out_bf16) {
+        uint16_t *dst = (uint16_t *)out + at;
+        for (int c = 0; c < cols; ++c) dst[c] = bf16_store(v[c]);
+    } else {
+        memcpy((float *)out + at, v, sizeof(float) * (size_t)cols);
+    }
+}
+
 // out[r][n] = acc[r][n] * a_scale[r] * w_scale[n] + bias[n], for the valid columns; one
 // simple loop per case so that each vectorizes
 static void epilogue(const int32_t *acc, int rows, int n0, int cols, const int32_t *wsum,
@@ -69,15 +82,7 @@ static void epilogue(const int32_t *acc, int rows, int n0, int cols, const int32
 #pragma omp simd
             for (int c = 0; c < cols; ++c) v[c] = (float)a[c] * s * ws[c];
         }
-        if (bias)
-            for (int c = 0; c < cols; ++c) v[c] += bias[n0 + c];
-        const long at = (long)r * n + n0;
-        if (out_bf16) {
-            uint16_t *dst = (uint16_t *)out + at;
-            for (int c = 0; c < cols; ++c) dst[c] = bf16_store(v[c]);
-        } else {
-            memcpy((float *)out + at, v, sizeof(float) * (size_t)cols);
-        }
+        store_row(v, n0, cols, bias, out, (long)r * n + n0, out_bf16);
     }
 }
 
@@ -178,6 +183,23 @@ static void tile_avx2_any(const int8_t *a, long lda, const int8_t *w, int k4, in
 }
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define VLANES 16
+#define SUFFIX avx512
+#include "int8_wo_impl.h"
+#undef SUFFIX
+#undef VLANES
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=haswell")
+#define VLANES 8
+#define SUFFIX avx2
+#include "int8_wo_impl.h"
+#undef SUFFIX
+#undef VLANES
+#pragma GCC pop_options
+
 typedef void (*tile_fn)(const int8_t *, long, const int8_t *, int, int, int, int32_t *);
 
 // Parallel over groups of NB_MAX blocks (the weights, the bigger operand at decode); each
@@ -224,4 +246,55 @@ void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *pac
     (void)wsum;
     int8_linear(tile_avx2_any, 0, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
                 out_bf16, threads);
+}
+
+typedef void (*wo_tile_fn)(const float *, long, const int8_t *, int, int, float *);
+
+// Weight-only: x is widened to fp32 rows padded to whole groups of 4 (the pads meet zero
+// weights; they must be finite), then one packed block at a time, parallel over blocks.
+static void int8_wo_linear(wo_tile_fn tile, const void *x, int x_bf16, int m, int k,
+                           const int8_t *packed, const float *w_scale, const float *bias, int n,
+                           void *out, int out_bf16, int threads) {
+    const int k4 = (k + 3) / 4, kp = k4 * 4;
+    const int blocks = (n + LANES - 1) / LANES;
+    float *xf = malloc(sizeof(float) * (size_t)m * (size_t)kp);
+    for (int r = 0; r < m; ++r) {
+        float *dst = xf + (long)r * kp;
+        if (x_bf16)
+            for (int i = 0; i < k; ++i) dst[i] = bf16_load(((const uint16_t *)x)[(long)r * k + i]);
+        else
+            memcpy(dst, (const float *)x + (long)r * k, sizeof(float) * (size_t)k);
+        for (int i = k; i < kp; ++i) dst[i] = 0.0f;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int b = 0; b < blocks; ++b) {
+        float acc[MR * LANES], v[LANES];
+        const int n0 = b * LANES, cols = n - n0 < LANES ? n - n0 : LANES;
+        for (int r0 = 0; r0 < m; r0 += MR) {
+            const int rows = m - r0 < MR ? m - r0 : MR;
+            tile(xf + (long)r0 * kp, kp, packed + (long)b * k4 * 64, k4, rows, acc);
+            for (int r = 0; r < rows; ++r) {
+                for (int c = 0; c < cols; ++c) v[c] = acc[r * LANES + c] * w_scale[n0 + c];
+                store_row(v, n0, cols, bias, out, (long)(r0 + r) * n + n0, out_bf16);
+            }
+        }
+    }
+    free(xf);
+}
+
+// x [m, k] fp32 or bf16 -> out [m, n] in x's dtype, fp32 arithmetic on the int8 weights
+void int8_wo_linear_avx512(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                           const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                           void *out, int out_bf16, int threads) {
+    (void)wsum;
+    int8_wo_linear(wo_tile_any_avx512, x, x_bf16, m, k, packed, w_scale, bias, n, out,
+                   out_bf16, threads);
+}
+
+void int8_wo_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                         const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                         void *out, int out_bf16, int threads) {
+    (void)wsum;
+    int8_wo_linear(wo_tile_any_avx2, x, x_bf16, m, k, packed, w_scale, bias, n, out, out_bf16,
+                   threads);
 }
