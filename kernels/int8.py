@@ -11,7 +11,6 @@ import ctypes
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from kernels import native
 
@@ -82,30 +81,6 @@ def native_linear(
         0 if bias is None else bias.data_ptr(), n, out.data_ptr(), flag, torch.get_num_threads(),
     )  # fmt: skip
     return out
-
-
-def dequantize_packed(
-    packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
-) -> torch.Tensor:
-    """The float weight [N, K] in `dtype` back from its packed int8 form (one strided copy)."""
-    blocks, groups, lanes, four = packed.shape
-    out = torch.empty(blocks * lanes, groups * four, dtype=dtype)
-    out.view(blocks, lanes, groups, four).copy_(packed.permute(0, 2, 1, 3))
-    n, k = shape
-    return out[:n, :k].mul_(scale.to(dtype)[:, None])
-
-
-def dense(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    shape: tuple[int, int],
-) -> torch.Tensor:
-    """Dequantize, then a dense GEMM in x's dtype: for large batches, where the GEMM is
-    compute-bound and the one pass over the weights costs little."""
-    w = dequantize_packed(packed, scale, shape, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

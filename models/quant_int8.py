@@ -31,14 +31,14 @@ logger = logging.getLogger(__name__)
 #         bf16-activation one without it), no activation rounding
 #   w8a8  activations quantized per token, int8 x int8 (VNNI or AVX2; torch._int_mm without
 #         native kernels)
-#   dense dequantize the weight, then a float GEMM in the activations' dtype
-# Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): W8A8 is the fastest at every
-# batch size but costs 2-10 % perplexity on SmolLM2 (above the 3 % budget), so the default
-# keeps float activations: weight-only while the step is memory-bound, dense above.
-# DUET_INT8_W8A8=1 picks W8A8 throughout, for speed over fidelity.
+#   dense dequantize the weight, then a float GEMM (no native kernels, large batches)
+# Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): native W8A8 is the fastest
+# at every batch size, but per-token activation rounding costs 2-10 % perplexity on
+# SmolLM2 (over the 3 % budget) where weight-only costs none, so the default keeps float
+# activations; DUET_INT8_W8A8=1 picks W8A8 throughout, speed over fidelity.
 Route = tuple[tuple[int | None, str], ...]
 ROUTES: dict[str, Route] = {
-    "native": ((16, "wo"), (None, "dense")),
+    "native": ((None, "wo"),),
     "torch": ((2, "wo"), (None, "dense")),
 }
 W8A8_ROUTE: Route = ((None, "w8a8"),)
@@ -131,12 +131,9 @@ class Int8Linear(nn.Module):
         return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, self.kernel)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "torch":
-            w = dequantize_weight(self.qweight, self.scale).to(x.dtype)
-            return torch.nn.functional.linear(x, w, self.bias)
-        return int8.dense(
-            x, self.packed, self.scale, self.bias, (self.out_features, self.in_features)
-        )
+        w = dequantize_weight(self.qweight, self.scale).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"

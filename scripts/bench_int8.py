@@ -4,7 +4,7 @@ against bf16 on oneDNN-prepacked weights, per batch size. Best of --repeats, int
 
     .venv/bin/python scripts/bench_int8.py --threads 1 --batch-sizes 1 2 4 8 16 32 64
 
-The crossover it shows is what `models.quant_int8.WEIGHT_ONLY_MAX_ROWS` encodes.
+What it shows is what `models.quant_int8.ROUTES` encodes.
 """
 
 from __future__ import annotations
@@ -60,11 +60,6 @@ def build_paths(weights: list[torch.Tensor], dtype: torch.dtype) -> dict[str, li
             for q, s in quantized
         ],
     }
-    shapes = [tuple(w.shape) for w in weights]
-    paths["dequantize + F.linear"] = [
-        functools.partial(int8.dense, packed=p, scale=s, bias=None, shape=shape)
-        for (p, _, s), shape in zip(packed, shapes, strict=True)
-    ]
     if int8.native_available():
         for kernel in int8.NATIVE_KERNELS:
             paths[f"native {kernel}"] = [

@@ -149,11 +149,6 @@ def _torch_weight_only(x, q, scale, bias):
     return int8.weight_only(x, q, scale, bias)
 
 
-def _dense(x, q, scale, bias):
-    packed, _ = int8.pack_weight(q)
-    return int8.dense(x, packed, scale, bias, tuple(q.shape))
-
-
 _AVX512 = pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512 here")
 _WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1])]
 
@@ -165,7 +160,6 @@ _WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1]
     [
         pytest.param(_native("wo-avx512"), marks=[_NATIVE, _AVX512], id="native-wo-avx512"),
         pytest.param(_native("wo-avx2"), marks=_NATIVE, id="native-wo-avx2"),
-        pytest.param(_dense, id="dense"),
     ],
 )
 def test_weight_only_paths_within_the_weight_bound(path, shape: tuple, dtype) -> None:
@@ -187,10 +181,24 @@ def test_forced_avx2_layer_routes_through_the_avx2_twins(monkeypatch: pytest.Mon
     w = _weights(48, 96, seed=3)
     layer = Int8Linear(w, None, w8a8_kernel())
     assert layer.wo_kernel == "wo-avx2"
-    assert [layer.path_for(rows) for rows in (1, 16, 17, 500)] == ["wo", "wo", "dense", "dense"]
+    assert [layer.path_for(rows) for rows in (1, 16, 17, 500)] == ["wo"] * 4
     for rows in (1, 5, 40):
         x = torch.randn(rows, 96)
         assert ((layer(x) - x @ w.T).abs() <= _weight_bound(x, w)).all()
+
+
+def test_without_native_kernels_layers_route_through_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    w = _weights(48, 96, seed=5)
+    layer = Int8Linear(w, None, "torch")
+    small = "wo" if cpu_features.native_bf16() else "dense"
+    assert [layer.path_for(rows) for rows in (1, 2, 3, 500)] == [small, small, "dense", "dense"]
+    for rows in (1, 40):
+        x = torch.randn(rows, 96).bfloat16()
+        bound = _weight_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-6
+        assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("isa", [pytest.param("avx512", marks=_VNNI), "avx2"])
