@@ -148,9 +148,15 @@ def quantize_model(model: nn.Module) -> int:
     if getattr(model, "lm_head", ...) is None:
         model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel)
         count += 1
+    routing = route(kernel, *model.embed_tokens.weight.shape)
     steps = ", ".join(
-        f"{path} up to {limit} rows" if limit else f"{path} above"
-        for limit, path in route(kernel, *model.embed_tokens.weight.shape)
+        f"{path} up to {limit} rows"
+        if limit is not None
+        else f"{path} {'beyond' if i else 'always'}"
+        for i, (limit, path) in enumerate(routing)
     )
-    logger.info("int8: %d linears quantized; kernels %s: %s", count, kernel, steps)
+    logger.info(
+        "int8: %d linears quantized; %s (native kernels: %s, weight-only twin %s)",
+        count, steps, kernel, f"wo-{cpu_features.isa()}",
+    )  # fmt: skip
     return count
