@@ -38,6 +38,10 @@ def _kernels() -> ctypes.CDLL | None:
             + [ctypes.c_void_p] * 4
             + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         )
+    lib.int8_dequantize.restype = None
+    lib.int8_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
     return lib
 
 
@@ -81,6 +85,37 @@ def native_linear(
         0 if bias is None else bias.data_ptr(), n, out.data_ptr(), flag, torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+_WORKSPACES: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least `numel`, reused call after call: a fresh 100 MB tensor per
+    linear is mostly page faults. The model's calls run one at a time, so one per dtype."""
+    buffer = _WORKSPACES.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
+
+
+def dense(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """Dequantize the packed weight (C), then a float GEMM in x's dtype: for large batches,
+    where the GEMM is compute-bound and one pass over the weights costs little."""
+    if x.dtype not in _DTYPE_FLAG:
+        x = x.float()
+    w = _workspace(shape[0] * shape[1], x.dtype).view(shape)
+    _kernels().int8_dequantize(
+        packed.data_ptr(), scale.data_ptr(), shape[0], shape[1], w.data_ptr(),
+        _DTYPE_FLAG[x.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,15 +31,19 @@ logger = logging.getLogger(__name__)
 #         bf16-activation one without it), no activation rounding
 #   w8a8  activations quantized per token, int8 x int8 (VNNI or AVX2; torch._int_mm without
 #         native kernels)
-#   dense dequantize the weight, then a float GEMM (no native kernels, large batches)
+#   dense dequantize the weight, then a float GEMM in the activations' dtype
 # Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): native W8A8 is the fastest
 # at every batch size, but per-token activation rounding costs 2-10 % perplexity on
-# SmolLM2 (over the 3 % budget) where weight-only costs none, so the default keeps float
-# activations; DUET_INT8_W8A8=1 picks W8A8 throughout, speed over fidelity.
+# SmolLM2 (over the 3 % budget) where int8 weights alone cost none, so the default keeps
+# float activations: weight-only while the step is memory-bound, and with bf16
+# activations dequantize + oneDNN's bf16 GEMM beyond 32 rows (prefill; fp32's GEMM never
+# beat the weight-only kernel). DUET_INT8_W8A8=1 picks W8A8 throughout, speed over fidelity.
 Route = tuple[tuple[int | None, str], ...]
-ROUTES: dict[str, Route] = {
-    "native": ((None, "wo"),),
-    "torch": ((2, "wo"), (None, "dense")),
+ROUTES: dict[tuple[str, torch.dtype], Route] = {
+    ("native", torch.bfloat16): ((32, "wo"), (None, "dense")),
+    ("native", torch.float32): ((None, "wo"),),
+    ("torch", torch.bfloat16): ((2, "wo"), (None, "dense")),
+    ("torch", torch.float32): ((None, "dense"),),
 }
 W8A8_ROUTE: Route = ((None, "w8a8"),)
 W8A8_ENV = "DUET_INT8_W8A8"
@@ -78,15 +82,16 @@ def w8a8_kernel() -> str:
     return "vnni" if cpu_features.has_vnni() else "avx2"
 
 
-def route(kernel: str, out_features: int, in_features: int) -> Route:
-    """The measured route for this CPU, without torch's weight-only kernel where it cannot
-    run (bf16 emulated, or a shape it crashes on)."""
+def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype) -> Route:
+    """The measured route for this CPU and activation dtype, without torch's weight-only
+    kernel where it cannot run (bf16 emulated, or a shape it crashes on)."""
     if os.environ.get(W8A8_ENV) == "1":
         return W8A8_ROUTE
+    dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     if kernel != "torch":
-        return ROUTES["native"]
-    torch_wo = cpu_features.native_bf16() and int8.weight_only_supports(out_features, in_features)
-    return ROUTES["torch"] if torch_wo else ((None, "dense"),)
+        return ROUTES["native", dtype]
+    torch_wo = cpu_features.native_bf16() and int8.weight_only_supports(*shape)
+    return ROUTES["torch", torch.bfloat16] if torch_wo else ((None, "dense"),)
 
 
 class Int8Linear(nn.Module):
@@ -97,13 +102,15 @@ class Int8Linear(nn.Module):
     leaves the int8 weight and its fp32 scales alone.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         qweight, self.scale = quantize_weight(weight)
         self.bias = None if bias is None else bias.detach().float()
         self.kernel = kernel
-        self.route = route(kernel, self.out_features, self.in_features)
+        self.route = route(kernel, (self.out_features, self.in_features), dtype)
         if kernel == "torch":
             self.qweight = qweight
         else:
@@ -131,6 +138,9 @@ class Int8Linear(nn.Module):
         return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, self.kernel)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "torch":
+            shape = (self.out_features, self.in_features)
+            return int8.dense(x, self.packed, self.scale, self.bias, shape)
         w = dequantize_weight(self.qweight, self.scale).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return torch.nn.functional.linear(x, w, bias)
@@ -139,16 +149,19 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
 
 
-def quantize_model(model: nn.Module) -> int:
+def quantize_model(model: nn.Module, dtype: torch.dtype) -> int:
     """Swap every nn.Linear in `model` for an Int8Linear, and give a model with tied
     embeddings (`lm_head is None`) an int8 LM head over a copy of the embedding; returns
-    how many linears were quantized. Call after load_weights, before `model.to(dtype)`."""
+    how many linears were quantized. `dtype` is the activations' (the model's) dtype. Call
+    after load_weights, before `model.to(dtype)`."""
     kernel = w8a8_kernel()
-    count = swap_linears(model, lambda linear: Int8Linear(linear.weight, linear.bias, kernel))
+    count = swap_linears(
+        model, lambda linear: Int8Linear(linear.weight, linear.bias, kernel, dtype)
+    )
     if getattr(model, "lm_head", ...) is None:
-        model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel)
+        model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel, dtype)
         count += 1
-    routing = route(kernel, *model.embed_tokens.weight.shape)
+    routing = route(kernel, tuple(model.embed_tokens.weight.shape), dtype)
     steps = ", ".join(
         f"{path} up to {limit} rows"
         if limit is not None

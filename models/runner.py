@@ -79,7 +79,7 @@ class ModelRunner:
         load_dtype = torch.float32 if config.quantization else self.dtype
         self.model.load_weights(iter_weights(source, load_dtype))
         if config.quantization:
-            quantize_model(self.model)
+            quantize_model(self.model, self.dtype)
         self.model.to(self.dtype).eval()
         packed = self.model.pack_weights()
         logger.info(

@@ -61,6 +61,10 @@ def build_paths(weights: list[torch.Tensor], dtype: torch.dtype) -> dict[str, li
         ],
     }
     if int8.native_available():
+        paths["native dequantize + F.linear"] = [
+            functools.partial(int8.dense, packed=p, scale=s, bias=None, shape=tuple(w.shape))
+            for (p, _, s), w in zip(packed, weights, strict=True)
+        ]
         for kernel in int8.NATIVE_KERNELS:
             paths[f"native {kernel}"] = [
                 functools.partial(

@@ -145,6 +145,11 @@ def _check_weight_only(path, shape: tuple[int, int, int], dtype: torch.dtype) ->
     assert ((got.float() - expected).abs() <= bound).all()
 
 
+def _native_dense(x, q, scale, bias):
+    packed, _ = int8.pack_weight(q)
+    return int8.dense(x, packed, scale, bias, tuple(q.shape))
+
+
 def _torch_weight_only(x, q, scale, bias):
     return int8.weight_only(x, q, scale, bias)
 
@@ -160,6 +165,7 @@ _WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1]
     [
         pytest.param(_native("wo-avx512"), marks=[_NATIVE, _AVX512], id="native-wo-avx512"),
         pytest.param(_native("wo-avx2"), marks=_NATIVE, id="native-wo-avx2"),
+        pytest.param(_native_dense, marks=_NATIVE, id="native-dense"),
     ],
 )
 def test_weight_only_paths_within_the_weight_bound(path, shape: tuple, dtype) -> None:
@@ -179,7 +185,7 @@ def test_forced_avx2_layer_routes_through_the_avx2_twins(monkeypatch: pytest.Mon
     monkeypatch.delenv(W8A8_ENV, raising=False)
     assert w8a8_kernel() == "avx2"
     w = _weights(48, 96, seed=3)
-    layer = Int8Linear(w, None, w8a8_kernel())
+    layer = Int8Linear(w, None, w8a8_kernel(), torch.float32)
     assert layer.wo_kernel == "wo-avx2"
     assert [layer.path_for(rows) for rows in (1, 16, 17, 500)] == ["wo"] * 4
     for rows in (1, 5, 40):
@@ -187,12 +193,24 @@ def test_forced_avx2_layer_routes_through_the_avx2_twins(monkeypatch: pytest.Mon
         assert ((layer(x) - x @ w.T).abs() <= _weight_bound(x, w)).all()
 
 
+@_NATIVE
+def test_bf16_layers_switch_to_dense_past_the_crossover(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    w = _weights(48, 96, seed=6)
+    layer = Int8Linear(w, None, w8a8_kernel(), torch.bfloat16)
+    assert [layer.path_for(rows) for rows in (1, 32, 33, 500)] == ["wo", "wo", "dense", "dense"]
+    for rows in (1, 40):
+        x = torch.randn(rows, 96).bfloat16()
+        bound = _weight_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-7
+        assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
+
+
 def test_without_native_kernels_layers_route_through_torch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(W8A8_ENV, raising=False)
     w = _weights(48, 96, seed=5)
-    layer = Int8Linear(w, None, "torch")
+    layer = Int8Linear(w, None, "torch", torch.bfloat16)
     small = "wo" if cpu_features.native_bf16() else "dense"
     assert [layer.path_for(rows) for rows in (1, 2, 3, 500)] == [small, small, "dense", "dense"]
     for rows in (1, 40):
@@ -208,7 +226,7 @@ def test_w8a8_switch_routes_every_size_through_w8a8(
     monkeypatch.setenv(cpu_features.ISA_ENV, isa)
     monkeypatch.setenv(W8A8_ENV, "1")
     w = _weights(48, 96, seed=4)
-    layer = Int8Linear(w, None, w8a8_kernel())
+    layer = Int8Linear(w, None, w8a8_kernel(), torch.float32)
     assert {layer.path_for(rows) for rows in (1, 16, 500)} == {"w8a8"}
     for rows in (1, 5, 40):
         x = torch.randn(rows, 96)

@@ -298,3 +298,29 @@ void int8_wo_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *
     int8_wo_linear(wo_tile_any_avx2, x, x_bf16, m, k, packed, w_scale, bias, n, out, out_bf16,
                    threads);
 }
+
+// The float weight back from its packed form: out [n, k] (row-major, fp32 or bf16) =
+// packed int8 * w_scale per channel; for large batches, where a float GEMM over it wins.
+void int8_dequantize(const int8_t *packed, const float *w_scale, int n, int k, void *out,
+                     int out_bf16, int threads) {
+    const int k4 = (k + 3) / 4;
+    const int blocks = (n + LANES - 1) / LANES;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int b = 0; b < blocks; ++b) {
+        const int32_t *quads = (const int32_t *)(packed + (long)b * k4 * 64);
+        int32_t row_quads[k4];  // one channel's k bytes, unpacked (then loops that vectorize)
+        const int8_t *row_bytes = (const int8_t *)row_quads;
+        for (int lane = 0; lane < LANES && b * LANES + lane < n; ++lane) {
+            const int row = b * LANES + lane;
+            const float s = w_scale[row];
+            for (int g = 0; g < k4; ++g) row_quads[g] = quads[g * LANES + lane];
+            if (out_bf16) {
+                uint16_t *dst = (uint16_t *)out + (long)row * k;
+                for (int i = 0; i < k; ++i) dst[i] = bf16_store((float)row_bytes[i] * s);
+            } else {
+                float *dst = (float *)out + (long)row * k;
+                for (int i = 0; i < k; ++i) dst[i] = (float)row_bytes[i] * s;
+            }
+        }
+    }
+}
