@@ -1,12 +1,12 @@
 """`--quantization int8`: per-output-channel symmetric int8 weights, quantized at load.
 
 Every linear (and the LM head, tied or not) becomes an `Int8Linear`; the embedding table
-stays in the model's float dtype, so the lookup is unchanged. At run time each call picks
-its kernel by the number of rows (tokens) from a table measured on this machine kind
-(docs/benchmarks.md, scripts/bench_int8.py): weight-only int8 (bf16 activations) for the
-smallest batches, W8A8 (activations quantized per token) above that, through the native
-VNNI kernel where the CPU has AVX512_VNNI, the AVX2 one elsewhere, and torch's int8 matmul
-(oneDNN, faster at larger batches) above that.
+stays in the model's float dtype, so the lookup is unchanged. Each call picks its path by
+its number of rows (tokens) from `ROUTES`, a table measured on this machine kind
+(docs/benchmarks.md, scripts/bench_int8.py) and fixed at load from the CPU and the model
+dtype: by default float activations (the native weight-only kernel, or dequantize + a float
+GEMM for large bf16 batches); with DUET_INT8_W8A8=1 activations quantized per token too
+(VNNI where the CPU has AVX512_VNNI, the AVX2 twin elsewhere).
 """
 
 from __future__ import annotations
