@@ -15,7 +15,7 @@ import re
 import sys
 from dataclasses import replace
 
-from engine_core.messages.config import EngineConfig, parse_size
+from engine_core.messages.config import QUANTIZATIONS, EngineConfig, parse_size
 from engine_core.messages.curve import add_curve_keys_argument
 from engine_core.messages.speculative import SpeculativeConfig, parse_speculative_config
 from frontend.bench.args import DESCRIPTION as BENCH_DESCRIPTION
@@ -125,6 +125,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="auto = bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX), else float32")  # fmt: skip
     add("--kv-cache-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
         help="auto = the model's dtype")  # fmt: skip
+    add("--quantization", "-q", choices=QUANTIZATIONS, default=None,
+        help="int8: per-channel int8 weights quantized at load, int8 kernels chosen for "
+             "the CPU (default: none)")  # fmt: skip
     add("--kv-cache-memory", type=parse_size, default=default.kv_cache_memory,
         help="KV cache size per worker pool, e.g. 2GiB")  # fmt: skip
     add("--colocated", action=argparse.BooleanOptionalAction, default=None,
@@ -193,6 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         dtype=resolve_dtype(_DTYPES[args.dtype]),
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

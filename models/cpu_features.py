@@ -40,6 +40,11 @@ def native_bf16() -> bool:
     return isa() == "avx512" and bool(_BF16 & cpu_flags())
 
 
+def has_vnni() -> bool:
+    """True when the AVX-512 int8 dot product (`vpdpbusd`, AVX512_VNNI) is usable here."""
+    return isa() == "avx512" and "avx512_vnni" in cpu_flags()
+
+
 def resolve_dtype(dtype: str) -> str:
     """`auto` -> "bfloat16" where bf16 is native, else "float32"; other names unchanged."""
     if dtype != "auto":

@@ -10,6 +10,7 @@ to it, and `--dtype float32` promises token-for-token parity with Hugging Face.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -48,6 +49,11 @@ def packing_available(dtype: torch.dtype) -> bool:
 
 def pack_linears(model: nn.Module) -> int:
     """Swap every nn.Linear inside `model` for a PackedLinear; returns how many."""
+    return swap_linears(model, lambda linear: PackedLinear(linear.weight, linear.bias))
+
+
+def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every nn.Linear inside `model` with `make(linear)`; returns how many."""
     swaps = [
         (parent, name, child)
         for parent in model.modules()
@@ -55,5 +61,5 @@ def pack_linears(model: nn.Module) -> int:
         if isinstance(child, nn.Linear)
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child.weight, child.bias))
+        setattr(parent, name, make(child))
     return len(swaps)

@@ -18,6 +18,7 @@ from models.llama import LlamaForCausalLM
 from models.loader import iter_weights, load_config, resolve_model
 from models.lora import LoRAManager
 from models.prompt_logprobs import step_prompt_logprobs
+from models.quant_int8 import check_quantization, quantize_model
 from models.rejection_sampler import verify
 from models.sampler import SamplingState, sample
 from models.structured import GrammarMasker, RequestGrammar
@@ -74,6 +75,7 @@ class ModelRunner:
     """Loads the model, owns the KV pool, and turns each StepPlan into a StepResult."""
 
     def __init__(self, config: EngineConfig, kv_allocator: KVAllocator = zeros_allocator) -> None:
+        check_quantization(config.quantization)
         source = resolve_model(config.model)
         self.source = source
         self._masker: GrammarMasker | None = None  # built by the first structured request
@@ -82,7 +84,11 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.model = LlamaForCausalLM(self.model_config, max_positions=self.max_model_len)
-        self.model.load_weights(iter_weights(source, self.dtype))
+        # int8 quantizes from the checkpoint's fp32 values, not from bf16-rounded ones
+        load_dtype = torch.float32 if config.quantization else self.dtype
+        self.model.load_weights(iter_weights(source, load_dtype))
+        if config.quantization:
+            quantize_model(self.model, self.dtype)
         self.model.to(self.dtype).eval()
         packed = self.model.pack_weights()
         self.lora = (

@@ -64,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--quantization", default=None, help="e.g. int8")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
@@ -74,13 +75,16 @@ def main() -> None:
     config = EngineConfig(
         dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
         kv_cache_memory=1 << 30,
         max_model_len=2048,
     )
     runner = ModelRunner(config)
     for batch in args.batch_sizes:
         ms = step_ms(runner, batch, args.context, args.steps, args.warmup)
-        print(f"dtype {runner.dtype} batch {batch} context {args.context}: {ms:.1f} ms/step")
+        print(
+            f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}: {ms:.1f} ms/step"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import msgspec
 
 from engine_core.messages.speculative import SpeculativeConfig, parse_speculative_config
 
+QUANTIZATIONS = ("int8",)  # --quantization values (models/quant_int8.py)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
@@ -35,6 +36,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     served_model_name: str | None = None
     dtype: str = "auto"  # "auto": bfloat16 where the CPU computes it natively, else float32
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype
+    quantization: str | None = None  # "int8": int8 weights quantized at load (models/quant_int8)
     max_model_len: int | None = None  # None: the model's max positions
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048

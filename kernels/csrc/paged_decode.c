@@ -13,22 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 static void prefetch_block(const void *block, long bytes) {
     for (long off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)block + off, 0, 1);
-}
-
-// a union, not memcpy: GCC vectorizes loops over it
-typedef union {
-    uint32_t u;
-    float f;
-} f32_bits;
-
-static inline float bf16_load(uint16_t h) { return (f32_bits){.u = (uint32_t)h << 16}.f; }
-
-static inline uint16_t bf16_store(float f) {  // round to nearest even, as torch does
-    const uint32_t bits = (f32_bits){.f = f}.u;
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // NaN
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 #define F32_IDENTITY(x) (x)

@@ -1,0 +1,326 @@
+// W8A8 linear for CPUs: y = dequant(quant_per_token(x) @ W_int8^T) + bias.
+//
+// Weights are quantized per output channel at load and packed (kernels/int8.py) into
+// blocks of 16 channels with K in groups of 4 bytes, the operand shape of AVX-512 VNNI's
+// `vpdpbusd` (16 lanes, each a 4-byte dot product into int32):
+//   packed[(nb * K4 + k4) * 64 + lane * 4 + j] = w[nb * 16 + lane][k4 * 4 + j]   (zero-padded)
+// Activations are quantized per row (token) at call time, symmetric int8 in [-127, 127].
+//
+// Two twins share that layout, chosen at run time by Python (models.cpu_features):
+// - VNNI: `vpdpbusd` takes unsigned x signed bytes, so activations are stored as q + 128
+//   and 128 * sum_k w[n][k] (wsum, computed at pack time) is subtracted afterwards;
+// - AVX2: `vpmaddubsw` + `vpmaddwd`. vpmaddubsw adds two u8 x s8 products into a
+//   saturating int16, so the offset trick would overflow (2 * 255 * 127 > 32767); instead
+//   |q| is the unsigned operand and the sign of q moves onto w (`vpsignb`), which bounds a
+//   pair at 2 * 127 * 127 = 32258.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#define LANES 16   // output channels per packed block
+#define MR 4       // activation rows per register tile
+#define NB_MAX 4   // packed blocks per register tile (AVX-512); 64 channels
+
+// one row of x as fp32 (a view of fp32 input, or bf16 widened into scratch)
+static const float *row_f32(const void *x, int x_bf16, long row, int k, float *scratch) {
+    if (!x_bf16) return (const float *)x + row * k;
+    const uint16_t *src = (const uint16_t *)x + row * k;
+    for (int i = 0; i < k; ++i) scratch[i] = bf16_load(src[i]);
+    return scratch;
+}
+
+// per-row symmetric int8: q = round(x / s), s = max|x| / 127; `offset` adds 128 (VNNI's u8)
+static void quantize_rows(const void *x, int x_bf16, int m, int k, int kp, int offset,
+                          int8_t *q, float *scales, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (m >= 16 && threads > 1)
+    for (int r = 0; r < m; ++r) {
+        float scratch_buf[x_bf16 ? k : 1];
+        const float *row = row_f32(x, x_bf16, r, k, scratch_buf);
+        float amax = 0.0f;
+        for (int i = 0; i < k; ++i) amax = fabsf(row[i]) > amax ? fabsf(row[i]) : amax;
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int8_t *out = q + (long)r * kp;
+        for (int i = 0; i < k; ++i) {
+            const float v = nearbyintf(row[i] * inv);
+            const int iv = (int)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+            out[i] = (int8_t)(offset ? (iv ^ 0x80) : iv);  // iv + 128 as a byte
+        }
+        memset(out + k, offset ? 0x80 : 0, (size_t)(kp - k));  // pads meet zero weights
+        scales[r] = amax / 127.0f;
+    }
+}
+
+// v (+ bias) -> one output row (fp32 or bf16), columns n0 .. n0 + cols
+static void store_row(float *v, int n0, int cols, const float *bias, void *out, long at,
+                      int out_bf16) {
+    if (bias)
+        for (int c = 0; c < cols; ++c) v[c] += bias[n0 + c];
+    if (out_bf16) {
+        uint16_t *dst = (uint16_t *)out + at;
+        for (int c = 0; c < cols; ++c) dst[c] = bf16_store(v[c]);
+    } else {
+        memcpy((float *)out + at, v, sizeof(float) * (size_t)cols);
+    }
+}
+
+// out[r][n] = acc[r][n] * a_scale[r] * w_scale[n] + bias[n], for the valid columns; one
+// simple loop per case so that each vectorizes
+static void epilogue(const int32_t *acc, int rows, int n0, int cols, const int32_t *wsum,
+                     const float *a_scale, const float *w_scale, const float *bias, int n,
+                     void *out, int out_bf16) {
+    float v[NB_MAX * LANES];
+    for (int r = 0; r < rows; ++r) {
+        const int32_t *a = acc + r * NB_MAX * LANES;
+        const float *ws = w_scale + n0, s = a_scale[r];
+        if (wsum) {
+#pragma omp simd
+            for (int c = 0; c < cols; ++c) v[c] = (float)(a[c] - 128 * wsum[n0 + c]) * s * ws[c];
+        } else {
+#pragma omp simd
+            for (int c = 0; c < cols; ++c) v[c] = (float)a[c] * s * ws[c];
+        }
+        store_row(v, n0, cols, bias, out, (long)r * n + n0, out_bf16);
+    }
+}
+
+// GCC's vector builtins rather than <immintrin.h>: with -march=native the header's
+// intrinsics carry the build machine's ISA and refuse to inline into the AVX2 twin
+typedef char v32qi __attribute__((vector_size(32)));
+typedef short v16hi __attribute__((vector_size(32)));
+typedef int v8si __attribute__((vector_size(32)));
+typedef int v16si __attribute__((vector_size(64)));
+
+// 4 bytes of activations, as one int32 lane value (a macro: an outside function would not
+// inline into the target-specific tiles)
+#define LOAD_QUAD(dst, p) memcpy(&(dst), (p), 4)
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4,avx512vnni")
+// rows x nb blocks of int32 dot products; the constant arguments unroll into registers
+static inline __attribute__((always_inline)) void tile_vnni(const int8_t *a, long lda,
+                                                             const int8_t *w, int k4, int rows,
+                                                             int nb, int32_t *acc) {
+    v16si c[MR][NB_MAX];
+    for (int r = 0; r < rows; ++r)
+        for (int b = 0; b < nb; ++b) c[r][b] = (v16si){0};
+    const long block_stride = (long)k4 * 64;
+    for (int g = 0; g < k4; ++g) {
+        v16si wv[NB_MAX];
+        for (int b = 0; b < nb; ++b) memcpy(&wv[b], w + b * block_stride + (long)g * 64, 64);
+        for (int r = 0; r < rows; ++r) {
+            int32_t quad;
+            LOAD_QUAD(quad, a + r * lda + g * 4);
+            const v16si av = (v16si){0} + quad;
+            for (int b = 0; b < nb; ++b) c[r][b] = __builtin_ia32_vpdpbusd_v16si(c[r][b], av, wv[b]);
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int b = 0; b < nb; ++b) memcpy(acc + r * NB_MAX * LANES + b * LANES, &c[r][b], 64);
+}
+
+static void tile_vnni_any(const int8_t *a, long lda, const int8_t *w, int k4, int rows, int nb,
+                          int32_t *acc) {
+#define TILE_CASE(R, B) \
+    case (R) * 8 + (B): \
+        tile_vnni(a, lda, w, k4, R, B, acc); \
+        break;
+    switch (rows * 8 + nb) {
+        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3) TILE_CASE(1, 4)
+        TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
+        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(3, 3) TILE_CASE(3, 4)
+        TILE_CASE(4, 1) TILE_CASE(4, 2) TILE_CASE(4, 3) TILE_CASE(4, 4)
+        default: break;
+    }
+#undef TILE_CASE
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=haswell")
+// one packed block (16 channels, two ymm halves) for `rows` rows; sign trick as above
+static inline __attribute__((always_inline)) void tile_avx2(const int8_t *a, long lda,
+                                                             const int8_t *w, int k4, int rows,
+                                                             int32_t *acc) {
+    v8si c[MR][2];
+    for (int r = 0; r < rows; ++r) c[r][0] = c[r][1] = (v8si){0};
+    const v16hi ones = (v16hi){0} + 1;
+    for (int g = 0; g < k4; ++g) {
+        v32qi w0, w1;
+        memcpy(&w0, w + (long)g * 64, 32);
+        memcpy(&w1, w + (long)g * 64 + 32, 32);
+        for (int r = 0; r < rows; ++r) {
+            int32_t quad;
+            LOAD_QUAD(quad, a + r * lda + g * 4);
+            const v32qi av = (v32qi)((v8si){0} + quad);
+            const v32qi ax = __builtin_ia32_psignb256(av, av);  // |q|
+            const v16hi p0 = __builtin_ia32_pmaddubsw256(ax, __builtin_ia32_psignb256(w0, av));
+            const v16hi p1 = __builtin_ia32_pmaddubsw256(ax, __builtin_ia32_psignb256(w1, av));
+            c[r][0] += __builtin_ia32_pmaddwd256(p0, ones);
+            c[r][1] += __builtin_ia32_pmaddwd256(p1, ones);
+        }
+    }
+    for (int r = 0; r < rows; ++r) {
+        memcpy(acc + r * NB_MAX * LANES, &c[r][0], 32);
+        memcpy(acc + r * NB_MAX * LANES + 8, &c[r][1], 32);
+    }
+}
+
+static void tile_avx2_any(const int8_t *a, long lda, const int8_t *w, int k4, int rows, int nb,
+                          int32_t *acc) {
+    for (int b = 0; b < nb; ++b) {
+        const int8_t *wb = w + (long)b * k4 * 64;
+        int32_t *ab = acc + b * LANES;
+        switch (rows) {
+            case 1: tile_avx2(a, lda, wb, k4, 1, ab); break;
+            case 2: tile_avx2(a, lda, wb, k4, 2, ab); break;
+            case 3: tile_avx2(a, lda, wb, k4, 3, ab); break;
+            default: tile_avx2(a, lda, wb, k4, 4, ab); break;
+        }
+    }
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define VLANES 16
+#define SUFFIX avx512
+#include "int8_wo_impl.h"
+#undef SUFFIX
+#undef VLANES
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=haswell")
+#define VLANES 8
+#define SUFFIX avx2
+#include "int8_wo_impl.h"
+#undef SUFFIX
+#undef VLANES
+#pragma GCC pop_options
+
+typedef void (*tile_fn)(const int8_t *, long, const int8_t *, int, int, int, int32_t *);
+
+// Parallel over groups of NB_MAX blocks (the weights, the bigger operand at decode); each
+// group's weights stay in cache while every row tile passes over them.
+static void int8_linear(tile_fn tile, int offset, const void *x, int x_bf16, int m, int k,
+                        const int8_t *packed, const int32_t *wsum, const float *w_scale,
+                        const float *bias, int n, void *out, int out_bf16, int threads) {
+    const int k4 = (k + 3) / 4, kp = k4 * 4;
+    const int blocks = (n + LANES - 1) / LANES;
+    const int groups = (blocks + NB_MAX - 1) / NB_MAX;
+    int8_t *q = aligned_alloc(64, ((size_t)m * kp + 63) / 64 * 64);
+    float *a_scale = malloc(sizeof(float) * (size_t)m);
+    quantize_rows(x, x_bf16, m, k, kp, offset, q, a_scale, threads);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int g = 0; g < groups; ++g) {
+        int32_t acc[MR * NB_MAX * LANES];
+        const int b0 = g * NB_MAX;
+        const int nb = blocks - b0 < NB_MAX ? blocks - b0 : NB_MAX;
+        const int n0 = b0 * LANES;
+        const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+        for (int r0 = 0; r0 < m; r0 += MR) {
+            const int rows = m - r0 < MR ? m - r0 : MR;
+            tile(q + (long)r0 * kp, kp, packed + (long)b0 * k4 * 64, k4, rows, nb, acc);
+            void *dst = out_bf16 ? (void *)((uint16_t *)out + (long)r0 * n)
+                                 : (void *)((float *)out + (long)r0 * n);
+            epilogue(acc, rows, n0, cols, wsum, a_scale + r0, w_scale, bias, n, dst, out_bf16);
+        }
+    }
+    free(q);
+    free(a_scale);
+}
+
+// x [m, k] fp32 or bf16 -> out [m, n] fp32 or bf16; wsum is used by the VNNI twin only
+void int8_linear_vnni(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                      const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                      void *out, int out_bf16, int threads) {
+    int8_linear(tile_vnni_any, 1, x, x_bf16, m, k, packed, wsum, w_scale, bias, n, out,
+                out_bf16, threads);
+}
+
+void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                      const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                      void *out, int out_bf16, int threads) {
+    (void)wsum;
+    int8_linear(tile_avx2_any, 0, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
+                out_bf16, threads);
+}
+
+typedef void (*wo_tile_fn)(const float *, long, const int8_t *, int, int, float *);
+
+// Weight-only: x is widened to fp32 rows padded to whole groups of 4 (the pads meet zero
+// weights; they must be finite), then one packed block at a time, parallel over blocks.
+static void int8_wo_linear(wo_tile_fn tile, const void *x, int x_bf16, int m, int k,
+                           const int8_t *packed, const float *w_scale, const float *bias, int n,
+                           void *out, int out_bf16, int threads) {
+    const int k4 = (k + 3) / 4, kp = k4 * 4;
+    const int blocks = (n + LANES - 1) / LANES;
+    float *xf = malloc(sizeof(float) * (size_t)m * (size_t)kp);
+    for (int r = 0; r < m; ++r) {
+        float *dst = xf + (long)r * kp;
+        if (x_bf16)
+            for (int i = 0; i < k; ++i) dst[i] = bf16_load(((const uint16_t *)x)[(long)r * k + i]);
+        else
+            memcpy(dst, (const float *)x + (long)r * k, sizeof(float) * (size_t)k);
+        for (int i = k; i < kp; ++i) dst[i] = 0.0f;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int b = 0; b < blocks; ++b) {
+        float acc[MR * LANES], v[LANES];
+        const int n0 = b * LANES, cols = n - n0 < LANES ? n - n0 : LANES;
+        for (int r0 = 0; r0 < m; r0 += MR) {
+            const int rows = m - r0 < MR ? m - r0 : MR;
+            tile(xf + (long)r0 * kp, kp, packed + (long)b * k4 * 64, k4, rows, acc);
+            for (int r = 0; r < rows; ++r) {
+                for (int c = 0; c < cols; ++c) v[c] = acc[r * LANES + c] * w_scale[n0 + c];
+                store_row(v, n0, cols, bias, out, (long)(r0 + r) * n + n0, out_bf16);
+            }
+        }
+    }
+    free(xf);
+}
+
+// x [m, k] fp32 or bf16 -> out [m, n] in x's dtype, fp32 arithmetic on the int8 weights
+void int8_wo_linear_avx512(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                           const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                           void *out, int out_bf16, int threads) {
+    (void)wsum;
+    int8_wo_linear(wo_tile_any_avx512, x, x_bf16, m, k, packed, w_scale, bias, n, out,
+                   out_bf16, threads);
+}
+
+void int8_wo_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                         const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                         void *out, int out_bf16, int threads) {
+    (void)wsum;
+    int8_wo_linear(wo_tile_any_avx2, x, x_bf16, m, k, packed, w_scale, bias, n, out, out_bf16,
+                   threads);
+}
+
+// The float weight back from its packed form: out [n, k] (row-major, fp32 or bf16) =
+// packed int8 * w_scale per channel; for large batches, where a float GEMM over it wins.
+void int8_dequantize(const int8_t *packed, const float *w_scale, int n, int k, void *out,
+                     int out_bf16, int threads) {
+    const int k4 = (k + 3) / 4;
+    const int blocks = (n + LANES - 1) / LANES;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int b = 0; b < blocks; ++b) {
+        const int32_t *quads = (const int32_t *)(packed + (long)b * k4 * 64);
+        int32_t row_quads[k4];  // one channel's k bytes, unpacked (then loops that vectorize)
+        const int8_t *row_bytes = (const int8_t *)row_quads;
+        for (int lane = 0; lane < LANES && b * LANES + lane < n; ++lane) {
+            const int row = b * LANES + lane;
+            const float s = w_scale[row];
+            for (int g = 0; g < k4; ++g) row_quads[g] = quads[g * LANES + lane];
+            if (out_bf16) {
+                uint16_t *dst = (uint16_t *)out + (long)row * k;
+                for (int i = 0; i < k; ++i) dst[i] = bf16_store((float)row_bytes[i] * s);
+            } else {
+                float *dst = (float *)out + (long)row * k;
+                for (int i = 0; i < k; ++i) dst[i] = (float)row_bytes[i] * s;
+            }
+        }
+    }
+}

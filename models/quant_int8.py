@@ -1,0 +1,175 @@
+"""`--quantization int8`: per-output-channel symmetric int8 weights, quantized at load.
+
+Every linear (and the LM head, tied or not) becomes an `Int8Linear`; the embedding table
+stays in the model's float dtype, so the lookup is unchanged. Each call picks its path by
+its number of rows (tokens) from `ROUTES`, a table measured on this machine kind
+(docs/benchmarks.md, scripts/bench_int8.py) and fixed at load from the CPU and the model
+dtype: by default float activations (the native weight-only kernel, or dequantize + a float
+GEMM for large bf16 batches); with DUET_INT8_W8A8=1 activations quantized per token too
+(VNNI where the CPU has AVX512_VNNI, the AVX2 twin elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from engine_core.messages.config import QUANTIZATIONS
+from kernels import int8
+from models import cpu_features
+from models.packed import swap_linears
+
+logger = logging.getLogger(__name__)
+
+
+# How each call is computed, by its number of rows (tokens): the first (max_rows, path)
+# whose max_rows holds it, None meaning any size. Paths:
+#   wo    weight-only: fp32 math on the int8 weights (the native kernel; torch's
+#         bf16-activation one without it), no activation rounding
+#   w8a8  activations quantized per token, int8 x int8 (VNNI or AVX2; torch._int_mm without
+#         native kernels)
+#   dense dequantize the weight, then a float GEMM in the activations' dtype
+# Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): native W8A8 is the fastest
+# at every batch size, but per-token activation rounding costs 2-10 % perplexity on
+# SmolLM2 (over the 3 % budget) where int8 weights alone cost none, so the default keeps
+# float activations: weight-only while the step is memory-bound, and with bf16
+# activations dequantize + oneDNN's bf16 GEMM beyond 32 rows (prefill; fp32's GEMM never
+# beat the weight-only kernel). DUET_INT8_W8A8=1 picks W8A8 throughout, speed over fidelity.
+Route = tuple[tuple[int | None, str], ...]
+ROUTES: dict[tuple[str, torch.dtype], Route] = {
+    ("native", torch.bfloat16): ((32, "wo"), (None, "dense")),
+    ("native", torch.float32): ((None, "wo"),),
+    ("torch", torch.bfloat16): ((2, "wo"), (None, "dense")),
+    ("torch", torch.float32): ((None, "dense"),),
+}
+W8A8_ROUTE: Route = ((None, "w8a8"),)
+W8A8_ENV = "DUET_INT8_W8A8"
+
+
+class QuantizationError(ValueError):
+    """An unknown --quantization value; the message is one line for the user."""
+
+
+def check_quantization(name: str | None) -> None:
+    """Raise QuantizationError unless `name` is None or a supported method."""
+    if name is not None and name not in QUANTIZATIONS:
+        raise QuantizationError(
+            f"unknown quantization {name!r} (supported: {', '.join(QUANTIZATIONS)})"
+        )
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (int8 [N, K] in [-127, 127], fp32 scale [N]); w ~ q * scale[:, None]."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight an int8 one stands for."""
+    return qweight.float() * scale[:, None]
+
+
+def w8a8_kernel() -> str:
+    """The W8A8 kernel for this CPU: "vnni", "avx2" (native twins) or "torch"."""
+    if not int8.native_available():
+        return "torch"
+    return "vnni" if cpu_features.has_vnni() else "avx2"
+
+
+def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype) -> Route:
+    """The measured route for this CPU and activation dtype, without torch's weight-only
+    kernel where it cannot run (bf16 emulated, or a shape it crashes on)."""
+    if os.environ.get(W8A8_ENV) == "1":
+        return W8A8_ROUTE
+    dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    if kernel != "torch":
+        return ROUTES["native", dtype]
+    torch_wo = cpu_features.native_bf16() and int8.weight_only_supports(*shape)
+    return ROUTES["torch", torch.bfloat16] if torch_wo else ((None, "dense"),)
+
+
+class Int8Linear(nn.Module):
+    """`x @ W.T + bias` with W held as int8 plus an fp32 scale per output channel.
+
+    With native kernels only the packed int8 weight is kept (every path reads it), else
+    the plain one. The tensors are plain attributes, not buffers, so `model.to(dtype)`
+    leaves the int8 weight and its fp32 scales alone.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        qweight, self.scale = quantize_weight(weight)
+        self.bias = None if bias is None else bias.detach().float()
+        self.kernel = kernel
+        self.route = route(kernel, (self.out_features, self.in_features), dtype)
+        if kernel == "torch":
+            self.qweight = qweight
+        else:
+            self.packed, self.wsum = int8.pack_weight(qweight)
+        self.wo_kernel = f"wo-{cpu_features.isa()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        y = getattr(self, f"_{self.path_for(x.shape[0])}")(x)
+        return y.view(*shape[:-1], self.out_features)
+
+    def path_for(self, rows: int) -> str:
+        """The path a call with `rows` rows takes."""
+        return next(path for limit, path in self.route if limit is None or rows <= limit)
+
+    def _wo(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch":
+            return int8.weight_only(x, self.qweight, self.scale, self.bias)
+        return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, self.wo_kernel)
+
+    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch":
+            return int8.torch_w8a8(x, self.qweight.t(), self.scale, self.bias)
+        return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, self.kernel)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "torch":
+            shape = (self.out_features, self.in_features)
+            return int8.dense(x, self.packed, self.scale, self.bias, shape)
+        w = dequantize_weight(self.qweight, self.scale).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+
+
+def quantize_model(model: nn.Module, dtype: torch.dtype) -> int:
+    """Swap every nn.Linear in `model` for an Int8Linear, and give a model with tied
+    embeddings (`lm_head is None`) an int8 LM head over a copy of the embedding; returns
+    how many linears were quantized. `dtype` is the activations' (the model's) dtype. Call
+    after load_weights, before `model.to(dtype)`."""
+    kernel = w8a8_kernel()
+    count = swap_linears(
+        model, lambda linear: Int8Linear(linear.weight, linear.bias, kernel, dtype)
+    )
+    if getattr(model, "lm_head", ...) is None:
+        model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel, dtype)
+        count += 1
+    routing = route(kernel, tuple(model.embed_tokens.weight.shape), dtype)
+    steps = ", ".join(
+        f"{path} up to {limit} rows"
+        if limit is not None
+        else f"{path} {'beyond' if i else 'always'}"
+        for i, (limit, path) in enumerate(routing)
+    )
+    logger.info(
+        "int8: %d linears quantized; %s (native kernels: %s, weight-only twin %s)",
+        count, steps, kernel, f"wo-{cpu_features.isa()}",
+    )  # fmt: skip
+    return count

@@ -1,0 +1,312 @@
+"""int8 quantization: the round trip, every GEMM path against a float reference within the
+bound int8 rounding allows, and the real model under `quantization="int8"`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parity import TOP_K, Reference, compare
+
+from engine_core import LLM, SamplingParams
+from kernels import int8
+from models import cpu_features
+from models.quant_int8 import (
+    W8A8_ENV,
+    Int8Linear,
+    QuantizationError,
+    check_quantization,
+    dequantize_weight,
+    quantize_weight,
+    w8a8_kernel,
+)
+
+_NATIVE = pytest.mark.skipif(not int8.native_available(), reason="native kernels not built")
+_VNNI = pytest.mark.skipif(not cpu_features.has_vnni(), reason="no AVX512_VNNI here")
+# (M, K, N): decode rows, tile edges (M % 4, K % 4, N % 16 nonzero), prefill-sized M
+# how far a token's logprob under int8 may sit from fp32's while greedy still agrees
+# (measured: docs/benchmarks.md "int8"), about half a nat
+LOGPROB_SLACK = 0.5
+SHAPES = [(1, 64, 16), (3, 37, 33), (4, 576, 960), (17, 130, 49), (70, 96, 80)]
+
+
+def _weights(n: int, k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w[0] = 0.0  # a zero channel quantizes to zeros, not NaN
+    return w
+
+
+def _w8a8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|y - x @ w.T| allowed by rounding both operands to per-row int8 (half a step each)."""
+    dw = w.abs().amax(1) / 127 / 2  # [N]
+    dx = x.abs().amax(1) / 127 / 2  # [M]
+    k = x.shape[1]
+    return (
+        x.abs().sum(1, keepdim=True) * dw
+        + dx[:, None] * w.abs().sum(1)
+        + k * dx[:, None] * dw
+        + 1e-4 * (x.abs() @ w.abs().T)  # fp32 accumulation order
+    )
+
+
+def test_weight_round_trip_is_within_half_a_step() -> None:
+    w = _weights(40, 70, seed=1)
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert q.abs().max() <= 127
+    assert torch.equal(q[0], torch.zeros_like(q[0])) and torch.isfinite(scale).all()
+    # the largest |w| of each nonzero channel maps to +-127 exactly
+    assert torch.equal(q[1:].abs().amax(1), torch.full((39,), 127, dtype=torch.int8))
+    err = (dequantize_weight(q, scale) - w).abs()
+    assert (err <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    # quantizing the dequantized weight gives the same int8 back (a fixed point)
+    q2, scale2 = quantize_weight(dequantize_weight(q, scale))
+    assert torch.equal(q2, q)
+    torch.testing.assert_close(scale2, scale)
+
+
+def test_activation_rows_round_trip_is_within_half_a_step() -> None:
+    x = torch.randn(9, 50) * torch.logspace(-3, 2, 9)[:, None]  # rows of very different sizes
+    x[4] = 0.0
+    q, scale = int8.quantize_rows(x)
+    assert q.abs().max() <= 127 and torch.equal(q[4], torch.zeros_like(q[4]))
+    assert ((q.float() * scale - x).abs() <= scale / 2 * (1 + 1e-6) + 1e-12).all()
+
+
+def test_pack_layout() -> None:
+    q, _ = quantize_weight(_weights(33, 10, seed=2))
+    packed, wsum = int8.pack_weight(q)
+    assert packed.shape == (3, 3, 16, 4)  # 33 -> 48 channels, 10 -> 12 bytes of K
+    for n, k in [(0, 0), (17, 9), (32, 5), (15, 3)]:
+        assert packed[n // 16, k // 4, n % 16, k % 4] == q[n, k]
+    assert packed[2, :, 1:].abs().sum() == 0 and packed[:, 2, :, 2:].abs().sum() == 0
+    assert torch.equal(wsum, q.sum(1, dtype=torch.int32))
+
+
+def _check_w8a8(path, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    m, k, n = shape
+    w = _weights(n, k, seed=m + k + n)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(n)) * 2).to(dtype)
+    bias = torch.randn(n) * 0.1
+    q, scale = quantize_weight(w)
+    got = path(x, q, scale, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    xf = x.float()  # the reference sees the same (bf16-rounded) activations
+    expected = xf @ w.T + bias
+    bound = _w8a8_bound(xf, w)
+    if dtype == torch.bfloat16:
+        bound = bound + expected.abs() * 2**-8  # the output's one bf16 rounding
+    excess = (got.float() - expected).abs() - bound
+    assert excess.max() <= 0, f"worst excess over the int8 bound: {excess.max():.3g}"
+
+
+def _native(kernel: str):
+    def run(x, q, scale, bias):
+        packed, wsum = int8.pack_weight(q)
+        return int8.native_linear(x, packed, wsum, scale, bias, kernel)
+
+    return run
+
+
+def _torch_w8a8(x, q, scale, bias):
+    return int8.torch_w8a8(x, q.t(), scale, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(_native("vnni"), marks=[_NATIVE, _VNNI], id="native-vnni"),
+        pytest.param(_native("avx2"), marks=_NATIVE, id="native-avx2"),
+        pytest.param(_torch_w8a8, id="torch-int-mm"),
+    ],
+)
+def test_w8a8_paths_within_the_int8_bound(path, shape: tuple, dtype: torch.dtype) -> None:
+    _check_w8a8(path, shape, dtype)
+
+
+def _weight_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|y - x @ w.T| allowed by rounding the weight alone to int8 (half a step)."""
+    return x.abs().sum(1, keepdim=True) * (w.abs().amax(1) / 127 / 2) + 1e-4 * (x.abs() @ w.abs().T)
+
+
+def _check_weight_only(path, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    m, k, n = shape
+    w = _weights(n, k, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    q, scale = quantize_weight(w)
+    got = path(x, q, scale, None)
+    assert got.dtype == dtype and got.shape == (m, n)
+    expected = x.float() @ w.T
+    bound = _weight_bound(x.float(), w)
+    if dtype == torch.bfloat16:  # bf16 weights (torch's kernel, dense) and output rounding
+        bound = bound + (x.float().abs() @ w.abs().T) * 2**-7
+    assert ((got.float() - expected).abs() <= bound).all()
+
+
+def _native_dense(x, q, scale, bias):
+    packed, _ = int8.pack_weight(q)
+    return int8.dense(x, packed, scale, bias, tuple(q.shape))
+
+
+def _torch_weight_only(x, q, scale, bias):
+    return int8.weight_only(x, q, scale, bias)
+
+
+_AVX512 = pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512 here")
+_WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(_native("wo-avx512"), marks=[_NATIVE, _AVX512], id="native-wo-avx512"),
+        pytest.param(_native("wo-avx2"), marks=_NATIVE, id="native-wo-avx2"),
+        pytest.param(_native_dense, marks=_NATIVE, id="native-dense"),
+    ],
+)
+def test_weight_only_paths_within_the_weight_bound(path, shape: tuple, dtype) -> None:
+    _check_weight_only(path, shape, dtype)
+
+
+@pytest.mark.parametrize(
+    "shape", _WEIGHT_ONLY_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in _WEIGHT_ONLY_SHAPES]
+)
+def test_torch_weight_only_within_the_weight_bound(shape: tuple) -> None:
+    _check_weight_only(_torch_weight_only, shape, torch.bfloat16)
+
+
+@_NATIVE
+def test_forced_avx2_layer_routes_through_the_avx2_twins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    assert w8a8_kernel() == "avx2"
+    w = _weights(48, 96, seed=3)
+    layer = Int8Linear(w, None, w8a8_kernel(), torch.float32)
+    assert layer.wo_kernel == "wo-avx2"
+    assert [layer.path_for(rows) for rows in (1, 16, 17, 500)] == ["wo"] * 4
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 96)
+        assert ((layer(x) - x @ w.T).abs() <= _weight_bound(x, w)).all()
+
+
+@_NATIVE
+def test_bf16_layers_switch_to_dense_past_the_crossover(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    w = _weights(48, 96, seed=6)
+    layer = Int8Linear(w, None, w8a8_kernel(), torch.bfloat16)
+    assert [layer.path_for(rows) for rows in (1, 32, 33, 500)] == ["wo", "wo", "dense", "dense"]
+    for rows in (1, 40):
+        x = torch.randn(rows, 96).bfloat16()
+        bound = _weight_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-7
+        assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
+
+
+def test_without_native_kernels_layers_route_through_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    w = _weights(48, 96, seed=5)
+    layer = Int8Linear(w, None, "torch", torch.bfloat16)
+    small = "wo" if cpu_features.native_bf16() else "dense"
+    assert [layer.path_for(rows) for rows in (1, 2, 3, 500)] == [small, small, "dense", "dense"]
+    for rows in (1, 40):
+        x = torch.randn(rows, 96).bfloat16()
+        bound = _weight_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-6
+        assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("isa", [pytest.param("avx512", marks=_VNNI), "avx2"])
+def test_w8a8_switch_routes_every_size_through_w8a8(
+    monkeypatch: pytest.MonkeyPatch, isa: str
+) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, isa)
+    monkeypatch.setenv(W8A8_ENV, "1")
+    w = _weights(48, 96, seed=4)
+    layer = Int8Linear(w, None, w8a8_kernel(), torch.float32)
+    assert {layer.path_for(rows) for rows in (1, 16, 500)} == {"w8a8"}
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 96)
+        assert ((layer(x) - x @ w.T).abs() <= _w8a8_bound(x, w)).all()
+
+
+def test_unknown_quantization_is_a_clear_error() -> None:
+    check_quantization(None)
+    check_quantization("int8")
+    with pytest.raises(QuantizationError, match=r"unknown quantization 'int4' \(supported: int8\)"):
+        check_quantization("int4")
+
+
+# ---------------------------------------------------------------- the real model
+
+CHATS = [
+    "What is the capital of Japan?",
+    "Write a haiku about the sea.",
+    "List five prime numbers.",
+    "Explain how a rainbow forms.",
+    "Translate to French: The cat sleeps on the warm windowsill.",
+]
+MAX_TOKENS = 32
+
+
+def _greedy(llm: LLM) -> list:
+    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": c}]) for c in CHATS]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP_K)
+    return [o.outputs[0] for o in llm.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def fp32_outputs() -> list:
+    return _greedy(LLM(kv_cache_memory="128MiB", max_model_len=1024, dtype="float32"))
+
+
+def _check_close_to_fp32(llm: LLM, fp32_outputs: list) -> int:
+    """vLLM's check_logprobs_close rule against duet fp32 (greedy may part only where each
+    side's token is in the other's top 5), and the chosen tokens' logprobs within
+    LOGPROB_SLACK while the two agree. Returns how many prompts parted."""
+    parted = 0
+    for ours, ref in zip(_greedy(llm), fp32_outputs, strict=True):
+        reference = Reference(ref.token_ids, [lp.token_ids[1 : TOP_K + 1] for lp in ref.logprobs])
+        parted += compare(ours.token_ids, ours.logprobs, reference)
+        for step, (mine, theirs) in enumerate(zip(ours.token_ids, ref.token_ids, strict=False)):
+            if mine != theirs:
+                break
+            gap = abs(ours.logprobs[step].logprobs[0] - ref.logprobs[step].logprobs[0])
+            assert gap <= LOGPROB_SLACK, f"step {step}: logprob {gap:.3f} away from fp32"
+    assert fp32_outputs[0].text == "The capital of Japan is Tokyo."
+    return parted
+
+
+@pytest.mark.slow
+def test_int8_default_model_close_to_fp32(fp32_outputs: list) -> None:
+    llm = LLM(kv_cache_memory="128MiB", max_model_len=1024, quantization="int8")
+    linears = [m for m in llm.runner.model.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 30 * 4 + 1  # qkv, o, gate_up, down per layer + the tied LM head
+    assert {m.kernel for m in linears} == {w8a8_kernel()}
+    parted = _check_close_to_fp32(llm, fp32_outputs)
+    print(f"int8 ({llm.runner.dtype}): {parted} of {len(CHATS)} prompts parted within top-5")
+    out = llm.chat(
+        [{"role": "user", "content": CHATS[0]}], SamplingParams(temperature=0.0, max_tokens=16)
+    )
+    assert out[0].outputs[0].text == "The capital of Japan is Tokyo."
+
+
+@pytest.mark.slow
+@_NATIVE
+def test_int8_on_the_forced_avx2_path_close_to_fp32(
+    fp32_outputs: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")  # fp32 activations, the AVX2 twin
+    llm = LLM(kv_cache_memory="128MiB", max_model_len=1024, quantization="int8")
+    assert llm.runner.dtype == torch.float32
+    assert {m.kernel for m in llm.runner.model.modules() if isinstance(m, Int8Linear)} == {"avx2"}
+    parted = _check_close_to_fp32(llm, fp32_outputs)
+    print(f"int8 (forced AVX2, fp32 activations): {parted} of {len(CHATS)} prompts parted")
+
+
+def test_offline_unknown_quantization_is_a_clear_error() -> None:
+    with pytest.raises(QuantizationError, match="unknown quantization 'fp4'"):
+        LLM(kv_cache_memory="64MiB", quantization="fp4")
