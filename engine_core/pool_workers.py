@@ -19,7 +19,7 @@ class Worker:
     ready: WorkerReady
     scheduler: Scheduler
     joined_at: float = 0.0  # monotonic time of its READY: a quick death backs its restart off
-    inflight: SchedulerOutput | None = None
+    inflight: list[SchedulerOutput] = field(default_factory=list)  # plans sent, oldest first
     # KV orders waiting for this worker's next plan
     cancels: list[str] = field(default_factory=list)
     recvs: list[KVRecvOrder] = field(default_factory=list)
