@@ -140,7 +140,7 @@ class PoolEngine:
         self.transfers.tick()
         self._assign_backlog()
         for worker in list(self.workers.values()):
-            while len(worker.inflight) < self.steps_ahead:
+            while len(worker.sent) < self.steps_ahead:
                 sent, lost = self._dispatch(worker)
                 deltas += lost
                 if not sent:
@@ -188,7 +188,7 @@ class PoolEngine:
             return IDLE_POLL_MS
         # NOTE: a busy mixed worker takes no new request before its result: waking the
         # core sooner would only take CPU from the worker
-        if self.colocated and all(w.inflight for w in self.workers.values()):
+        if self.colocated and all(w.inflight is not None for w in self.workers.values()):
             return IDLE_POLL_MS
         return POLL_MS
 
@@ -201,7 +201,7 @@ class PoolEngine:
         plan = worker.next_plan(out)
         if plan is None:
             return False, []
-        worker.inflight.append(SchedulerOutput(plan, out.sampling_req_ids))
+        worker.sent.append(SchedulerOutput(plan, out.sampling_req_ids))
         if not self.link.send_plan(worker.id, plan):
             return False, self._on_death(worker.id)
         return True, []
@@ -219,11 +219,11 @@ class PoolEngine:
         worker = self.workers.get(worker_id)
         if (
             worker is None
-            or not worker.inflight
-            or worker.inflight[0].plan.step_id != result.step_id
+            or worker.inflight is None
+            or worker.inflight.plan.step_id != result.step_id
         ):
             return []  # from a worker given up for dead, or a stale step
-        out = worker.inflight.pop(0)
+        out = worker.sent.pop(0)
         deltas = worker.scheduler.update_from_output(out, result)
         if worker.role == "prefill":
             self._hand_over(worker, out.sampling_req_ids)
