@@ -25,8 +25,10 @@ from engine_core.messages.frontend import AddRequest, FrontendMsg
 from engine_core.messages.sampling_params import SamplingParams
 from models.tokenizer import load_tokenizer
 
-# a 2-layer model with 4 KV heads of 16: 16 KiB per 16-token block, so 12 blocks here
-SMALL_POOL = {"kv_cache_memory": 12 * 16 * 1024, "max_model_len": 128, "dtype": "float32"}
+# a 2-layer model with 4 KV heads of 16: 16 KiB per 16-token block, so 12 blocks here; a
+# small token budget chunks prompts, so chunks are planned behind chunks too
+SMALL_POOL = {"kv_cache_memory": 12 * 16 * 1024, "max_model_len": 128, "dtype": "float32",
+              "max_num_batched_tokens": 24}  # fmt: skip
 Run = tuple[dict[str, list[int]], dict[str, str]]  # (tokens, finish reasons) by request
 
 
@@ -59,6 +61,8 @@ def requests(folder: Path) -> dict[str, tuple[list[int], SamplingParams]]:
                 stop_token_ids=[produced[3 + i % 4]],
             )  # fmt: skip
         out[req_id] = (prompt, params)
+    long_prompt = [1, *range(600, 660)]
+    out["scored"] = (long_prompt, SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=2))
     return out
 
 
@@ -96,20 +100,40 @@ def wait_for_tokens(h: EngineHarness, req_id: str, count: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def sync_run(folder: Path, requests: dict) -> Run:
+def sync_harness(folder: Path, requests: dict) -> Iterator[tuple[EngineHarness, Run]]:
     h = EngineHarness(EngineConfig(model=str(folder), **SMALL_POOL))
     try:
-        return run(h, requests)
+        yield h, run(h, requests)
     finally:
         h.close()
 
 
-def test_async_outputs_equal_sync_ones_under_preemption(harness, requests, sync_run) -> None:
+@pytest.fixture(scope="module")
+def sync_run(sync_harness: tuple[EngineHarness, Run]) -> Run:
+    return sync_harness[1]
+
+
+@pytest.fixture(scope="module")
+def sync_prompt_logprobs(sync_harness: tuple[EngineHarness, Run]) -> list:
+    return sync_harness[0].prompt_logprobs["scored"]
+
+
+def test_async_outputs_equal_sync_ones_under_preemption(
+    harness, requests, sync_run, sync_prompt_logprobs, capfd: pytest.CaptureFixture
+) -> None:
     h = harness(async_scheduling=True)
     tokens, finished = run(h, requests)
     assert (tokens, finished) == sync_run
     assert {"stop", "length"} <= set(finished.values())
     assert h.stats.num_preemptions > 0
+    assert "async scheduling: planning one step ahead" in capfd.readouterr().err
+    scored = h.prompt_logprobs["scored"]
+    assert len(scored) == len(requests["scored"][0]) - 1
+    assert [(e.token_ids, e.rank) for e in scored] == [
+        (e.token_ids, e.rank) for e in sync_prompt_logprobs
+    ]
+    for mine, theirs in zip(scored, sync_prompt_logprobs, strict=True):
+        assert mine.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
 
 
 def test_an_abort_mid_stream_leaves_the_others_exact(harness, requests, sync_run) -> None:
