@@ -18,7 +18,7 @@ from test_scheduler import EOS_ID, PagedFakeWorker, add, blocks_in_use, make_sch
 from engine_core.messages.frontend import RequestDelta
 from engine_core.messages.worker import StepResult
 from engine_core.request import RequestStatus
-from engine_core.scheduler import Scheduler, SchedulerOutput
+from engine_core.scheduler import Policy, Scheduler, SchedulerConfig, SchedulerOutput
 
 Outputs = dict[str, tuple[list[int], str | None]]
 
@@ -64,30 +64,68 @@ class Driver:
         return self.outputs
 
 
-def workload(seed: int, sched: Scheduler) -> None:
+def make(
+    policy: Policy = "fcfs", caching: bool = True, num_blocks: int = 12, **limits: int
+) -> Scheduler:
+    """A scheduler whose EOS is the fake worker's, with the given limits."""
+    config = SchedulerConfig(block_size=4, policy=policy, enable_prefix_caching=caching, **limits)  # type: ignore[arg-type]
+    return Scheduler(config, num_blocks, eos_token_ids=[EOS_ID])
+
+
+def requests_for(seed: int) -> list[tuple[str, list[int], dict]]:
+    """Prompts (some sharing a prefix) with max_tokens, stop tokens and priorities."""
     rng = random.Random(seed)
+    shared = [rng.randrange(EOS_ID) for _ in range(8)]
+    out = []
     for i in range(8):
         prompt = [rng.randrange(EOS_ID) for _ in range(rng.randrange(1, 14))]
+        if i % 4 == 1:
+            prompt = shared + prompt[:3]
         params: dict = {"max_tokens": rng.choice([1, 2, 5, 12, None])}
         if i % 3 == 0:
             params["stop_token_ids"] = [rng.randrange(EOS_ID)]
-        add(sched, f"r{i}", prompt, arrival=float(i), **params)
+        out.append((f"r{i}", prompt, {"priority": rng.randrange(3), **params}))
+    return out
+
+
+def run_one(seed: int, ahead: int, abort: bool = False, **options: object) -> Driver:
+    """Half the requests at the start, the rest arriving while it runs (one aborted)."""
+    sched = make(**options)
+    pending = requests_for(seed)
+
+    def arrive(steps: int, driver: Driver) -> None:
+        if steps % 3 == 0 and pending:
+            req_id, prompt, params = pending.pop()
+            add(sched, req_id, prompt, arrival=float(steps), **params)
+        if abort and steps == 5 and "r0" in sched.requests:
+            sched.abort_requests(["r0"])
+
+    for _ in range(4):
+        req_id, prompt, params = pending.pop(0)
+        add(sched, req_id, prompt, **params)
+    driver = Driver(sched, ahead)
+    driver.run(arrive)
+    while pending:  # the run ended before they all arrived: run them too
+        req_id, prompt, params = pending.pop()
+        add(sched, req_id, prompt, **params)
+        driver.run()
+    return driver
 
 
 def run_both(seed: int, **options: object) -> tuple[Driver, Driver]:
-    drivers = []
-    for ahead in (1, 2):
-        sched = make_scheduler(**options)
-        workload(seed, sched)
-        driver = Driver(sched, ahead)
-        driver.run()
-        drivers.append(driver)
-    return drivers[0], drivers[1]
+    return run_one(seed, 1, **options), run_one(seed, 2, **options)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_outputs_and_blocks_match_sync_under_preemption(seed: int) -> None:
-    sync, ahead = run_both(seed, num_blocks=12, max_num_batched_tokens=10, max_model_len=40)
+LIMITS = {"num_blocks": 12, "max_num_batched_tokens": 10, "max_model_len": 40}
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_outputs_and_blocks_match_sync_under_preemption(
+    seed: int, caching: bool, policy: Policy
+) -> None:
+    sync, ahead = run_both(seed, caching=caching, policy=policy, **LIMITS)
     assert ahead.max_inflight == 2
     assert ahead.outputs == sync.outputs
     assert all(reason is not None for _, reason in ahead.outputs.values())
@@ -95,13 +133,23 @@ def test_outputs_and_blocks_match_sync_under_preemption(seed: int) -> None:
     assert not ahead.sched.running and not len(ahead.sched.waiting)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_an_abort_while_steps_are_in_flight_leaves_the_others_exact(seed: int) -> None:
+    sync, ahead = run_one(seed, 1, **LIMITS), run_one(seed, 2, abort=True, **LIMITS)
+    del sync.outputs["r0"]
+    ahead.outputs.pop("r0", None)
+    assert ahead.outputs == sync.outputs
+    assert blocks_in_use(ahead.sched) == 0 and not ahead.sched.requests
+
+
 def test_the_workloads_do_preempt_and_stop_every_way() -> None:
-    preemptions, reasons = 0, set()
-    for seed in range(12):
-        _, ahead = run_both(seed, num_blocks=12, max_num_batched_tokens=10, max_model_len=40)
+    preemptions, reasons, eos = 0, set(), 0
+    for seed in range(6):
+        _, ahead = run_both(seed, **LIMITS)
         preemptions += ahead.sched.num_preemptions
         reasons |= {reason for _, reason in ahead.outputs.values()}
-    assert preemptions > 0 and reasons == {"stop", "length"}
+        eos += sum(tokens[-1] == EOS_ID for tokens, _ in ahead.outputs.values())
+    assert preemptions > 0 and reasons == {"stop", "length"} and eos > 0
 
 
 def test_a_stop_at_step_n_drops_its_token_from_step_n_plus_1() -> None:
@@ -173,8 +221,9 @@ def test_a_failed_step_with_the_next_in_flight_recomputes_exactly() -> None:
 
     outputs = {}
     for ahead, hook in ((1, None), (2, fail_third)):
-        sched = make_scheduler(num_blocks=20, max_model_len=40)
-        workload(3, sched)
+        sched = make(num_blocks=20, max_model_len=40)
+        for req_id, prompt, params in requests_for(3):
+            add(sched, req_id, prompt, **params)
         driver = Driver(sched, ahead)
         outputs[ahead] = driver.run(hook)
         assert blocks_in_use(sched) == 0
