@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import zmq
 
+from engine_core.async_steps import steps_ahead
 from engine_core.frontend_io import FrontendIO
 from engine_core.messages.common import ErrorKind
 from engine_core.messages.config import EngineAddresses, EngineConfig
@@ -203,6 +204,7 @@ def pool_engine(config: EngineConfig, link: WorkerLink) -> PoolEngine:
         respawn=spawn,
         transfer_timeout=config.kv_transfer_timeout,
         colocated=config.colocated,
+        steps_ahead=steps_ahead(config),
     )
     for ready in link.ready.values():  # ours, and any that joined from elsewhere meanwhile
         engine.add_worker(ready)

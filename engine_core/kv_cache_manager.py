@@ -74,7 +74,8 @@ class KVCacheManager:
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVBlock] = (),
     ) -> list[int] | None:
-        """Make room for `num_new_tokens` tokens past the computed ones; None if the pool can't.
+        """Make room for `num_new_tokens` tokens past the computed ones (and those the plans
+        in flight compute); None if the pool can't.
 
         `new_computed_blocks` are the prefix-cache hits from `get_computed_blocks`, passed
         only when the request is admitted; they cover the tokens just before the new ones.
@@ -86,7 +87,7 @@ class KVCacheManager:
         if new_computed_blocks and admitted:
             raise ValueError(f"{req_id}: cache hits are only taken at admission")
         num_hits = len(new_computed_blocks)
-        num_tokens = request.num_computed_tokens + num_hits * self.block_size + num_new_tokens
+        num_tokens = request.num_planned_computed + num_hits * self.block_size + num_new_tokens
         num_needed = max(cdiv(num_tokens, self.block_size) - len(held) - num_hits, 0)
         if admitted and num_needed == 0:
             return []  # most decode steps: the last block still has room

@@ -44,7 +44,8 @@ class PoolEngine:
 
     `make_scheduler` builds the scheduler for a newly ready worker; `respawn(role)` starts
     a local worker to replace one that died and returns its id (None: don't). `colocated`
-    takes one mixed worker instead of prefill and decode ones.
+    takes one mixed worker instead of prefill and decode ones; `steps_ahead` > 1 plans a
+    worker's next steps while it runs one (async_steps.py).
     """
 
     def __init__(
@@ -54,11 +55,13 @@ class PoolEngine:
         respawn: Callable[[str], str] | None = None,
         transfer_timeout: float = 10.0,
         colocated: bool = False,
+        steps_ahead: int = 1,
     ) -> None:
         self.link = link
         self.make_scheduler = make_scheduler
         self.respawn = respawn
         self.colocated = colocated
+        self.steps_ahead = steps_ahead  # plans in flight per worker (2: async scheduling)
         self.roles = ("mixed",) if colocated else ("prefill", "decode")
         self.workers: dict[str, Worker] = {}
         # request checks and block size: any worker's scheduler, kept while none is up
@@ -138,8 +141,11 @@ class PoolEngine:
         self.transfers.tick()
         self._assign_backlog()
         for worker in list(self.workers.values()):
-            if worker.inflight is None:
-                deltas += self._dispatch(worker)
+            while len(worker.sent) < self.steps_ahead:
+                sent, lost = self._dispatch(worker)
+                deltas += lost
+                if not sent:
+                    break
         for worker_id, kind, message in self.link.poll(self._poll_timeout()):
             deltas += self._on_message(worker_id, kind, message)
         return deltas
@@ -189,18 +195,19 @@ class PoolEngine:
             return IDLE_POLL_MS
         return POLL_MS
 
-    def _dispatch(self, worker: Worker) -> list[RequestDelta]:
+    def _dispatch(self, worker: Worker) -> tuple[bool, list[RequestDelta]]:
+        """Plan and send the worker's next step: (whether one was sent, deltas of a death)."""
         out = worker.scheduler.schedule()
         if worker.role == "prefill":
             for req_id in out.sampling_req_ids:  # this step finishes their prompts
                 self.transfers.plan(worker.scheduler.requests[req_id], worker)
         plan = worker.next_plan(out)
         if plan is None:
-            return []
-        worker.inflight = SchedulerOutput(plan, out.sampling_req_ids)
+            return False, []
+        worker.sent.append(SchedulerOutput(plan, out.sampling_req_ids))
         if not self.link.send_plan(worker.id, plan):
-            return self._on_death(worker.id)
-        return []
+            return False, self._on_death(worker.id)
+        return True, []
 
     def _on_message(self, worker_id: str, kind: int, message: Any) -> list[RequestDelta]:
         if kind == WorkerMsg.READY:
@@ -219,7 +226,7 @@ class PoolEngine:
             or worker.inflight.plan.step_id != result.step_id
         ):
             return []  # from a worker given up for dead, or a stale step
-        out, worker.inflight = worker.inflight, None
+        out = worker.sent.pop(0)
         deltas = worker.scheduler.update_from_output(out, result)
         if worker.role == "prefill":
             self._hand_over(worker, out.sampling_req_ids)
@@ -253,6 +260,7 @@ class PoolEngine:
         """Lost KV: compute the request again from its tokens, on `worker` or via the backlog."""
         self.recomputed_prefills += 1
         request.num_computed_tokens = 0
+        request.inflight.clear()  # its steps in flight died with the worker
         if worker is None:
             self.backlog.append(request)
         else:

@@ -19,11 +19,16 @@ class Worker:
     ready: WorkerReady
     scheduler: Scheduler
     joined_at: float = 0.0  # monotonic time of its READY: a quick death backs its restart off
-    inflight: SchedulerOutput | None = None
+    sent: list[SchedulerOutput] = field(default_factory=list)  # plans in flight, oldest first
     # KV orders waiting for this worker's next plan
     cancels: list[str] = field(default_factory=list)
     recvs: list[KVRecvOrder] = field(default_factory=list)
     sends: list[KVSendOrder] = field(default_factory=list)
+
+    @property
+    def inflight(self) -> SchedulerOutput | None:
+        """The oldest plan in flight: the next result is its."""
+        return self.sent[0] if self.sent else None
 
     @property
     def id(self) -> str:

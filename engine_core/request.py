@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from engine_core.async_steps import InflightSteps
 from engine_core.messages.common import FinishReason, TokenLogprobs
 from engine_core.messages.frontend import AddRequest
 from engine_core.messages.lora import LoRARef
@@ -99,6 +100,7 @@ class Request:
         self.num_preemptions = 0
         # in a step that failed: scheduled alone until it samples, failed if that fails too
         self.suspect = False
+        self.inflight = InflightSteps()  # plans not yet back from the worker (async_steps.py)
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None
         self.block_hashes: list[BlockHash] = []
@@ -124,6 +126,16 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_planned_computed(self) -> int:
+        """Computed tokens once the plans in flight are done: where the next plan starts."""
+        return self.num_computed_tokens + self.inflight.num_tokens
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """Tokens including those the plans in flight will sample (placeholders)."""
+        return self.num_tokens + self.inflight.num_placeholders
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from engine_core.async_steps import InflightStep
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.lora_cap import LoRACap, lora_counts
 from engine_core.messages.common import ErrorKind, FinishReason, TokenLogprobs
@@ -171,7 +172,7 @@ class _Step:
             CachedRequestData(
                 req_id=request.request_id,
                 new_block_ids=new_block_ids,
-                num_computed_tokens=request.num_computed_tokens,
+                num_computed_tokens=request.num_planned_computed,
             )
         )
         self._count(request, num_tokens)
@@ -180,7 +181,7 @@ class _Step:
         self.num_tokens[request.request_id] = num_tokens
         self.token_budget -= num_tokens
         num_drafts = len(self.spec.get(request.request_id, ()))
-        if request.num_computed_tokens + num_tokens - num_drafts == request.num_tokens:
+        if request.num_planned_computed + num_tokens - num_drafts == request.num_planned_tokens:
             self.sampling.add(request.request_id)
 
 
@@ -321,23 +322,28 @@ class Scheduler:
         deltas: list[RequestDelta] = []
         for req_id, num_tokens in plan.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            inflight = None if request is None else request.inflight.confirm(plan.step_id)
+            if request is None or inflight is None:
+                continue  # aborted, or reset to be recomputed, while the step ran
             if req_id in result.prompt_logprobs:
-                request.record_prompt_logprobs(
-                    request.num_computed_tokens, result.prompt_logprobs[req_id]
-                )
+                request.record_prompt_logprobs(inflight.start, result.prompt_logprobs[req_id])
             accepted = result.accepted_token_ids.get(req_id, [])
-            num_rejected = self._count_verified(request, plan, accepted)
-            request.num_computed_tokens += num_tokens - num_rejected
-            if num_rejected:  # their KV is garbage: free the blocks only they needed
-                self._pool_for(request).trim(request)
-            self._pool_for(request).cache_blocks(request)
+            # NOTE: not running = preempted by a plan made while this step ran (async
+            # scheduling): it holds no blocks now, but the token it sampled stands
+            preempted = request.status != RequestStatus.RUNNING
+            if not preempted:
+                num_rejected = self._count_verified(request, plan, accepted)
+                request.num_computed_tokens += num_tokens - num_rejected
+                if num_rejected:  # their KV is garbage: free the blocks only they needed
+                    self._pool_for(request).trim(request)
+                self._pool_for(request).cache_blocks(request)
             if req_id in sched_out.sampling_req_ids:
                 request.suspect = False
                 lp = logprobs.get(req_id)
                 lps = None if lp is None else [*result.accepted_logprobs.get(req_id, []), lp]
                 deltas.append(self._append(request, [*accepted, sampled[req_id]], lps))
+                if preempted and request.is_finished:
+                    self.waiting.remove(request)
         self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
         return deltas
 
@@ -346,7 +352,7 @@ class Scheduler:
     def _schedule_alone(self, request: Request, step: _Step) -> bool:
         """Put only `request` in this step; False if it cannot run now."""
         if request.status == RequestStatus.RUNNING:
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, step)
+            num_new = self._chunk(request.num_planned_tokens - request.num_planned_computed, step)
             new_block_ids = self._pool_for(request).allocate_slots(request, num_new)
             if new_block_ids is None:
                 return False
@@ -358,7 +364,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and step.token_budget > 0:
             request = self.running[index]
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, step)
+            if self._ends_in_flight(request):
+                index += 1
+                continue
+            num_new = self._chunk(request.num_planned_tokens - request.num_planned_computed, step)
             # NOTE: drafts leave a block per request still to schedule, so they never
             # cause a preemption (each of those needs at most one more for its decode)
             reserve = len(self.running) - index - 1
@@ -369,6 +378,17 @@ class Scheduler:
                 return  # it preempted itself, so it was the last running request
             step.add_cached(request, num_new + len(drafts), new_block_ids, drafts)
             index += 1
+
+    def _ends_in_flight(self, request: Request) -> bool:
+        """The tokens its plans in flight sample will surely finish it (by length), so a
+        plan behind them would be wasted (async scheduling)."""
+        num_placeholders = request.inflight.num_placeholders
+        if not num_placeholders:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and request.num_output_tokens + num_placeholders >= max_tokens:
+            return True
+        return request.num_planned_tokens >= self.config.max_model_len
 
     def _speculate(
         self, request: Request, num_new: int, step: _Step, reserve: int
@@ -413,6 +433,8 @@ class Scheduler:
 
     def _admit(self, request: Request, step: _Step) -> bool:
         """Try to start (or resume) the head of the waiting queue."""
+        if request.inflight:  # preempted behind a step in flight: resume after its result
+            return False
         pool = self._pool_for(request)
         if pool.holds(request):  # its KV was transferred in: those tokens are computed
             hits, num_hit_tokens = [], request.num_computed_tokens
@@ -459,6 +481,11 @@ class Scheduler:
         if step.num_tokens:
             forget, self._forget_ids = self._forget_ids, []
         self._step_id += 1
+        for req_id, num_tokens in step.num_tokens.items():
+            request = self.requests[req_id]
+            samples = req_id in step.sampling
+            start = request.num_planned_computed
+            request.inflight.push(InflightStep(self._step_id, start, num_tokens, samples))
         plan = StepPlan(
             step_id=self._step_id,
             new_requests=step.new,
@@ -517,7 +544,8 @@ class Scheduler:
         """The worker could not run the step: recompute its requests, each alone; a
         request already in a failed step fails now, with a generic error (never `error`)."""
         in_step = [self.requests.get(req_id) for req_id in plan.num_scheduled_tokens]
-        running = [r for r in in_step if r is not None and r.status == RequestStatus.RUNNING]
+        confirmed = [r for r in in_step if r is not None and r.inflight.confirm(plan.step_id)]
+        running = [r for r in confirmed if r.status == RequestStatus.RUNNING]
         failed = [r for r in running if r.suspect]
         logger.error("step %d failed on the worker (%s): recomputing %d requests, failing %d",
                      plan.step_id, error, len(running) - len(failed), len(failed))  # fmt: skip
@@ -537,6 +565,7 @@ class Scheduler:
         self._forget_ids.append(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.inflight.clear()  # the worker's later results for it are stale
         request.suspect = True
         self.waiting.prepend(request)
 

@@ -154,6 +154,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     add("--speculative-config", type=_speculative_config, default=None, metavar="JSON",
         help='n-gram speculative decoding, as vLLM takes it: \'{"method": "ngram", '
              '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'')  # fmt: skip
+    add("--async-scheduling", action=argparse.BooleanOptionalAction,
+        default=default.async_scheduling,
+        help="plan the next engine step while the worker runs this one (colocated, "
+             "without speculative decoding; otherwise it stays off)")  # fmt: skip
     add("--engine-address", default=None, metavar="ADDRESS",
         help="bind the core's frontend socket here (e.g. tcp://0.0.0.0:5570) so that "
              "`duet frontend --engine` can join from other hosts (default: private ipc)")  # fmt: skip
@@ -219,6 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras,
         speculative_config=args.speculative_config,
+        async_scheduling=args.async_scheduling,
     )
     check_lora_modules(args)
     logging.getLogger("duet").info(

@@ -62,6 +62,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_cpu_loras: int | None = None
     # vLLM's --speculative-config; a dict or JSON text is parsed (and checked) on creation
     speculative_config: SpeculativeConfig | None = None
+    # vLLM's --async-scheduling: plan the next step while a worker runs this one
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         self.speculative_config = parse_speculative_config(self.speculative_config)
