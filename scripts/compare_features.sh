@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Benchmarks duet's optional features against duet without them, in one run on one machine:
 # each variant is served alone, measured with the same client, seed and workload as its
-# baseline, and the ratios go into docs/benchmarks.md. Pairs (name: what is compared):
-#   lora4   c16 random, 4 adapters mixed (--max-loras 4)   vs  base model alone
-#   spec    c1 copy-heavy chats, n-gram speculation         vs  no speculation (both float32)
-#   spec-random  c16 random, n-gram speculation             vs  no speculation (both float32)
+# baseline, and the ratios go into docs/benchmarks.md. Groups (ONLY picks some):
+#   c16    random 256/128 at concurrency 16, --dtype DTYPE: base, then 4 LoRA adapters mixed,
+#          a json_schema on every request, --async-scheduling, --quantization int8, and 5
+#          open dashboards polling /dashboard/stats once a second (frontend CPU compared)
+#   c1     the same at concurrency 1: base, --async-scheduling, --quantization int8
+#   spec   copy-heavy chats at concurrency 1, float32: without and with n-gram speculation
 # HEAVY: takes both cores for ~15 minutes; run it alone. Knobs: PORT, OUT, SEED_BASE, DTYPE
-# (auto), ONLY (a space-separated subset of the pair names above).
+# (auto), ONLY (a space-separated subset of the groups).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,14 +16,16 @@ PORT="${PORT:-8021}"
 OUT="${OUT:-bench_results/features-$(date +%Y%m%d-%H%M%S)}"
 SEED_BASE="${SEED_BASE:-$(date +%s)}"
 DTYPE="${DTYPE:-auto}"
-ONLY="${ONLY:-lora4 spec spec-random}"
+ONLY="${ONLY:-c16 c1 spec}"
 BENCH=(.venv/bin/duet bench serve --base-url "http://127.0.0.1:$PORT" --disable-tqdm)
-RANDOM_C16=(--dataset-name random --input-len 256 --output-len 128 --num-prompts 64
-            --max-concurrency 16 --ignore-eos --temperature 0 --num-warmups 8)
+RANDOM=(--dataset-name random --input-len 256 --output-len 128 --ignore-eos --temperature 0)
+RANDOM_C16=("${RANDOM[@]}" --num-prompts 48 --max-concurrency 16 --num-warmups 8)
+RANDOM_C1=("${RANDOM[@]}" --num-prompts 8 --max-concurrency 1 --num-warmups 2)
 COPY_C1=(--dataset-name repeat --endpoint /v1/chat/completions --temperature 0
-         --max-concurrency 1 --num-prompts 12 --output-len 160 --num-warmups 2)
+         --max-concurrency 1 --num-prompts 8 --output-len 160 --num-warmups 2)
 NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
 SERVER_PID=""
+DASHBOARDS=()
 
 start_server() {  # start_server NAME ARGS...: `duet serve ARGS` in its own process group
     local name="$1"; shift
@@ -46,15 +50,37 @@ stop_server() {
 }
 trap stop_server EXIT
 
+frontend_cpu_seconds() {  # CPU time of the processes listening on PORT (the frontends)
+    local total=0 pid
+    for pid in $(ss -ltnpH "sport = :$PORT" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+        total=$(awk -v t="$total" '{print t + ($14 + $15) / 100}' "/proc/$pid/stat")
+    done
+    echo "$total"
+}
+
+open_dashboards() {  # open_dashboards N: N pollers of /dashboard/stats, once a second each
+    local i
+    for i in $(seq "$1"); do
+        (while true; do curl -s "http://127.0.0.1:$PORT/dashboard/stats" > /dev/null; sleep 1; done) &
+        DASHBOARDS+=($!)
+    done
+}
+
 measure() {  # measure NAME SEED_OFFSET SERVER_ARGS... --bench BENCH_ARGS...
     local name="$1" seed=$((SEED_BASE + $2)); shift 2
     local server=()
     while [ "$1" != --bench ]; do server+=("$1"); shift; done
     shift
     start_server "$name" "${server[@]}"
+    [ "${name#dash}" != "$name" ] && open_dashboards 5
     echo "[features] $name: bench"
+    local cpu_before
+    cpu_before=$(frontend_cpu_seconds)
     "${BENCH[@]}" --seed "$seed" --save-result "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
+    awk -v a="$cpu_before" -v b="$(frontend_cpu_seconds)" 'BEGIN {print b - a}' > "$OUT/$name.cpu"
     curl -s "http://127.0.0.1:$PORT/metrics" > "$OUT/$name.metrics"
+    [ ${#DASHBOARDS[@]} -gt 0 ] && kill "${DASHBOARDS[@]}" 2>/dev/null
+    DASHBOARDS=()
     stop_server
 }
 
@@ -63,21 +89,26 @@ wants() { [[ " $ONLY " == *" $1 "* ]]; }
 scripts/install.sh
 mkdir -p "$OUT"
 echo "[features] results in $OUT, seeds from $SEED_BASE"
-if wants lora4; then
+if wants c16; then
     .venv/bin/python scripts/make_lora_adapters.py "$OUT/adapters" --count 4
     modules=()
     for i in 0 1 2 3; do modules+=("a$i=$OUT/adapters/a$i"); done
     measure base-c16 1 --dtype "$DTYPE" --bench "${RANDOM_C16[@]}"
     measure lora4-c16 1 --dtype "$DTYPE" --enable-lora --max-loras 4 --lora-modules "${modules[@]}" \
         --bench "${RANDOM_C16[@]}" --lora-modules a0 a1 a2 a3
+    measure json-c16 1 --dtype "$DTYPE" --bench "${RANDOM_C16[@]}" --structured-output json_schema
+    measure async-c16 1 --dtype "$DTYPE" --async-scheduling --bench "${RANDOM_C16[@]}"
+    measure int8-c16 1 --dtype "$DTYPE" --quantization int8 --bench "${RANDOM_C16[@]}"
+    measure dash5-c16 1 --dtype "$DTYPE" --bench "${RANDOM_C16[@]}"
+fi
+if wants c1; then
+    measure base-c1 2 --dtype "$DTYPE" --bench "${RANDOM_C1[@]}"
+    measure async-c1 2 --dtype "$DTYPE" --async-scheduling --bench "${RANDOM_C1[@]}"
+    measure int8-c1 2 --dtype "$DTYPE" --quantization int8 --bench "${RANDOM_C1[@]}"
 fi
 if wants spec; then
-    measure fp32-copy-c1 2 --dtype float32 --bench "${COPY_C1[@]}"
-    measure spec-copy-c1 2 --dtype float32 --speculative-config "$NGRAM" --bench "${COPY_C1[@]}"
-fi
-if wants spec-random; then
-    measure fp32-c16 3 --dtype float32 --bench "${RANDOM_C16[@]}"
-    measure spec-c16 3 --dtype float32 --speculative-config "$NGRAM" --bench "${RANDOM_C16[@]}"
+    measure fp32-copy-c1 3 --dtype float32 --bench "${COPY_C1[@]}"
+    measure spec-copy-c1 3 --dtype float32 --speculative-config "$NGRAM" --bench "${COPY_C1[@]}"
 fi
 
 .venv/bin/python - "$OUT" docs/benchmarks.md "$DTYPE" <<'EOF'
@@ -86,12 +117,18 @@ from pathlib import Path
 
 out, doc, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 PAIRS = [  # (variant, baseline, what differs)
-    ("lora4-c16", "base-c16", "4 LoRA adapters mixed, c16 random 256/128"),
-    ("spec-copy-c1", "fp32-copy-c1", "n-gram speculation, c1 copy-heavy chats (fp32)"),
-    ("spec-c16", "fp32-c16", "n-gram speculation, c16 random 256/128 (fp32)"),
+    ("lora4-c16", "base-c16", "4 LoRA adapters mixed (c16)"),
+    ("json-c16", "base-c16", "json_schema on every request (c16)"),
+    ("async-c16", "base-c16", "--async-scheduling (c16)"),
+    ("int8-c16", "base-c16", "--quantization int8 (c16)"),
+    ("dash5-c16", "base-c16", "5 open dashboards (c16)"),
+    ("async-c1", "base-c1", "--async-scheduling (c1)"),
+    ("int8-c1", "base-c1", "--quantization int8 (c1)"),
+    ("spec-copy-c1", "fp32-copy-c1", "n-gram speculation, copy-heavy chats (c1, fp32)"),
 ]
 ROWS = [("output tok/s", "output_throughput"), ("TPOT p50 ms", ("tpot", "median")),
-        ("TTFT p50 ms", ("ttft", "median")), ("ITL p50 ms", ("itl", "median"))]
+        ("TTFT p50 ms", ("ttft", "median")), ("ITL p50 ms", ("itl", "median")),
+        ("frontend CPU s / 1k tokens", None)]
 
 def value(result, key):
     return result[key[0]][key[1]] if isinstance(key, tuple) else result[key]
@@ -102,11 +139,15 @@ for variant, base, what in PAIRS:
         continue
     mine, theirs = (json.loads((out / f"{n}.json").read_text()) for n in (variant, base))
     for label, key in ROWS:
-        a, b = value(theirs, key), value(mine, key)
+        if label == "frontend CPU s / 1k tokens":
+            a, b = (float((out / f"{n}.cpu").read_text()) * 1000 / r["total_output_tokens"]
+                    for n, r in ((base, theirs), (variant, mine)))
+        else:
+            a, b = value(theirs, key), value(mine, key)
         if a is None or b is None:
             continue
         ratio = f"{b / a:.2f}" if a else "—"
-        lines.append(f"| {what} | {label} | {a:.1f} | {b:.1f} | {ratio} |")
+        lines.append(f"| {what} | {label} | {a:.2f} | {b:.2f} | {ratio} |")
 metrics = out / "spec-copy-c1.metrics"
 if metrics.exists():
     text = metrics.read_text()

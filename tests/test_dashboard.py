@@ -134,7 +134,16 @@ def test_stats_and_pool_advice_under_load(url: str) -> None:
     with Load(url):
         # the first tokens streamed: a reading after that one sees them move
         wait_for(lambda: stats(url)["totals"]["generation_tokens"] > 0)
-        doc = wait_for(lambda: (d := stats(url))["tokens_per_s"]["out"] and d["itl"]["p50"] and d)
+        # the advice comes with the core's snapshots (twice a second): one must have seen
+        # the streams running too
+        doc = wait_for(
+            lambda: (
+                (d := stats(url))["tokens_per_s"]["out"]
+                and d["itl"]["p50"]
+                and d["pool_advice"]["decode_demand"] > 0
+                and d
+            )
+        )
         scraped = metrics(url)
     assert sorted(w["role"] for w in doc["workers"]) == ["decode", "prefill"]
     assert doc["ttft"]["p50"] > 0 and doc["itl"]["p99"] >= doc["itl"]["p50"]
