@@ -18,9 +18,9 @@ SEED_BASE="${SEED_BASE:-$(date +%s)}"
 DTYPE="${DTYPE:-auto}"
 ONLY="${ONLY:-c16 c1 spec}"
 BENCH=(.venv/bin/duet bench serve --base-url "http://127.0.0.1:$PORT" --disable-tqdm)
-RANDOM=(--dataset-name random --input-len 256 --output-len 128 --ignore-eos --temperature 0)
-RANDOM_C16=("${RANDOM[@]}" --num-prompts 48 --max-concurrency 16 --num-warmups 8)
-RANDOM_C1=("${RANDOM[@]}" --num-prompts 8 --max-concurrency 1 --num-warmups 2)
+RANDOM_256_128=(--dataset-name random --input-len 256 --output-len 128 --ignore-eos --temperature 0)
+RANDOM_C16=("${RANDOM_256_128[@]}" --num-prompts 48 --max-concurrency 16 --num-warmups 8)
+RANDOM_C1=("${RANDOM_256_128[@]}" --num-prompts 8 --max-concurrency 1 --num-warmups 2)
 COPY_C1=(--dataset-name repeat --endpoint /v1/chat/completions --temperature 0
          --max-concurrency 1 --num-prompts 8 --output-len 160 --num-warmups 2)
 NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
