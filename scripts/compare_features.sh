@@ -24,30 +24,10 @@ RANDOM_C1=("${RANDOM_256_128[@]}" --num-prompts 8 --max-concurrency 1 --num-warm
 COPY_C1=(--dataset-name repeat --endpoint /v1/chat/completions --temperature 0
          --max-concurrency 1 --num-prompts 8 --output-len 160 --num-warmups 2)
 NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
-SERVER_PID=""
 DASHBOARDS=()
 
-start_server() {  # start_server NAME ARGS...: `duet serve ARGS` in its own process group
-    local name="$1"; shift
-    echo "[features] starting $name: duet serve $*"
-    setsid .venv/bin/duet serve --host 127.0.0.1 --port "$PORT" --disable-log-requests "$@" \
-        > "$OUT/$name-server.log" 2>&1 &
-    SERVER_PID=$!
-    for _ in $(seq 600); do
-        kill -0 "$SERVER_PID" 2>/dev/null || { echo "[features] $name died; see $OUT/$name-server.log" >&2; exit 1; }
-        curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && return
-        sleep 1
-    done
-    echo "[features] $name not ready after 600 s" >&2
-    exit 1
-}
-
-stop_server() {
-    [ -n "$SERVER_PID" ] || return 0
-    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=""
-}
+# shellcheck source=scripts/bench_servers.sh
+source scripts/bench_servers.sh
 trap stop_server EXIT
 
 frontend_cpu_seconds() {  # CPU time of the processes listening on PORT (the frontends)
@@ -71,7 +51,8 @@ measure() {  # measure NAME SEED_OFFSET SERVER_ARGS... --bench BENCH_ARGS...
     local server=()
     while [ "$1" != --bench ]; do server+=("$1"); shift; done
     shift
-    start_server "$name" "${server[@]}"
+    start_server "$name" .venv/bin/duet serve --host 127.0.0.1 --port "$PORT" \
+        --disable-log-requests "${server[@]}"
     [ "${name#dash}" != "$name" ] && open_dashboards 5
     echo "[features] $name: bench"
     local cpu_before

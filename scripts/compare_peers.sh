@@ -25,7 +25,6 @@ VLLM_VERSION=0.32.0
 BENCH=(.venv/bin/python scripts/bench_serve.py --base-url "http://127.0.0.1:$PORT"
        --model "$SERVED" --ignore-eos --temperature 0 --disable-tqdm)
 RANDOM_256_128=(--dataset-name random --input-len 256 --output-len 128)
-SERVER_PID=""
 
 install_vllm() {
     local stamp="$VLLM_VENV/.duet-installed-$VLLM_VERSION"
@@ -52,32 +51,8 @@ export_model() {
     .venv/bin/duet export-model "$MODEL_DIR"
 }
 
-start_server() {  # start_server NAME COMMAND...: runs it in its own process group
-    local name="$1"; shift
-    echo "[peers] starting $name: $*"
-    setsid "$@" > "$OUT/$name-server.log" 2>&1 &
-    SERVER_PID=$!
-    for _ in $(seq 900); do
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            echo "[peers] $name exited during startup; see $OUT/$name-server.log" >&2
-            exit 1
-        fi
-        if .venv/bin/python -c 'import sys, urllib.request
-urllib.request.urlopen(sys.argv[1], timeout=2)' "http://127.0.0.1:$PORT/v1/models" 2>/dev/null; then
-            return
-        fi
-        sleep 1
-    done
-    echo "[peers] $name not ready after 900 s" >&2
-    exit 1
-}
-
-stop_server() {
-    [ -n "$SERVER_PID" ] || return 0
-    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=""
-}
+# shellcheck source=scripts/bench_servers.sh
+source scripts/bench_servers.sh
 trap stop_server EXIT
 
 bench() {  # bench NAME WORKLOAD SEED_OFFSET ARGS...
