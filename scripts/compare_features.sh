@@ -96,6 +96,9 @@ fi
 import json, os, re, subprocess, sys, time
 from pathlib import Path
 
+sys.path.insert(0, "scripts")
+from doc_section import write_section
+
 out, doc, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 PAIRS = [  # (variant, baseline, what differs)
     ("lora4-c16", "base-c16", "4 LoRA adapters mixed (c16)"),
@@ -142,9 +145,8 @@ cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
             if line.startswith("model name")), "?")
 flags = sorted(set(re.findall(r"\b(avx512\w*|avx2|amx\w*)\b", open("/proc/cpuinfo").read())))
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-begin_mark, end_mark = "<!-- compare_features:begin -->", "<!-- compare_features:end -->"
-section = "\n".join([
-    begin_mark,
+marker = "compare_features"
+write_section(doc, marker, [
     f"## duet's features vs duet without them — {time.strftime('%Y-%m-%d')}",
     "",
     f"SmolLM2-135M-Instruct, `--dtype {dtype}` unless marked fp32, {os.cpu_count()} × {cpu} "
@@ -152,14 +154,6 @@ section = "\n".join([
     f"results in `{out}`. Each pair ran in the same invocation with the same seed and workload.",
     "",
     *lines,
-    end_mark,
 ])
-text = doc.read_text()
-begin, end = text.find(begin_mark), text.find(end_mark)
-if begin >= 0 and end > begin:
-    text = text[:begin] + section + text[end + len(end_mark):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-doc.write_text(text)
 print(f"[features] wrote {doc}")
 EOF

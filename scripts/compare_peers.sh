@@ -96,6 +96,9 @@ write_table() {
 import json, os, platform, re, subprocess, sys, time
 from pathlib import Path
 
+sys.path.insert(0, "scripts")
+from doc_section import write_section
+
 out, doc, seed, slo, vllm_version, dtype = Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
 WORKLOADS = ["random-c1", "random-c16", "random-c64", "prefix-repetition", "mixed", "goodput"]
 ROWS = [("output tok/s", "output_throughput", 1), ("total tok/s", "total_token_throughput", 1),
@@ -132,9 +135,7 @@ flags = sorted(set(re.findall(r"\b(avx512\w*|avx2|amx\w*)\b", open("/proc/cpuinf
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 # one section per dtype setting; float32 keeps the marker it always had
 marker = "compare_peers" if dtype == "float32" else f"compare_peers-{dtype}"
-begin_mark, end_mark = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-section = "\n".join([
-    begin_mark,
+write_section(doc, marker, [
     f"## duet vs vLLM (CPU), --dtype {dtype} — {time.strftime('%Y-%m-%d')}",
     "",
     f"SmolLM2-135M-Instruct, `--dtype {dtype}` on both, {os.cpu_count()} × {cpu} "
@@ -144,15 +145,7 @@ section = "\n".join([
     f"`{out}`. Throughputs: a ratio above 1 is better; latencies: below 1 is better.",
     "",
     *lines,
-    end_mark,
 ])
-text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-begin, end = text.find(begin_mark), text.find(end_mark)
-if begin >= 0 and end > begin:
-    text = text[:begin] + section + text[end + len(end_mark):]
-else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-doc.write_text(text)
 print(f"[peers] wrote {doc}")
 EOF
 }
