@@ -70,10 +70,12 @@ def step_prompt_logprobs(
     for req_id, first_row, count in chunks:
         req = requests[req_id]
         top_n = req.sampling.params.prompt_logprobs
+        if top_n is None:  # nearly every request: skip it before any work, every step
+            continue
         prompt = req.sampling.prompt_token_ids
         start = req.num_computed_tokens
         positions = scored_positions(start, start + count, len(prompt))
-        if top_n is None or not positions:
+        if not positions:
             continue
         rows = hidden[first_row : first_row + len(positions)]  # [r, hidden]
         targets = prompt[positions.start + 1 : positions.stop + 1]
