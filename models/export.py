@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from models.config import ModelConfig
-from models.loader import ModelSource, iter_weights, load_config
+from models.loader import ModelSource, load_config
 from models.tokenizer import load_tokenizer
+from models.weights import iter_weights
 
 _HF_ARCHITECTURE = {
     "llama": "LlamaForCausalLM",

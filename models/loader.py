@@ -1,8 +1,7 @@
-"""Find a model, read its config, and stream its weights with Hugging Face names and layouts.
+"""Find a model and read its config: a GGUF file (the embedded default is one) or a Hugging
+Face folder with config.json and *.safetensors. `models.weights` streams the weights.
 
-Two kinds of model are understood: a GGUF file (the embedded default is one) and a Hugging
-Face folder with config.json and *.safetensors. Both yield the same `(hf_name, tensor)`
-pairs, so the model class never knows where its weights came from.
+No torch here: the engine core and the frontends read configs and never load weights.
 """
 
 from __future__ import annotations
@@ -10,19 +9,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import re
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import gguf
-import numpy as np
-import torch
-from gguf.quants import dequantize
-from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
 
 from models.config import ModelConfig
 
@@ -37,25 +29,6 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 GGUF_ARCHITECTURES = ("llama", "qwen2")
-
-# GGUF tensor name -> HF name; per-layer names are under blk.N / model.layers.N
-GGUF_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-GGUF_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 class ModelLoadError(Exception):
@@ -109,47 +82,22 @@ def _embedded_default() -> ModelSource:
 def load_config(source: ModelSource) -> ModelConfig:
     """Read the model's hyper-parameters from GGUF metadata or config.json."""
     if source.kind == "gguf":
-        return _gguf_config(source.path)
-    return _hf_config(source.path)
-
-
-def iter_weights(
-    source: ModelSource, dtype: torch.dtype = torch.float32
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, tensor)` for every weight, in HF layout, converted to `dtype`.
-
-    A progress bar over tensors goes to stderr. `lm_head.weight` is absent when the
-    embeddings are tied.
-    """
-    if source.kind == "gguf":
-        yield from _gguf_weights(source.path, source.name, dtype)
-    else:
-        yield from _safetensors_weights(source.path, source.name, dtype)
-
-
-def _progress(total: int, name: str) -> tqdm:
-    return tqdm(
-        total=total,
-        desc=f"Loading {name}",
-        unit="tensor",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5,  # a few redraws, not hundreds, when stderr goes to a log file
-    )
+        return gguf_config(source.path)
+    return hf_config(source.path)
 
 
 # ---------------------------------------------------------------- Hugging Face folders
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from e
 
 
-def _hf_config(folder: Path) -> ModelConfig:
-    cfg = _read_json(folder / "config.json")
+def hf_config(folder: Path) -> ModelConfig:
+    cfg = read_json(folder / "config.json")
     arch_name = (cfg.get("architectures") or ["<none>"])[0]
     arch = HF_ARCHITECTURES.get(arch_name)
     if arch is None:
@@ -219,43 +167,16 @@ def hf_eos_token_ids(folder: Path) -> tuple[int, ...]:
     ids: list[int] = []
     for file in ("config.json", "generation_config.json"):
         if (folder / file).is_file():
-            eos = _read_json(folder / file).get("eos_token_id")
+            eos = read_json(folder / file).get("eos_token_id")
             ids += [eos] if isinstance(eos, int) else list(eos or [])
     return tuple(dict.fromkeys(ids))
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-        return [folder / shard for shard in shards]
-    return sorted(folder.glob("*.safetensors"))
-
-
-def _safetensors_weights(
-    folder: Path, display_name: str, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
-    tied = _hf_config(folder).tie_word_embeddings
-    files = _safetensors_files(folder)
-    try:
-        handles = [safe_open(str(f), framework="pt") for f in files]
-    except (OSError, SafetensorError) as e:
-        raise ModelLoadError(f"cannot read weights in {folder}: {e}") from e
-    with _progress(sum(len(h.keys()) for h in handles), display_name) as bar:
-        for handle in handles:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                bar.update()
-                # old checkpoints store RoPE tables, and some tied ones keep a redundant head
-                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                    continue
-                yield name, handle.get_tensor(name).to(dtype)
 
 
 # ---------------------------------------------------------------- GGUF files
 
 
 @functools.lru_cache(maxsize=2)
-def _gguf_reader(path: Path) -> gguf.GGUFReader:
+def gguf_reader(path: Path) -> gguf.GGUFReader:
     # NOTE: parsing the header takes seconds (tokenizer arrays), so config + weights share one
     try:
         return gguf.GGUFReader(path)
@@ -265,7 +186,7 @@ def _gguf_reader(path: Path) -> gguf.GGUFReader:
 
 def gguf_metadata(source: ModelSource, key: str, default: Any = None) -> Any:
     """One GGUF metadata value (e.g. "tokenizer.chat_template"), or `default` if absent."""
-    field = _gguf_reader(source.path).fields.get(key)
+    field = gguf_reader(source.path).fields.get(key)
     return default if field is None else field.contents()
 
 
@@ -274,8 +195,8 @@ def _float32_decimal(x: float) -> float:
     return float(f"{x:.7g}")
 
 
-def _gguf_config(path: Path) -> ModelConfig:
-    reader = _gguf_reader(path)
+def gguf_config(path: Path) -> ModelConfig:
+    reader = gguf_reader(path)
     meta = {
         key: field.contents()
         for key, field in reader.fields.items()
@@ -334,43 +255,3 @@ def _gguf_rope_scaling(get: Callable[..., Any]) -> dict | None:
     if (original := get("rope.scaling.original_context_length")) is not None:
         scaling["original_max_position_embeddings"] = original
     return scaling
-
-
-def _gguf_hf_name(gguf_name: str) -> str:
-    base, _, suffix = gguf_name.rpartition(".")
-    if base in GGUF_GLOBAL_NAMES:
-        return f"{GGUF_GLOBAL_NAMES[base]}.{suffix}"
-    m = _GGUF_LAYER_RE.fullmatch(gguf_name)
-    if m is None or m.group(2) not in GGUF_LAYER_NAMES:
-        raise ModelLoadError(f"unexpected GGUF tensor {gguf_name}: not a Llama-family model")
-    layer, part, suffix = m.groups()
-    return f"model.layers.{layer}.{GGUF_LAYER_NAMES[part]}.{suffix}"
-
-
-def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order (pairs interleaved per head) back to HF's halves.
-
-    Works for weights [rows, cols] and biases [rows] alike.
-    """
-    pairs = w.shape[0] // n_head // 2
-    return w.reshape(n_head, pairs, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_weights(
-    path: Path, display_name: str, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
-    config = _gguf_config(path)
-    # only llama.cpp's "llama" converter permutes q/k; qwen2 (NeoX RoPE) stores HF order
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    reader = _gguf_reader(path)
-    with _progress(len(reader.tensors), display_name) as bar:
-        for tensor in reader.tensors:
-            hf_name = _gguf_hf_name(tensor.name)
-            w = dequantize(tensor.data, tensor.tensor_type)  # [rows, cols]: HF's [out, in]
-            part = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else ""
-            if config.architecture == "llama" and part in heads:
-                w = _unpermute_rope_rows(w, heads[part])
-            if not w.flags.writeable:  # F32 tensors come back as views of the read-only mmap
-                w = w.copy()
-            bar.update()
-            yield hf_name, torch.from_numpy(w).to(dtype)

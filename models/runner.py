@@ -15,13 +15,14 @@ from kernels.metadata import AttentionMetadata
 from models import cpu_features
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
-from models.loader import iter_weights, load_config, resolve_model
+from models.loader import load_config, resolve_model
 from models.lora import LoRAManager
 from models.prompt_logprobs import step_prompt_logprobs
 from models.quant_int8 import check_quantization, quantize_model
 from models.rejection_sampler import verify
 from models.sampler import SamplingState, sample
 from models.structured import GrammarMasker, RequestGrammar
+from models.weights import iter_weights
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from models.loader import (
     ModelLoadError,
     ModelSource,
     gguf_metadata,
-    iter_weights,
     load_config,
     resolve_model,
 )
 from models.tokenizer import Tokenizer, load_tokenizer
+from models.weights import iter_weights
 
 JAPAN = "What is the capital of Japan?"
 CHAT = [{"role": "user", "content": JAPAN}]
