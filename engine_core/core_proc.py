@@ -196,8 +196,8 @@ def pool_engine(config: EngineConfig, link: WorkerLink) -> PoolEngine:
     roles = ["prefill"] * config.prefill_workers + ["decode"] * config.decode_workers
     for role in ["mixed"] if config.colocated else roles:
         spawn(role)
+    make = scheduler_factory(config)  # reads the model's config while the workers load it
     link.wait_ready(list(link.processes))
-    make = scheduler_factory(config)
     engine = PoolEngine(
         link,
         lambda ready: make(ready.num_blocks, ready.max_model_len, ready.role),

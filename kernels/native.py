@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from models.cpu_features import cpu_flags
+from models.disk_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +46,6 @@ _FLAGS = [
 # crtfastmath.o, whose constructor turns on flush-to-zero for the whole process that loads
 # the library (torch's results and every subnormal in Python included)
 _LINK_FLAGS = ["-shared", "-fopenmp"]
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("DUET_CACHE_DIR") or Path.home() / ".cache" / "duet"
-    return Path(root) / "kernels"
 
 
 def _build_key() -> str:
@@ -86,7 +82,7 @@ def load() -> ctypes.CDLL | None:
     if "avx2" not in cpu_flags():  # the kernels' oldest twin is AVX2
         logger.info("no AVX2 on this CPU: using the torch attention path")
         return None
-    target = _cache_dir() / f"duet_kernels_{_build_key()}.so"
+    target = cache_dir() / "kernels" / f"duet_kernels_{_build_key()}.so"
     try:
         if not target.exists():
             if shutil.which(os.environ.get("CC", "cc")) is None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from kernels import AttentionBackend, get_attention_backend
 from kernels.metadata import AttentionMetadata
@@ -90,10 +91,13 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        self.qkv_proj = skip_init(
+            nn.Linear,
+            config.hidden_size,
+            self.q_size + 2 * self.kv_size,
+            bias=config.attention_bias,
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = skip_init(nn.Linear, self.q_size, config.hidden_size, bias=False)
         self.rope = rope
 
     def forward(
@@ -121,8 +125,10 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
-        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
+        self.gate_up_proj = skip_init(
+            nn.Linear, config.hidden_size, 2 * self.intermediate, bias=False
+        )
+        self.down_proj = skip_init(nn.Linear, self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -158,7 +164,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         rope = RotaryEmbedding(config, max_positions or config.max_position_embeddings)
         attn = get_attention_backend(device)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = skip_init(nn.Embedding, config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, rope, attn) for _ in range(config.num_hidden_layers)
         )
@@ -166,7 +172,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            else skip_init(nn.Linear, config.hidden_size, config.vocab_size, bias=False)
         )
 
     @torch.inference_mode()

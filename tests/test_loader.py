@@ -297,3 +297,25 @@ def test_tiny_checkpoint_tokenizer(
     assert tokenizer.encode(JAPAN) == default_tokenizer.encode(JAPAN)
     assert tokenizer.apply_chat_template(CHAT) == default_tokenizer.apply_chat_template(CHAT)
     assert tokenizer.eos_token_ids == (2,)
+
+
+def test_gguf_config_and_weights_come_back_from_the_disk_cache(
+    default_source: ModelSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DUET_CACHE_DIR", str(tmp_path))
+    config = load_config(default_source)
+    fresh = dict(iter_weights(default_source, torch.bfloat16))
+    (config_entry,) = (tmp_path / "configs").iterdir()
+    (weights_entry,) = (tmp_path / "weights").iterdir()
+    assert load_config(default_source) == config
+    cached = dict(iter_weights(default_source, torch.bfloat16))
+    assert cached.keys() == fresh.keys()
+    assert all(torch.equal(cached[name], fresh[name]) for name in fresh)
+    assert all(cached[name].dtype == torch.bfloat16 for name in cached)
+    # a damaged entry is derived again (and rewritten), never trusted
+    config_entry.write_bytes(b"{")
+    weights_entry.write_bytes(b"not safetensors")
+    assert load_config(default_source) == config
+    again = dict(iter_weights(default_source, torch.bfloat16))
+    assert all(torch.equal(again[name], fresh[name]) for name in fresh)
+    assert weights_entry.stat().st_size > 2**20
