@@ -9,7 +9,10 @@
 #
 # Needs a container runtime with a running daemon (docker; DOCKER=podman should work but
 # has not been tried) and python3, curl and git on the host. Not part of scripts/test.sh:
-# CI has no container daemon. docs/deploy.md has a run's commands and figures.
+# CI has no container daemon. docs/deploy.md has a run's commands and figures. A dockerd
+# started on a developer's machine leaves iptables' FORWARD policy at DROP with bridge
+# netfilter on, which cuts tests/test_disagg_netns.py's bridge: docs/deploy.md says how
+# to undo it.
 #
 # Usage: scripts/check_image.sh [docker build arguments...]
 #   e.g. scripts/check_image.sh --build-arg BASE=local/debian-python:bookworm
