@@ -82,3 +82,19 @@ def test_worker_health_probe_turns_ready_when_the_worker_has_joined() -> None:
     health.mark_ready()
     assert status(f"http://127.0.0.1:{port}/health") == 200
     assert status(f"http://127.0.0.1:{port}/other") == 404
+
+
+def test_readme_containers_run_the_manifests_commands() -> None:
+    """README's "Without a cluster" block starts each role with its manifest's own args."""
+    readme = (BASE.parent.parent / "README.md").read_text()
+    block = readme[readme.index("docker network create duet") :]
+    block = block[: block.index("```")].replace("\\\n", " ")
+    started = {}
+    for line in block.splitlines():
+        if "docker run" in line and "--name duet-" in line:
+            name = line.split("--name ")[1].split()[0]
+            started[name] = line.split("duet:latest ")[1].split()
+    loop = started.pop("duet-$role")
+    for role in ("prefill", "decode"):
+        started[f"duet-{role}"] = [a.replace("$role", role) for a in loop]
+    assert started == {name: role.argv[1:] for name, role in deployments().items()}
