@@ -38,9 +38,13 @@ class StackedLoRA:
     b_col: list[int]
     size: list[int]
     shard_args: torch.Tensor = field(init=False)  # int32 [3, shards]: y_col, b_col, size
+    kernel_args: tuple = field(init=False)  # the C kernel's weight arguments, made once
 
     def __post_init__(self) -> None:
         self.shard_args = torch.tensor([self.y_col, self.b_col, self.size], dtype=torch.int32)
+        y_col, b_col, size = (self.shard_args[i].data_ptr() for i in range(3))
+        self.kernel_args = (self.a.data_ptr(), self.b.data_ptr(), self.rank, len(self.size),
+                            y_col, b_col, size)  # fmt: skip
 
     @property
     def slots(self) -> int:
@@ -66,12 +70,15 @@ class LoRARows:
     seg: torch.Tensor  # [slots + 1] int32: slot s owns rows[seg[s] : seg[s + 1]]
     scale: torch.Tensor  # [slots] fp32: each slot's adapter's alpha / r (0 for none)
     rows32: torch.Tensor = field(init=False)  # rows as int32, for the kernel
+    kernel_args: tuple = field(init=False)  # the C kernel's row arguments
     present: list[int] = field(init=False)  # slots with at least one row
     scales: list[float] = field(init=False)
     _weights: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rows32 = self.rows.to(torch.int32)
+        self.kernel_args = (self.rows32.data_ptr(), self.seg.data_ptr(), len(self.scale),
+                            self.scale.data_ptr())  # fmt: skip
         counts = (self.seg[1:] - self.seg[:-1]).tolist()
         self.present = [s for s, n in enumerate(counts) if n]
         self.scales = self.scale.tolist()
@@ -135,12 +142,11 @@ def add_lora_native(
     y: torch.Tensor, x: torch.Tensor, stack: StackedLoRA, rows: LoRARows, isa: str
 ) -> None:
     """The C kernel's twin for `isa` ("avx512" or "avx2"); x and y contiguous."""
-    y_col, b_col, size = (stack.shard_args[i] for i in range(3))
+    rows_ptr, seg, slots, scale = rows.kernel_args
+    a, b, rank, shards, y_col, b_col, size = stack.kernel_args
     getattr(_kernels(), f"lora_bgmv_{isa}")(
-        x.data_ptr(), y.data_ptr(), _DTYPE_FLAG[x.dtype], x.shape[1], y.shape[1],
-        rows.rows32.data_ptr(), rows.seg.data_ptr(), stack.slots, stack.a.data_ptr(),
-        stack.b.data_ptr(), rows.scale.data_ptr(), stack.rank, len(stack.size),
-        y_col.data_ptr(), b_col.data_ptr(), size.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), y.data_ptr(), _DTYPE_FLAG[x.dtype], x.shape[1], y.shape[1], rows_ptr,
+        seg, slots, a, b, scale, rank, shards, y_col, b_col, size, torch.get_num_threads(),
     )  # fmt: skip
 
 

@@ -21,8 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bf16.h"
-
 #define MR 4      // rows of one slot per tile
 #define NV_MAX 4  // output vectors per register tile
 

@@ -13,17 +13,54 @@ typedef float LB_NAME(vf_) __attribute__((vector_size(VLANES * 4)));
 typedef uint32_t LB_NAME(vu_) __attribute__((vector_size(VLANES * 4)));
 typedef uint16_t LB_NAME(vh_) __attribute__((vector_size(VLANES * 2)));
 
+// bf16 <-> fp32 a vector at a time (bf16.h's scalar helpers are compiled for the build
+// machine and would not inline here); rounding to nearest even as torch, NaN kept quiet
+static inline __attribute__((always_inline)) LB_NAME(vf_) LB_NAME(widen_)(LB_NAME(vh_) h) {
+    return (LB_NAME(vf_))(__builtin_convertvector(h, LB_NAME(vu_)) << 16);
+}
+
+static inline __attribute__((always_inline)) LB_NAME(vh_) LB_NAME(narrow_)(LB_NAME(vf_) f) {
+    const LB_NAME(vu_) bits = (LB_NAME(vu_))f;
+    const LB_NAME(vu_) nan = (LB_NAME(vu_))((bits & 0x7fffffffu) > 0x7f800000u);
+    const LB_NAME(vu_) rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return __builtin_convertvector((rounded & ~nan) | (((bits >> 16) | 0x40u) & nan),
+                                   LB_NAME(vh_));
+}
+
 // VLANES weights from `w + at` (fp32, or bf16 widened: bf16 is fp32's top 16 bits)
 static inline __attribute__((always_inline)) LB_NAME(vf_)
     LB_NAME(load_w_)(const void *w, long at, int bf16) {
     if (bf16) {
         LB_NAME(vh_) h;
         memcpy(&h, (const uint16_t *)w + at, VLANES * 2);
-        return (LB_NAME(vf_))(__builtin_convertvector(h, LB_NAME(vu_)) << 16);
+        return LB_NAME(widen_)(h);
     }
     LB_NAME(vf_) f;
     memcpy(&f, (const float *)w + at, VLANES * 4);
     return f;
+}
+
+// dst[0 .. n) += add[0 .. n), n <= VLANES, on fp32 or bf16 (one rounding per element); a
+// whole vector moves with constant-size copies (single loads and stores), a tail by bytes
+static inline __attribute__((always_inline)) void LB_NAME(add_to_)(void *dst, const float *add,
+                                                                   int n, int bf16) {
+    LB_NAME(vf_) a;
+    memcpy(&a, add, VLANES * 4);
+    if (bf16) {
+        LB_NAME(vh_) h = {0};
+        if (n == VLANES) memcpy(&h, dst, VLANES * 2);
+        else memcpy(&h, dst, (size_t)n * 2);
+        h = LB_NAME(narrow_)(LB_NAME(widen_)(h) + a);
+        if (n == VLANES) memcpy(dst, &h, VLANES * 2);
+        else memcpy(dst, &h, (size_t)n * 2);
+    } else {
+        LB_NAME(vf_) d = {0};
+        if (n == VLANES) memcpy(&d, dst, VLANES * 4);
+        else memcpy(&d, dst, (size_t)n * 4);
+        d += a;
+        if (n == VLANES) memcpy(dst, &d, VLANES * 4);
+        else memcpy(dst, &d, (size_t)n * 4);
+    }
 }
 
 // acc[r][0 .. nv * VLANES) = sum_i in[r * ldi + i] * w[i * ldw + n] for rows <= MR: one
@@ -80,7 +117,15 @@ static void LB_NAME(lora_tile_)(const void *x, void *y, int bf16, int in_feature
         float *dst = xf + (long)r * in_features;
         if (bf16) {
             const uint16_t *src = (const uint16_t *)x + (long)idx[r] * in_features;
-            for (int i = 0; i < in_features; ++i) dst[i] = bf16_load(src[i]);
+            for (int i = 0; i < in_features; i += VLANES) {
+                const int n = in_features - i < VLANES ? in_features - i : VLANES;
+                LB_NAME(vh_) h = {0};
+                if (n == VLANES) memcpy(&h, src + i, VLANES * 2);
+                else memcpy(&h, src + i, (size_t)n * 2);
+                const LB_NAME(vf_) f = LB_NAME(widen_)(h);
+                if (n == VLANES) memcpy(dst + i, &f, VLANES * 4);
+                else memcpy(dst + i, &f, (size_t)n * 4);
+            }
         } else {
             memcpy(dst, (const float *)x + (long)idx[r] * in_features,
                    sizeof(float) * (size_t)in_features);
@@ -108,14 +153,12 @@ static void LB_NAME(lora_tile_)(const void *x, void *y, int bf16, int in_feature
             LB_NAME(tile_any_)(xa + j * rank, R, w, cols, rank, rows, (n + VLANES - 1) / VLANES,
                                bf16, acc);
             for (int r = 0; r < rows; ++r) {
-                const float *d = acc + r * NV_MAX * VLANES;
                 const long at_y = (long)idx[r] * y_stride + y_col[j] + c0;
-                if (bf16) {
-                    uint16_t *dst = (uint16_t *)y + at_y;
-                    for (int c = 0; c < n; ++c) dst[c] = bf16_store(bf16_load(dst[c]) + d[c]);
-                } else {
-                    float *dst = (float *)y + at_y;
-                    for (int c = 0; c < n; ++c) dst[c] += d[c];
+                void *dst = bf16 ? (void *)((uint16_t *)y + at_y) : (void *)((float *)y + at_y);
+                for (int c = 0; c < n; c += VLANES) {
+                    const int m = n - c < VLANES ? n - c : VLANES;
+                    void *d = bf16 ? (void *)((uint16_t *)dst + c) : (void *)((float *)dst + c);
+                    LB_NAME(add_to_)(d, acc + r * NV_MAX * VLANES + c, m, bf16);
                 }
             }
         }
