@@ -163,7 +163,7 @@ flags = sorted(set(re.findall(r"\b(avx512\w*|avx2|amx\w*)\b", open("/proc/cpuinf
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 marker, groups = "compare_features", ""
 if only != default_groups:
-    marker, groups = f"compare_features {' '.join(only)}", f" (groups: {', '.join(only)})"
+    marker, groups = f"compare_features-{'-'.join(only)}", f" (groups: {', '.join(only)})"
 write_section(doc, marker, [
     f"## duet's features vs duet without them{groups} — {time.strftime('%Y-%m-%d')}",
     "",
