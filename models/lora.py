@@ -2,24 +2,23 @@
 
 Every targeted linear is wrapped in a `LoRALinear` that adds, for the rows of adapter
 tokens only, `(x @ A[a].T) @ B[a].T * scaling[a]`. The adapters resident in the worker's
-`max_loras` slots are stacked per linear (shard-major: q, k, v of the fused qkv, then
-their slots), so a step costs one A matmul and one B matmul per shard whatever the mix:
-a per-row mask keeps each token's own adapter's columns (and carries its scaling), in the
-spirit of Punica's SGMV without a custom kernel. Base tokens are never gathered, and a
-step without adapter tokens runs the plain linears.
-"""
+`max_loras` slots are stacked per linear (every fused shard, rank padded to the largest),
+and one call per linear applies each token's own adapter (kernels/lora.py: Punica's SGMV
+as a native kernel over rows grouped by slot, or torch). Base tokens are never touched,
+and a step without adapter tokens runs the plain linears."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from engine_core.messages.lora import LoRARef
+from kernels.lora import LoRARows, StackedLoRA, add_lora, empty_stack
 from models.config import ModelConfig
 from models.lora_files import AdapterSpec, LoRAError, module_shapes, read_adapter
 
@@ -52,81 +51,44 @@ def load_adapter(spec: AdapterSpec, ref: LoRARef, dtype: torch.dtype) -> Adapter
     return AdapterWeights(ref, spec.rank, spec.scaling, tensors)
 
 
-@dataclass
-class ShardStack:
-    """One output shard's slice of a stack: columns [start, end) of x @ A.T feed B_t."""
-
-    offset: int  # first output column of the shard in the fused linear
-    start: int
-    end: int
-    b_t: torch.Tensor  # [end - start, shard size]
-
-
-@dataclass
-class LinearStack:
-    """The resident adapters' weights for one wrapped linear."""
-
-    a: torch.Tensor  # [R, in]: every shard's A rows, shard-major then slot
-    shards: list[ShardStack]
-    col_slot: torch.Tensor  # [R] int64: the slot each column belongs to
-    col_scale: torch.Tensor  # [R]: that slot's scaling
-    layout: tuple  # equal layouts share one mask per step
-
-
 def build_stack(
     slots: Sequence[AdapterWeights | None],
     layer: int,
     shards: Sequence[tuple[str, int, int]],
     dtype: torch.dtype,
-) -> LinearStack | None:
-    """Stack the slots' A/B of (layer, target) for each (target, offset, size) shard."""
-    a_rows: list[torch.Tensor] = []
-    stacks: list[ShardStack] = []
-    col_slot: list[int] = []
-    col_scale: list[float] = []
-    layout: list[tuple[int, int]] = []
-    for target, offset, _size in shards:
-        start, b_rows = len(col_slot), []
-        for slot, adapter in enumerate(slots):
-            pair = None if adapter is None else adapter.tensors.get((layer, target))
-            if pair is None:
-                continue
-            a_rows.append(pair[0])
-            b_rows.append(pair[1].t())
-            col_slot += [slot] * adapter.rank
-            col_scale += [adapter.scaling] * adapter.rank
-            layout.append((slot, adapter.rank))
-        if b_rows:
-            b_t = torch.cat(b_rows).contiguous()
-            stacks.append(ShardStack(offset, start, len(col_slot), b_t))
-    if not stacks:
+) -> StackedLoRA | None:
+    """Stack the slots' A/B of (layer, target) for each (target, offset, size) shard that
+    some slotted adapter targets, in the kernel's layout (kernels/lora.StackedLoRA)."""
+    pairs = {
+        (slot, target): pair
+        for slot, adapter in enumerate(slots)
+        if adapter is not None
+        for target, _, _ in shards
+        if (pair := adapter.tensors.get((layer, target))) is not None
+    }
+    used = [shard for shard in shards if any(target == shard[0] for _, target in pairs)]
+    if not used:
         return None
-    return LinearStack(
-        a=torch.cat(a_rows).contiguous(),
-        shards=stacks,
-        col_slot=torch.tensor(col_slot, dtype=torch.int64),
-        col_scale=torch.tensor(col_scale, dtype=dtype),
-        layout=tuple(layout),
-    )
+    rank = max(a.shape[0] for a, _ in pairs.values())
+    in_features = next(iter(pairs.values()))[0].shape[1]
+    sizes = [size for _, _, size in used]
+    b_cols = [sum(sizes[:j]) for j in range(len(used))]
+    a_all, b_all = empty_stack(len(slots), in_features, rank, sizes, dtype)
+    width = len(used) * rank
+    for (slot, target), (a, b) in pairs.items():
+        j = next(j for j, shard in enumerate(used) if shard[0] == target)
+        r, col = a.shape[0], slot * width + j * rank
+        a_all[:, col : col + r] = a.t()
+        b_all[slot * rank : slot * rank + r, b_cols[j] : b_cols[j] + sizes[j]] = b.t()
+    return StackedLoRA(a_all, b_all, rank, [o for _, o, _ in used], b_cols, sizes)
 
 
 @dataclass
 class LoRABatch:
-    """One step's adapter rows: which rows of the flat batch use which slot."""
+    """One step's adapter rows: how many rows the flat batch has, and which use which slot."""
 
     num_tokens: int  # T, the flat batch's rows
-    rows: torch.Tensor | None  # [N] rows with an adapter; None when every row has one
-    row_slot: torch.Tensor  # [N] int64 slot of each such row
-    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # layout -> [N, R]
-
-    def mask(self, stack: LinearStack) -> torch.Tensor:
-        """[N, R]: a row's scaling on its own slot's columns, 0 elsewhere."""
-        mask = self.masks.get(stack.layout)
-        if mask is None:
-            own = self.row_slot[:, None] == stack.col_slot[None, :]
-            mask = own.to(stack.col_scale.dtype) * stack.col_scale
-            self.masks[stack.layout] = mask
-        return mask
+    rows: LoRARows
 
 
 class LoRAState:
@@ -143,7 +105,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.state = state
-        self.stack: LinearStack | None = None
+        self.stack: StackedLoRA | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -154,16 +116,7 @@ class LoRALinear(nn.Module):
             # NOTE: a forward over rows other than the ones set_batch was told about (a
             # new caller of the model) would apply adapters to the wrong tokens
             raise RuntimeError(f"LoRA batch is for {batch.num_tokens} rows, got {x.shape[0]}")
-        # x: [T, in] -> xs: [N, in], the adapter rows only
-        xs = x if batch.rows is None else x.index_select(0, batch.rows)
-        xa = torch.nn.functional.linear(xs, stack.a) * batch.mask(stack)  # [N, R]
-        for shard in stack.shards:
-            delta = xa[:, shard.start : shard.end] @ shard.b_t  # [N, shard size]
-            out = y.narrow(1, shard.offset, delta.shape[1])
-            if batch.rows is None:
-                out += delta
-            else:
-                out.index_add_(0, batch.rows, delta)
+        add_lora(y, x, stack, batch.rows)
         return y
 
 
@@ -201,13 +154,8 @@ class LoRAManager:
             [-1 if ref is None else slot_of[ref.key] for ref, n in rows for _ in range(n)],
             dtype=torch.int64,
         )
-        adapter_rows = (slot_per_row >= 0).nonzero().flatten()
-        every_row = len(adapter_rows) == len(slot_per_row)
-        self.state.batch = LoRABatch(
-            num_tokens=len(slot_per_row),
-            rows=None if every_row else adapter_rows,
-            row_slot=slot_per_row[adapter_rows],
-        )
+        scale = [0.0 if a is None else a.scaling for a in self.slots]
+        self.state.batch = LoRABatch(len(slot_per_row), LoRARows.of(slot_per_row, scale))
 
     def _activate(self, wanted: dict[str, LoRARef]) -> dict[str, int]:
         """Put every wanted adapter in a slot, evicting ones this step does not use."""

@@ -3,9 +3,12 @@
 
 B sequences, each with a context of --context tokens already in the paged KV cache, all
 decode one token; the median of --steps steps after --warmup ones is printed per batch
-size. Measures the model alone: no scheduler, no sockets, no sampler.
+size. Measures the model alone: no scheduler, no sockets, no sampler. With --lora N, N
+random rank-16 adapters are mixed round-robin over the batch, timed alternately with a step
+of base rows only (the same model, LoRA wrapped) so the ratio comes from one run.
 
     .venv/bin/python scripts/bench_decode_step.py --dtype bfloat16 --batch-sizes 1 16 64
+    .venv/bin/python scripts/bench_decode_step.py --batch-sizes 16 --lora 4
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from make_lora_adapters import write_random_adapter
 
 from engine_core.messages.config import EngineConfig
+from engine_core.messages.lora import LoRARef
 from kernels.metadata import AttentionMetadata
+from models.lora_files import module_shapes
 from models.runner import ModelRunner
 
 
@@ -47,17 +55,43 @@ def decode_inputs(
     return ids, torch.full((batch,), context, dtype=torch.int64), meta
 
 
-def step_ms(runner: ModelRunner, batch: int, context: int, steps: int, warmup: int) -> float:
+def step_ms(
+    runner: ModelRunner,
+    batch: int,
+    context: int,
+    steps: int,
+    warmup: int,
+    adapters: Sequence[list[LoRARef] | None] = (None,),
+) -> list[float]:
+    """Median ms per step for each entry of `adapters` (None: base rows only; a list of
+    refs: mixed round-robin over the rows), the entries timed in turn within each step."""
     ids, positions, meta = decode_inputs(batch, context, runner.block_size)
-    times = []
+    times: list[list[float]] = [[] for _ in adapters]
     with torch.inference_mode():
         for i in range(warmup + steps):
-            start = time.perf_counter()
-            hidden = runner.model(ids, positions, runner.kv_cache, meta)
-            runner.model.compute_logits(hidden)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+            for which, refs in enumerate(adapters):
+                if runner.lora is not None:
+                    rows = [
+                        (None if refs is None else refs[b % len(refs)], 1) for b in range(batch)
+                    ]
+                    runner.lora.set_batch(rows)
+                start = time.perf_counter()
+                hidden = runner.model(ids, positions, runner.kv_cache, meta)
+                runner.model.compute_logits(hidden)
+                if i >= warmup:
+                    times[which].append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def random_adapters(runner: ModelRunner, count: int, folder: Path) -> list[LoRARef]:
+    """`count` rank-16 adapters on every target (scripts/make_lora_adapters.py's)."""
+    config = runner.model_config
+    refs = []
+    for i in range(count):
+        write_random_adapter(folder / f"a{i}", module_shapes(config), config.num_hidden_layers,
+                             rank=16, seed=i)  # fmt: skip
+        refs.append(LoRARef(f"a{i}", str(folder / f"a{i}")))
+    return refs
 
 
 def main() -> None:
@@ -70,6 +104,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--lora", type=int, default=0, help="adapters mixed (vs base rows)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = EngineConfig(
@@ -78,13 +113,20 @@ def main() -> None:
         quantization=args.quantization,
         kv_cache_memory=1 << 30,
         max_model_len=2048,
+        enable_lora=args.lora > 0,
+        max_loras=max(args.lora, 1),
     )
     runner = ModelRunner(config)
-    for batch in args.batch_sizes:
-        ms = step_ms(runner, batch, args.context, args.steps, args.warmup)
-        print(
-            f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}: {ms:.1f} ms/step"
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = [None] + ([random_adapters(runner, args.lora, Path(tmp))] if args.lora else [])
+        for batch in args.batch_sizes:
+            ms = step_ms(runner, batch, args.context, args.steps, args.warmup, adapters)
+            head = f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}"
+            if args.lora:
+                print(f"{head}: base {ms[0]:.1f} ms/step, {args.lora} adapters mixed "
+                      f"{ms[1]:.1f} ms/step ({ms[1] / ms[0]:.2f}x)")  # fmt: skip
+            else:
+                print(f"{head}: {ms[0]:.1f} ms/step")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 # Sourced by the benchmark scripts: one server at a time in its own process group.
-# Needs PORT and OUT set; sets SERVER_PID. A server is ready when /v1/models answers.
+# Needs PORT and OUT set; sets SERVER_PID. A server is ready when /health and /v1/models
+# answer (duet's frontend lists models before its engine core is up; /health waits for it).
 
 SERVER_PID=""
 
@@ -13,7 +14,8 @@ start_server() {  # start_server NAME COMMAND...: logs to $OUT/NAME-server.log
             echo "[bench] $name exited during startup; see $OUT/$name-server.log" >&2
             exit 1
         fi
-        curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && return
+        curl -sf "http://127.0.0.1:$PORT/health" > /dev/null \
+            && curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && return
         sleep 1
     done
     echo "[bench] $name not ready after 900 s" >&2

@@ -7,8 +7,11 @@
 #          open dashboards polling /dashboard/stats once a second (frontend CPU compared)
 #   c1     the same at concurrency 1: base, --async-scheduling, --quantization int8
 #   spec   copy-heavy chats at concurrency 1, float32: without and with n-gram speculation
+#   lora   c16's base and 4-LoRA pair alone, twice in turn (not in the default set)
 # HEAVY: takes both cores for ~15 minutes; run it alone. Knobs: PORT, OUT, SEED_BASE, DTYPE
-# (auto), ONLY (a space-separated subset of the groups).
+# (auto), ONLY (a space-separated subset of the groups; a run of other than the default set
+# writes its own section of docs/benchmarks.md), VENV (.venv; another one is used as it is,
+# without scripts/install.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +19,10 @@ PORT="${PORT:-8021}"
 OUT="${OUT:-bench_results/features-$(date +%Y%m%d-%H%M%S)}"
 SEED_BASE="${SEED_BASE:-$(date +%s)}"
 DTYPE="${DTYPE:-auto}"
-ONLY="${ONLY:-c16 c1 spec}"
-BENCH=(.venv/bin/duet bench serve --base-url "http://127.0.0.1:$PORT" --disable-tqdm)
+DEFAULT_GROUPS="c16 c1 spec"
+ONLY="${ONLY:-$DEFAULT_GROUPS}"
+VENV="${VENV:-.venv}"
+BENCH=("$VENV/bin/duet" bench serve --base-url "http://127.0.0.1:$PORT" --disable-tqdm)
 RANDOM_256_128=(--dataset-name random --input-len 256 --output-len 128 --ignore-eos --temperature 0)
 RANDOM_C16=("${RANDOM_256_128[@]}" --num-prompts 48 --max-concurrency 16 --num-warmups 8)
 RANDOM_C1=("${RANDOM_256_128[@]}" --num-prompts 8 --max-concurrency 1 --num-warmups 2)
@@ -51,7 +56,7 @@ measure() {  # measure NAME SEED_OFFSET SERVER_ARGS... --bench BENCH_ARGS...
     local server=()
     while [ "$1" != --bench ]; do server+=("$1"); shift; done
     shift
-    start_server "$name" .venv/bin/duet serve --host 127.0.0.1 --port "$PORT" \
+    start_server "$name" "$VENV/bin/duet" serve --host 127.0.0.1 --port "$PORT" \
         --disable-log-requests "${server[@]}"
     [ "${name#dash}" != "$name" ] && open_dashboards 5
     echo "[features] $name: bench"
@@ -67,16 +72,25 @@ measure() {  # measure NAME SEED_OFFSET SERVER_ARGS... --bench BENCH_ARGS...
 
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
 
-scripts/install.sh
+[ "$VENV" = .venv ] && scripts/install.sh
 mkdir -p "$OUT"
 echo "[features] results in $OUT, seeds from $SEED_BASE"
+modules=()
+for i in 0 1 2 3; do modules+=("a$i=$OUT/adapters/a$i"); done
+lora_pair() {  # lora_pair SUFFIX: base, then 4 adapters mixed, at c16
+    measure "base-c16$1" 1 --dtype "$DTYPE" --bench "${RANDOM_C16[@]}"
+    measure "lora4-c16$1" 1 --dtype "$DTYPE" --enable-lora --max-loras 4 \
+        --lora-modules "${modules[@]}" --bench "${RANDOM_C16[@]}" --lora-modules a0 a1 a2 a3
+}
+if wants c16 || wants lora; then
+    "$VENV/bin/python" scripts/make_lora_adapters.py "$OUT/adapters" --count 4
+fi
+if wants lora; then
+    lora_pair ""
+    lora_pair -2
+fi
 if wants c16; then
-    .venv/bin/python scripts/make_lora_adapters.py "$OUT/adapters" --count 4
-    modules=()
-    for i in 0 1 2 3; do modules+=("a$i=$OUT/adapters/a$i"); done
-    measure base-c16 1 --dtype "$DTYPE" --bench "${RANDOM_C16[@]}"
-    measure lora4-c16 1 --dtype "$DTYPE" --enable-lora --max-loras 4 --lora-modules "${modules[@]}" \
-        --bench "${RANDOM_C16[@]}" --lora-modules a0 a1 a2 a3
+    wants lora || lora_pair ""
     measure json-c16 1 --dtype "$DTYPE" --bench "${RANDOM_C16[@]}" --structured-output json_schema
     measure async-c16 1 --dtype "$DTYPE" --async-scheduling --bench "${RANDOM_C16[@]}"
     measure int8-c16 1 --dtype "$DTYPE" --quantization int8 --bench "${RANDOM_C16[@]}"
@@ -92,7 +106,7 @@ if wants spec; then
     measure spec-copy-c1 3 --dtype float32 --speculative-config "$NGRAM" --bench "${COPY_C1[@]}"
 fi
 
-.venv/bin/python - "$OUT" docs/benchmarks.md "$DTYPE" <<'EOF'
+"$VENV/bin/python" - "$OUT" docs/benchmarks.md "$DTYPE" "$ONLY" "$DEFAULT_GROUPS" <<'EOF'
 import json, os, re, subprocess, sys, time
 from pathlib import Path
 
@@ -100,8 +114,10 @@ sys.path.insert(0, "scripts")
 from doc_section import write_section
 
 out, doc, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+only, default_groups = sys.argv[4].split(), sys.argv[5].split()
 PAIRS = [  # (variant, baseline, what differs)
     ("lora4-c16", "base-c16", "4 LoRA adapters mixed (c16)"),
+    ("lora4-c16-2", "base-c16-2", "4 LoRA adapters mixed (c16, again)"),
     ("json-c16", "base-c16", "json_schema on every request (c16)"),
     ("async-c16", "base-c16", "--async-scheduling (c16)"),
     ("int8-c16", "base-c16", "--quantization int8 (c16)"),
@@ -145,9 +161,11 @@ cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
             if line.startswith("model name")), "?")
 flags = sorted(set(re.findall(r"\b(avx512\w*|avx2|amx\w*)\b", open("/proc/cpuinfo").read())))
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-marker = "compare_features"
+marker, groups = "compare_features", ""
+if only != default_groups:
+    marker, groups = f"compare_features-{'-'.join(only)}", f" (groups: {', '.join(only)})"
 write_section(doc, marker, [
-    f"## duet's features vs duet without them — {time.strftime('%Y-%m-%d')}",
+    f"## duet's features vs duet without them{groups} — {time.strftime('%Y-%m-%d')}",
     "",
     f"SmolLM2-135M-Instruct, `--dtype {dtype}` unless marked fp32, {os.cpu_count()} × {cpu} "
     f"(flags: {' '.join(flags)}), duet {rev}. Written by `scripts/compare_features.sh`; raw "
