@@ -6,6 +6,10 @@ decode one token; the median of --steps steps after --warmup ones is printed per
 size. Measures the model alone: no scheduler, no sockets, no sampler.
 
     .venv/bin/python scripts/bench_decode_step.py --dtype bfloat16 --batch-sizes 1 16 64
+
+--compare-unfused alternates, in this one process, --rounds runs with the fused C ops
+(kernels/fused.py) and runs with their torch ops (DUET_DISABLE_FUSED_OPS=1), and prints
+both medians and their ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from engine_core.messages.config import EngineConfig
+from kernels import fused
 from kernels.metadata import AttentionMetadata
 from models.runner import ModelRunner
 
@@ -60,6 +65,18 @@ def step_ms(runner: ModelRunner, batch: int, context: int, steps: int, warmup: i
     return statistics.median(times) * 1e3
 
 
+def compare_unfused(runner: ModelRunner, batch: int, args: argparse.Namespace) -> str:
+    """Fused and torch ops alternately, --rounds times each: both medians and the ratio."""
+    times: dict[str, list[float]] = {"fused": [], "torch": []}
+    for _ in range(args.rounds):
+        for label in times:
+            os.environ[fused.DISABLE_ENV] = "1" if label == "torch" else "0"
+            times[label].append(step_ms(runner, batch, args.context, args.steps, args.warmup))
+    os.environ.pop(fused.DISABLE_ENV)
+    ours, ref = (statistics.median(times[k]) for k in ("fused", "torch"))
+    return f"fused {ours:.1f} ms/step, torch ops {ref:.1f} ms/step, ratio {ours / ref:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="auto")
@@ -70,6 +87,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--compare-unfused", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (--compare-unfused)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = EngineConfig(
@@ -81,10 +100,12 @@ def main() -> None:
     )
     runner = ModelRunner(config)
     for batch in args.batch_sizes:
+        head = f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}"
+        if args.compare_unfused:
+            print(f"{head}: {compare_unfused(runner, batch, args)}", flush=True)
+            continue
         ms = step_ms(runner, batch, args.context, args.steps, args.warmup)
-        print(
-            f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}: {ms:.1f} ms/step"
-        )
+        print(f"{head}: {ms:.1f} ms/step", flush=True)
 
 
 if __name__ == "__main__":
