@@ -25,7 +25,7 @@ DISABLE_ENV = "DUET_DISABLE_FUSED_OPS"
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # rows run on one thread below this many elements: an OpenMP fork/join costs microseconds,
 # more than a small batch's whole op
-_PARALLEL_MIN = 1 << 15
+_PARALLEL_MIN = 1 << 16
 _MAX_HEAD_DIM = 256  # the kernel's per-head scratch row (CHUNK in fused_ops.c)
 
 

@@ -3,11 +3,42 @@
 // The includer defines ELEM (the activation element type), LOAD(x) (ELEM -> float),
 // STORE(x) (float -> ELEM), ROUND(x) (float -> the nearest ELEM value, as float: where HF's
 // model rounds an intermediate to its dtype) and SUFFIX (appended to every name), and
-// wraps the include in a `#pragma GCC target`. Rows run in parallel only when the caller
+// wraps the include in a `#pragma GCC target`. Every helper is defined here, once per twin,
+// so that it inlines (see bf16.h). Rows run in parallel only when the caller
 // passes num_threads > 1 (it does so for large batches: a fork/join costs microseconds).
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define NAME(base) CAT(base, SUFFIX)
+
+BF16_CONVERSIONS(SUFFIX)  // bf16_load<SUFFIX>, bf16_store<SUFFIX>
+
+// e^x to ~1 ulp (Cephes' expf: e^x = 2^n e^r, |r| <= ln 2 / 2, a degree-7 polynomial).
+// NOTE: ours, not libm's: glibc's vector expf is only declared with -ffinite-math-only,
+// which the build leaves off, and a scalar call per element keeps the loop scalar.
+static inline float NAME(exp_)(float x) {
+    x = x < -87.3f ? -87.3f : x > 88.7f ? 88.7f : x;  // 2^n stays a normal float
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 in two parts
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (f32_bits){.u = (uint32_t)((int32_t)n + 127) << 23}.f;
+}
+
+// n fp32 values into a row of the KV cache (or a query) held as fp32 or bf16
+static inline void NAME(store_row_)(const float *restrict src, void *dst, long at, int bf16,
+                                    int n) {
+    if (bf16) {
+        uint16_t *restrict d = (uint16_t *)dst + at;
+        for (int i = 0; i < n; ++i) d[i] = NAME(bf16_store)(src[i]);
+    } else {
+        memcpy((float *)dst + at, src, sizeof(float) * (size_t)n);
+    }
+}
 
 // out = weight * rmsnorm(residual + x), residual updated in place to residual + x; with
 // residual NULL, out = weight * rmsnorm(x). x, residual, out: [rows, hidden]; weight: [hidden]
@@ -66,16 +97,16 @@ void NAME(rope_kv_)(const ELEM *qkv, const int64_t *positions, const ELEM *cos_t
         float buf[CHUNK];
         for (int h = 0; h < num_heads; ++h) {
             NAME(rotate_)(row + (long)h * head_dim, c, s, half, buf);
-            store_f32_or_bf16(buf, q_out, ((long)t * num_heads + h) * head_dim, cache_bf16,
+            NAME(store_row_)(buf, q_out, ((long)t * num_heads + h) * head_dim, cache_bf16,
                               head_dim);
         }
         for (int h = 0; h < num_kv_heads && slot >= 0; ++h) {
             NAME(rotate_)(row + q_size + (long)h * head_dim, c, s, half, buf);
-            store_f32_or_bf16(buf, k_cache, slot * kv_size + (long)h * head_dim, cache_bf16,
+            NAME(store_row_)(buf, k_cache, slot * kv_size + (long)h * head_dim, cache_bf16,
                               head_dim);
             const ELEM *restrict v = row + q_size + kv_size + (long)h * head_dim;
             for (int i = 0; i < head_dim; ++i) buf[i] = LOAD(v[i]);
-            store_f32_or_bf16(buf, v_cache, slot * kv_size + (long)h * head_dim, cache_bf16,
+            NAME(store_row_)(buf, v_cache, slot * kv_size + (long)h * head_dim, cache_bf16,
                               head_dim);
         }
     }
@@ -91,7 +122,7 @@ void NAME(silu_mul_)(const ELEM *gate_up, ELEM *out, int rows, int inter, int nu
 #pragma omp simd
         for (int i = 0; i < inter; ++i) {
             const float x = LOAD(g[i]);
-            o[i] = STORE(ROUND(x / (1.0f + exp_f32(-x))) * LOAD(u[i]));
+            o[i] = STORE(ROUND(x / (1.0f + NAME(exp_)(-x))) * LOAD(u[i]));
         }
     }
 }
