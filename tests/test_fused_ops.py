@@ -8,29 +8,13 @@ import torch.nn.functional as F
 
 from kernels import attention, fused, native
 from kernels.metadata import AttentionMetadata
-from models import cpu_features
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="no C compiler or no AVX2: the native kernels are not built"
 )
-_HAS_AVX512 = cpu_features.isa() == "avx512"
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("avx512", marks=pytest.mark.skipif(not _HAS_AVX512, reason="no AVX-512 here")),
-        "avx2",
-    ]
-)
-def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test once per kernel twin this CPU can execute (AVX2 forced by DUET_CPU_ISA)."""
-    if request.param == "avx2":
-        monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
-    assert cpu_features.isa() == request.param
-    return request.param
 
 
 def _config(**changes: object) -> ModelConfig:
