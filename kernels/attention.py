@@ -54,6 +54,8 @@ def paged_attention(
     run one sequence at a time. Returns a new contiguous [T, Hq, D]. `decode` replaces
     the batched decode part (same arguments as `decode_attention`), e.g. a native kernel.
     """
+    if 0 < meta.num_decodes == meta.num_seqs:  # decodes only: no output to assemble
+        return (decode or decode_attention)(query, key_cache, value_cache, meta, scale)
     out = query.new_empty(query.shape)  # [T, Hq, D]
     if meta.num_decodes > 0:
         decode_query = query[: meta.num_decodes]  # [B, Hq, D]

@@ -32,6 +32,17 @@ _SOURCES = sorted(_CSRC.glob("*.c"))
 _HEADERS = sorted(_CSRC.glob("*.h"))
 # paged_decode_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, out, 6 ints, scale, threads)
 DECODE_KERNELS = [f"paged_decode_{t}_{i}" for t in ("f32", "bf16") for i in ("avx512", "avx2")]
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# the fused per-layer ops (fused_ops.c), {name}_{dtype}_{isa}: their argument types
+FUSED_KERNELS = {
+    # (x, residual or NULL, weight, out, rows, hidden, eps, threads)
+    "rms_norm": [_P] * 4 + [_I, _I, _F, _I],
+    # (qkv, positions, cos, sin, slots, q_out, k_cache, v_cache, cache_bf16, tokens, Hq, Hkv,
+    # D, threads)
+    "rope_kv": [_P] * 8 + [_I] * 6,
+    # (gate_up, out, rows, inter, threads)
+    "silu_mul": [_P] * 2 + [_I] * 3,
+}
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -100,7 +111,10 @@ def load() -> ctypes.CDLL | None:
     for name in DECODE_KERNELS:
         kernel = getattr(lib, name)
         kernel.restype = None
-        kernel.argtypes = (
-            [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
-        )
+        kernel.argtypes = [_P] * 6 + [_I] * 6 + [_F, _I]
+    for base, argtypes in FUSED_KERNELS.items():
+        for suffix in ("f32_avx512", "f32_avx2", "bf16_avx512", "bf16_avx2"):
+            kernel = getattr(lib, f"{base}_{suffix}")
+            kernel.restype = None
+            kernel.argtypes = argtypes
     return lib

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from kernels import AttentionBackend, get_attention_backend
+from kernels import AttentionBackend, fused, get_attention_backend
 from kernels.metadata import AttentionMetadata
 from models.config import ModelConfig
 from models.packed import PackedLinear, pack_linears, packing_available
@@ -27,13 +27,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Hugging Face's operations in its order (in fp32 even for bf16 activations), so fp32
-        # results match bit for bit and bf16 ones round where HF's do.
-        dtype = x.dtype
-        x = x.float()
-        variance = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # with a residual: residual += x in place, then the norm of that (one fused pass)
+        return fused.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -108,17 +104,36 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         # x: [T, hidden]; kv_cache: [2, num_blocks, block_size, Hkv, D]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 * Hkv) * D]
+        key_cache, value_cache = kv_cache.unbind(0)
+        q = fused.rope_write_kv(
+            qkv, positions, self.rope.cos, self.rope.sin, key_cache, value_cache,
+            meta.slot_mapping, self.num_heads,
+        )  # fmt: skip
+        if q is None:
+            q = self._rope_write_kv(positions, qkv, key_cache, value_cache, meta)
+        # the KV cache may hold another dtype (--kv-cache-dtype): attention runs in its dtype
+        out = self.attn.paged_attention(q, key_cache, value_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size).to(x.dtype))  # out: [T, Hq, D]
+
+    def _rope_write_kv(
+        self,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The torch path of `fused.rope_write_kv`: q [T, Hq, D] in the cache's dtype."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.rope(positions, q.view(-1, self.num_heads, self.head_dim))  # [T, Hq, D]
         k = self.rope(positions, k.view(-1, self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # the KV cache may hold another dtype (--kv-cache-dtype): attention runs in its dtype
-        kv_dtype = kv_cache.dtype
+        kv_dtype = key_cache.dtype
         self.attn.write_kv(
-            k.to(kv_dtype), v.to(kv_dtype), kv_cache[0], kv_cache[1], meta.slot_mapping
+            k.to(kv_dtype), v.to(kv_dtype), key_cache, value_cache, meta.slot_mapping
         )
-        out = self.attn.paged_attention(q.to(kv_dtype), kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.to(x.dtype).reshape(-1, self.q_size))  # out: [T, Hq, D]
+        return q.to(kv_dtype)
 
 
 class MLP(nn.Module):
@@ -131,8 +146,7 @@ class MLP(nn.Module):
         self.down_proj = skip_init(nn.Linear, self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -147,11 +161,22 @@ class DecoderLayer(nn.Module):
         self,
         positions: torch.Tensor,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output [T, hidden] and residual the stream it adds to
+        (at the first layer x is the embedding and residual None) -> this layer's pair.
+
+        NOTE: the residual adds happen inside the next norm (one fused pass); the sums, in
+        the model's dtype, are the ones HF rounds.
+        """
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        return self.mlp(self.post_attention_layernorm(h, residual)), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -184,10 +209,10 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids, positions: [T]; kv_cache: [L, 2, blocks, block_size, Hkv, D] -> [T, hidden]."""
-        x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(positions, x, kv_cache[i], meta)
-        return self.norm(x)
+        x, residual = self.embed_tokens(input_ids), None  # x: [T, hidden]
+        for layer, layer_cache in zip(self.layers, kv_cache.unbind(0), strict=True):
+            x, residual = layer(positions, x, residual, layer_cache, meta)
+        return self.norm(x, residual)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

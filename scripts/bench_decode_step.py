@@ -9,6 +9,10 @@ of base rows only (the same model, LoRA wrapped) so the ratio comes from one run
 
     .venv/bin/python scripts/bench_decode_step.py --dtype bfloat16 --batch-sizes 1 16 64
     .venv/bin/python scripts/bench_decode_step.py --batch-sizes 16 --lora 4
+
+--compare-unfused alternates, in this one process, --rounds runs with the fused C ops
+(kernels/fused.py) and runs with their torch ops (DUET_DISABLE_FUSED_OPS=1), and prints
+both medians and their ratio.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from make_lora_adapters import write_random_adapter
 
 from engine_core.messages.config import EngineConfig
 from engine_core.messages.lora import LoRARef
+from kernels import fused
 from kernels.metadata import AttentionMetadata
 from models.lora_files import module_shapes
 from models.runner import ModelRunner
@@ -94,6 +99,18 @@ def random_adapters(runner: ModelRunner, count: int, folder: Path) -> list[LoRAR
     return refs
 
 
+def compare_unfused(runner: ModelRunner, batch: int, args: argparse.Namespace) -> str:
+    """Fused and torch ops alternately, --rounds times each: both medians and the ratio."""
+    times: dict[str, list[float]] = {"fused": [], "torch": []}
+    for _ in range(args.rounds):
+        for label in times:
+            os.environ[fused.DISABLE_ENV] = "1" if label == "torch" else "0"
+            times[label].append(step_ms(runner, batch, args.context, args.steps, args.warmup)[0])
+    os.environ.pop(fused.DISABLE_ENV)
+    ours, ref = (statistics.median(times[k]) for k in ("fused", "torch"))
+    return f"fused {ours:.1f} ms/step, torch ops {ref:.1f} ms/step, ratio {ours / ref:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="auto")
@@ -105,6 +122,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--lora", type=int, default=0, help="adapters mixed (vs base rows)")
+    parser.add_argument("--compare-unfused", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (--compare-unfused)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = EngineConfig(
@@ -120,13 +139,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapters = [None] + ([random_adapters(runner, args.lora, Path(tmp))] if args.lora else [])
         for batch in args.batch_sizes:
-            ms = step_ms(runner, batch, args.context, args.steps, args.warmup, adapters)
             head = f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}"
+            if args.compare_unfused:
+                print(f"{head}: {compare_unfused(runner, batch, args)}", flush=True)
+                continue
+            ms = step_ms(runner, batch, args.context, args.steps, args.warmup, adapters)
             if args.lora:
                 print(f"{head}: base {ms[0]:.1f} ms/step, {args.lora} adapters mixed "
-                      f"{ms[1]:.1f} ms/step ({ms[1] / ms[0]:.2f}x)")  # fmt: skip
+                      f"{ms[1]:.1f} ms/step ({ms[1] / ms[0]:.2f}x)", flush=True)  # fmt: skip
             else:
-                print(f"{head}: {ms[0]:.1f} ms/step")
+                print(f"{head}: {ms[0]:.1f} ms/step", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded default model and tiny random checkpoints."""
+"""Shared fixtures: the embedded default model, tiny random checkpoints, the kernel ISA twins."""
 
 from __future__ import annotations
 
@@ -9,8 +9,25 @@ from pathlib import Path
 import pytest
 from checkpoints import write_tiny_llama
 
+from models import cpu_features
 from models.loader import ModelSource, resolve_model
 from models.tokenizer import Tokenizer, load_tokenizer
+
+_HAS_AVX512 = cpu_features.isa() == "avx512"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("avx512", marks=pytest.mark.skipif(not _HAS_AVX512, reason="no AVX-512 here")),
+        "avx2",
+    ]
+)
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per kernel twin this CPU can execute (AVX2 forced by DUET_CPU_ISA)."""
+    if request.param == "avx2":
+        monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
+    assert cpu_features.isa() == request.param
+    return request.param
 
 
 @pytest.fixture(scope="session")

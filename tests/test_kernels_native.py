@@ -7,26 +7,10 @@ import torch
 
 from kernels import attention, cpu_attention, native
 from kernels.metadata import AttentionMetadata
-from models import cpu_features
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="no C compiler or no AVX2: the native kernel is not built"
 )
-_HAS_AVX512 = cpu_features.isa() == "avx512"
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("avx512", marks=pytest.mark.skipif(not _HAS_AVX512, reason="no AVX-512 here")),
-        "avx2",
-    ]
-)
-def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test once per kernel twin this CPU can execute (AVX2 forced by DUET_CPU_ISA)."""
-    if request.param == "avx2":
-        monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
-    assert cpu_features.isa() == request.param
-    return request.param
 
 
 def _decode_batch(
