@@ -144,10 +144,12 @@ def test_model_step_fused_matches_unfused(
 ) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(_config(attention_bias=True))
-    with torch.no_grad():
+    with torch.no_grad():  # the model skips its init (load_weights fills it): random weights
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(torch.randn_like(param) * param.shape[-1] ** -0.5)
     model.to(dtype)
     fused_hidden, fused_cache = _model_step(model, dtype)
     monkeypatch.setenv(fused.DISABLE_ENV, "1")

@@ -109,7 +109,8 @@ def test_stats_name_the_running_adapters(harness, setup) -> None:
     h = harness(colocated=True, max_num_seqs=2)
     _, refs, _ = setup
     for i in range(6):
-        h.add(f"s{i}", [1, 2, 3, 4], 40, lora=refs[1 + i % 2])
+        # long enough that stats sent twice a second see some running and some waiting
+        h.add(f"s{i}", [1, 2, 3, 4], 120, lora=refs[1 + i % 2])
     stats = h.wait_stats(lambda s: bool(s.running_loras) and bool(s.waiting_loras), 120)
     assert set(stats.running_loras) | set(stats.waiting_loras) == {"a", "b"}
     assert sum(stats.running_loras.values()) <= 2
