@@ -31,17 +31,14 @@ def _kernels() -> ctypes.CDLL | None:
     if lib is None:
         return None
     for name in NATIVE_KERNELS.values():
-        kernel = getattr(lib, name)
-        kernel.restype = None
-        kernel.argtypes = (
+        native.declare(lib, name, (
             [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             + [ctypes.c_void_p] * 4
             + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-        )
-    lib.int8_dequantize.restype = None
-    lib.int8_dequantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [
+        ))  # fmt: skip
+    native.declare(lib, "int8_dequantize", [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-    ]  # fmt: skip
+    ])  # fmt: skip
     return lib
 
 

@@ -110,12 +110,10 @@ def _kernels() -> ctypes.CDLL | None:
     if lib is None:
         return None
     for isa in ("avx512", "avx2"):
-        kernel = getattr(lib, f"lora_bgmv_{isa}")
-        kernel.restype = None
-        kernel.argtypes = (
+        native.declare(lib, f"lora_bgmv_{isa}", (
             [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
             + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-        )  # fmt: skip
+        ))  # fmt: skip
     return lib
 
 

@@ -109,12 +109,15 @@ def load() -> ctypes.CDLL | None:
         )
         return None
     for name in DECODE_KERNELS:
-        kernel = getattr(lib, name)
-        kernel.restype = None
-        kernel.argtypes = [_P] * 6 + [_I] * 6 + [_F, _I]
+        declare(lib, name, [_P] * 6 + [_I] * 6 + [_F, _I])
     for base, argtypes in FUSED_KERNELS.items():
         for suffix in ("f32_avx512", "f32_avx2", "bf16_avx512", "bf16_avx2"):
-            kernel = getattr(lib, f"{base}_{suffix}")
-            kernel.restype = None
-            kernel.argtypes = argtypes
+            declare(lib, f"{base}_{suffix}", argtypes)
     return lib
+
+
+def declare(lib: ctypes.CDLL, name: str, argtypes: list) -> None:
+    """Give kernel `name` of `lib` its argument types (every kernel returns void)."""
+    kernel = getattr(lib, name)
+    kernel.restype = None
+    kernel.argtypes = argtypes

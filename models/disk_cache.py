@@ -1,7 +1,7 @@
 """duet's on-disk cache: where things derived from a model file or the CPU are kept.
 
 Entries are keyed by what they were derived from (a file's path, size and mtime, plus a
-format number bumped when an entry's layout changes), and written atomically: several
+format number or the digest of the code that derived them), and written atomically: several
 processes of one server build the same entry at once, and a reader never sees half of one.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -35,14 +37,23 @@ def code_version(*modules: ModuleType) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_atomically(target: Path, data: bytes) -> None:
-    """Write `data` to `target` through a private file renamed into place."""
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """A private path to write `target` through: renamed into place when the block ends,
+    removed if it raises, so a reader sees all of an entry or none of it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        yield tmp
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write `data` to `target` through `atomic_file`."""
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(data)

@@ -7,10 +7,8 @@ never knows where its weights came from.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from models.disk_cache import cache_dir, code_version, file_key
+from models.disk_cache import atomic_file, cache_dir, code_version, file_key
 from models.loader import (
     ModelLoadError,
     ModelSource,
@@ -143,17 +141,9 @@ def _gguf_weights(
         tensors[name] = tensor
         yield name, tensor
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tmp-")
+        with atomic_file(cached) as tmp:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
     except OSError as e:
-        logger.warning("cannot cache the dequantized weights in %s: %s", cached.parent, e)
-        return
-    try:
-        os.close(fd)
-        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
-        os.replace(tmp, cached)  # atomic: a concurrent reader sees all of it or none
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         logger.warning("cannot cache the dequantized weights in %s: %s", cached, e)
 
 
