@@ -39,6 +39,7 @@ SCRIPTS = {
     "a": ([0.25, 0.30, 0.40, 0.45], (10, 4)),
     "b": ([0.5, 0.6], (20, 3)),  # 3 tokens in 2 chunks: usage, not chunks, is the count
     "c": ([0.1], (30, 1)),
+    "eos": ([0.2], (5, 1)),  # stops at its first token: one finish chunk without text
 }
 
 
@@ -80,7 +81,10 @@ def make_app(clock: ScriptedClock, bodies: list[dict]) -> web.Application:
         if chat:  # a role-only first chunk, as OpenAI sends: not a token
             await clock.tick(base, resp.write(sse({"choices": [{"delta": {"role": "assistant"}}]})))
         for t in times:
-            piece = {"delta": {"content": "x"}} if chat else {"text": "x"}
+            text = "" if prompt == "eos" else "x"
+            piece = {"delta": {"content": text}} if chat else {"text": text}
+            if prompt == "eos":
+                piece["finish_reason"] = "stop"
             await clock.tick(base + t, resp.write(sse({"choices": [piece]})))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         await resp.write(sse({"choices": [], "usage": usage}))
@@ -148,6 +152,14 @@ def test_stream_timing_and_metrics_are_exact(endpoint: str) -> None:
     assert astuple(m.itl) == pytest.approx((75, 75, 100, 100))  # 50 50 100 100
     assert astuple(m.tpot) == pytest.approx((175 / 3, 175 / 3, 65, 66.5))  # 50, 66.67
     assert astuple(m.e2el) == pytest.approx((1150 / 3, 450, 570, 597))  # 100 450 600
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_an_output_that_stops_at_its_first_token_succeeds(endpoint: str) -> None:
+    [result], _, _ = run_scripted(["eos"], endpoint)
+    assert result.success, result.error
+    assert result.ttft == pytest.approx(0.2)
+    assert (result.output_tokens, result.tpot, result.itl) == (1, 0.0, [])
 
 
 def test_goodput_uses_every_slo_given() -> None:

@@ -30,8 +30,8 @@ class RequestSettings:
 class RequestResult:
     """What the client saw of one request; times are seconds on the run's clock.
 
-    A token chunk is an SSE event whose first choice carries text; its arrival time is
-    in `token_times`. Token counts come from the server's usage report when it sends one.
+    A token chunk is an SSE event whose first choice carries text (or the finish chunk of
+    an output without text); its arrival time is in `token_times`. Token counts come from the server's usage report when it sends one.
     """
 
     success: bool = False
@@ -155,7 +155,9 @@ def _on_line(line: bytes, result: RequestResult, chat: bool, clock: Callable[[],
     if choices := event.get("choices"):
         first = choices[0]
         piece = (first.get("delta") or {}).get("content") if chat else first.get("text")
-        if piece:
+        # An output that stops at its first token (EOS) carries no text, only the finish
+        # chunk: that chunk is its token's arrival, as vLLM's client counts it.
+        if piece or (first.get("finish_reason") and not result.token_times):
             result.token_times.append(now)
     if usage := event.get("usage"):
         result.usage_reported = True
