@@ -177,9 +177,11 @@ def _heartbeat(
     # NOTE: own socket and thread: the worker loop may sit in a long forward pass
     channel = Channel(ctx, HEARTBEAT, (worker_id + HEARTBEAT_SUFFIX).encode(), keys)
     channel.connect(engine_address)
-    while not stop.wait(HEARTBEAT_TIMEOUT / 6):
+    while True:
         with contextlib.suppress(zmq.Again):
             channel.send(WorkerMsg.HEARTBEAT, flags=zmq.NOBLOCK)
+        if stop.wait(HEARTBEAT_TIMEOUT / 6):
+            break
     channel.close()
 
 

@@ -57,12 +57,11 @@ class BusyLoop:
         self.snapshots = Snapshots(engine)
 
     def run(self) -> None:
-        while self.draining_since is None or self.engine.has_unfinished_requests():
+        while not self._drain_over():
             busy = self.engine.wants_step()
             self._drain_inbox(block=not busy)
             if self.engine.wants_step():
                 self._step()
-            self._check_drain_deadline()
             if self._stats_due():
                 self._publish([])
             if self.snapshots.due():
@@ -71,8 +70,8 @@ class BusyLoop:
     def start_draining(self) -> None:
         """Finish what is in flight, accept nothing new, replace no worker that dies."""
         if self.draining_since is None:
+            self.draining_since = time.monotonic()  # first: a second signal may land mid-log
             logger.info("draining %d requests", len(self.owners))
-            self.draining_since = time.monotonic()
             self.engine.drain()
 
     def keep_alive(self) -> None:
@@ -123,13 +122,19 @@ class BusyLoop:
         self.engine.abort_requests(ids)
         self._publish([_rejected(r, reason) for r in ids])
 
-    def _check_drain_deadline(self) -> None:
-        if (
-            self.draining_since is not None
-            and time.monotonic() - self.draining_since > DRAIN_TIMEOUT
-        ):
-            logger.warning("drain timeout: aborting %d requests", len(self.owners))
-            self._abort_all("server is shutting down")
+    def _drain_over(self) -> bool:
+        """Draining and nothing left to wait for: every request finished, or the drain
+        timed out and the rest were aborted here. A step still out on a hung worker is
+        not waited for past the deadline: it would hold the shutdown for ever."""
+        if self.draining_since is None:
+            return False
+        if not self.engine.has_unfinished_requests():
+            return True
+        if time.monotonic() - self.draining_since <= DRAIN_TIMEOUT:
+            return False
+        logger.warning("drain timeout: aborting %d requests", len(self.owners))
+        self._abort_all("server is shutting down")
+        return True
 
     def _stats_due(self) -> bool:
         clock = time.monotonic()

@@ -158,6 +158,9 @@ class WorkerLink:
             return None
         if kind == WorkerMsg.READY:
             self.ready[message.worker_id] = message
+            # NOTE: heard from here on: a worker that dies before its first heartbeat
+            # must fall silent, not stay unheard (and alive) for ever
+            self.heard[message.worker_id] = time.monotonic()
             logger.info("worker %s ready (%s, %d blocks)", message.worker_id, message.role,
                         message.num_blocks)  # fmt: skip
         if kind == WorkerMsg.RESULT and self.sent.get(identity, (None,))[0] == message.step_id:

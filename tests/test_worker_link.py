@@ -20,6 +20,7 @@ from engine_core.messages.worker import (
     StepPlan,
     StepResult,
     WorkerMsg,
+    WorkerReady,
 )
 from engine_core.worker_link import WorkerLink
 
@@ -132,3 +133,19 @@ def test_a_pause_of_the_core_itself_kills_no_worker(link: WorkerLink) -> None:
     link.poll(0)
     assert link.dead_workers() == []
     worker.stop()
+
+
+def test_a_worker_that_dies_before_its_first_heartbeat_is_dead(link: WorkerLink) -> None:
+    work = Channel(link.sock.context, WORKER, b"w0")
+    work.connect(link.address)
+    work.send(WorkerMsg.READY, WorkerReady("w0", "decode", 8, 16, 128))
+    deadline = time.monotonic() + 5
+    while "w0" not in link.ready:
+        assert time.monotonic() < deadline, "READY never arrived"
+        link.poll(50)
+    ready_at = time.monotonic()
+    work.close()  # gone without a single heartbeat, as a kill -9 right after READY leaves it
+    while "w0" not in link.dead_workers():
+        assert time.monotonic() - ready_at < HEARTBEAT_TIMEOUT + 2, "its death went unnoticed"
+        link.poll(50)
+    assert time.monotonic() - ready_at > HEARTBEAT_TIMEOUT * 0.9
