@@ -15,6 +15,7 @@ from models import cpu_features
 
 write_kv = attention.write_kv
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+MAX_HEAD_DIM = 256  # paged_decode.c's MAX_BODY
 
 
 def native_decode(
@@ -36,6 +37,7 @@ def native_decode(
         and query.dtype == key_cache.dtype == value_cache.dtype
         and key_cache.is_contiguous()
         and value_cache.is_contiguous()
+        and head_dim <= MAX_HEAD_DIM
     )
     if not usable:
         return attention.decode_attention(query, key_cache, value_cache, meta, scale)

@@ -14,7 +14,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def _decode_batch(
-    lengths: list[int], num_heads: int, num_kv_heads: int, block_size: int = 16, seed: int = 0
+    lengths: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    block_size: int = 16,
+    seed: int = 0,
+    head_dim: int = 64,
 ):
     gen = torch.Generator().manual_seed(seed)
     blocks_each = [(n + block_size - 1) // block_size for n in lengths]
@@ -25,9 +30,9 @@ def _decode_batch(
     for row, count in enumerate(blocks_each):
         tables[row, :count] = torch.tensor(order[used : used + count], dtype=torch.int32)
         used += count
-    key_cache = torch.randn(total, block_size, num_kv_heads, 64, generator=gen)
-    value_cache = torch.randn(total, block_size, num_kv_heads, 64, generator=gen)
-    query = torch.randn(len(lengths), num_heads, 64, generator=gen)
+    key_cache = torch.randn(total, block_size, num_kv_heads, head_dim, generator=gen)
+    value_cache = torch.randn(total, block_size, num_kv_heads, head_dim, generator=gen)
+    query = torch.randn(len(lengths), num_heads, head_dim, generator=gen)
     starts = list(range(len(lengths) + 1))
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(len(lengths), dtype=torch.int64),
@@ -52,6 +57,22 @@ def test_native_decode_matches_torch(
     expected = attention.decode_attention(query, key_cache, value_cache, meta, 0.125)
     got = cpu_attention.native_decode(query, key_cache, value_cache, meta, 0.125)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# 64 and 128 take the unrolled paths; the others the general one, with a tail after the
+# vectorized pairs (80, 48), only a tail (16, 8) or several pairs and a tail (200)
+@pytest.mark.parametrize("head_dim", [128, 80, 48, 16, 8, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_at_every_head_size(head_dim: int, dtype: torch.dtype, isa: str) -> None:
+    query, key_cache, value_cache, meta = _decode_batch([1, 17, 100], 4, 2, head_dim=head_dim)
+    query, key_cache, value_cache = (t.to(dtype) for t in (query, key_cache, value_cache))
+    expected = attention.decode_attention(
+        query.float(), key_cache.float(), value_cache.float(), meta, head_dim**-0.5
+    )
+    got = cpu_attention.native_decode(query, key_cache, value_cache, meta, head_dim**-0.5)
+    assert got.dtype == dtype
+    tolerance = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=1e-5)
 
 
 @pytest.mark.parametrize("lengths", [[1], [17], [1, 15, 16, 17, 100, 333]])

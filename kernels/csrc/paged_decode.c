@@ -1,9 +1,8 @@
 // Batched decode attention over a paged KV cache (fp32 or bf16 cache), for CPUs.
 //
-// Reads K/V in place through the block table (no gather copy) and is bound by memory, so
-// it is written around the reads: each sequence streams its blocks once for K and once for
-// V, touching every token's full [Hkv, D] row (contiguous) for all query heads at once,
-// and prefetches the next block while working on the current one. Parallel over sequences.
+// Reads K/V in place through the block table (no gather copy). One task is one query head
+// of one sequence: a pass over its KV head's keys (scores), a vectorized softmax, a pass
+// over the values, with the head's accumulators in registers throughout.
 //
 // Every kernel exists twice, for AVX-512 (x86-64-v4) and for AVX2 (haswell), whatever the
 // build machine: Python picks one at run time (kernels/cpu_attention.py), so a test can run
@@ -11,50 +10,62 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "bf16.h"
 
-static void prefetch_block(const void *block, long bytes) {
-    for (long off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)block + off, 0, 1);
-}
+// GCC vector types, one register each: 16 floats (AVX-512) or 8 (AVX2), and as many
+// pairs of bf16 in 32-bit lanes; unaligned, as cache rows are
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t vu16 __attribute__((vector_size(64), aligned(2)));
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
+typedef uint32_t vu8 __attribute__((vector_size(32), aligned(2)));
 
-#define F32_IDENTITY(x) (x)
+#define MAX_BODY 256  // the largest head size (kernels/cpu_attention.py: MAX_HEAD_DIM)
 
-#define ELEM float
-#define WIDE 0
-#define LOAD F32_IDENTITY
-#define STORE F32_IDENTITY
+#define VF vf16
+#define VU vu16
+#define LANES 16
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
+#define ELEM float
+#define WIDE 0
 #define SUFFIX f32_avx512
 #include "paged_decode_impl.h"
 #undef SUFFIX
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("arch=haswell")
-#define SUFFIX f32_avx2
-#include "paged_decode_impl.h"
-#undef SUFFIX
-#pragma GCC pop_options
 #undef ELEM
 #undef WIDE
-#undef LOAD
-#undef STORE
-
 #define ELEM uint16_t
 #define WIDE 1
-#define LOAD bf16_load
-#define STORE bf16_store
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
 #define SUFFIX bf16_avx512
 #include "paged_decode_impl.h"
 #undef SUFFIX
+#undef ELEM
+#undef WIDE
 #pragma GCC pop_options
+#undef VF
+#undef VU
+#undef LANES
+
+#define VF vf8
+#define VU vu8
+#define LANES 8
 #pragma GCC push_options
 #pragma GCC target("arch=haswell")
+#define ELEM float
+#define WIDE 0
+#define SUFFIX f32_avx2
+#include "paged_decode_impl.h"
+#undef SUFFIX
+#undef ELEM
+#undef WIDE
+#define ELEM uint16_t
+#define WIDE 1
 #define SUFFIX bf16_avx2
 #include "paged_decode_impl.h"
 #undef SUFFIX
+#undef ELEM
+#undef WIDE
 #pragma GCC pop_options
+#undef VF
+#undef VU
+#undef LANES

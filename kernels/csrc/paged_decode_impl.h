@@ -1,118 +1,186 @@
 // The decode kernel's body, included once per (element type, ISA) by paged_decode.c.
 //
-// The includer defines ELEM (the cache and query element type), LOAD(x) (ELEM -> float),
-// STORE(x) (float -> ELEM), WIDE (1 when ELEM is bf16: each cache row is widened to fp32
-// in a scratch row first, a loop GCC vectorizes where a per-element LOAD would not) and
-// SUFFIX (appended to every name), and wraps the include in a `#pragma GCC target` so the
-// same loops compile to that ISA's vectors. Arithmetic is fp32 throughout.
+// The includer defines ELEM (the cache and query element type), WIDE (1 when ELEM is bf16),
+// VF and VU (GCC vector types of LANES floats and LANES uint32: one register of the ISA
+// the include is compiled for, under its `#pragma GCC target`) and SUFFIX (appended to
+// every name). Arithmetic is fp32 throughout.
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define NAME(base) CAT(base, SUFFIX)
 
-// the cache row as fp32: itself, or widened into scratch (bf16 is fp32's top 16 bits)
-static inline const float *NAME(row_f32_)(const ELEM *restrict row, uint32_t *restrict scratch,
-                                          long n) {
+BF16_CONVERSIONS(SUFFIX)  // bf16_load<SUFFIX>, bf16_store<SUFFIX>
+
+// 2 * LANES elements as two vectors of floats: for bf16 `lo` holds the even-indexed and
+// `hi` the odd ones (two bf16 share a 32-bit lane, so one shift or one mask widens LANES of
+// them), for fp32 the first and second halves. Query, keys and values are all split the
+// same way, so dot products come out the same and outputs are put back in order at the end.
+// NOTE: loads through a pointer of the vector type (the build has -fno-strict-aliasing):
+// GCC splits a memcpy into 16-byte pieces under AVX2, 3x slower.
+static inline void NAME(load_pair_)(const ELEM *p, VF *lo, VF *hi) {
 #if WIDE
-    for (long i = 0; i < n; ++i) scratch[i] = (uint32_t)row[i] << 16;
-    return (const float *)scratch;  // the build has -fno-strict-aliasing
+    const VU pair = *(const VU *)p;
+    *lo = (VF)(pair << 16);
+    *hi = (VF)(pair & 0xffff0000u);
 #else
-    (void)scratch;
-    (void)n;
-    return row;
+    *lo = *(const VF *)p;
+    *hi = *(const VF *)(p + LANES);
 #endif
 }
 
-// scores[hq * len + t] = scale * <q_hq, k_t(kv head of hq)> for every token t < len
-static void NAME(all_scores_)(const float *restrict q, const ELEM *k_cache, const int32_t *table,
-                              int len, int num_heads, int group, int head_dim, int block_size,
-                              long token_stride, float scale, float *restrict scores,
-                              uint32_t *restrict scratch) {
-    const long block_elems = block_size * token_stride;
-    for (int start = 0; start < len; start += block_size) {
-        const int rows = len - start < block_size ? len - start : block_size;
-        const ELEM *block = k_cache + (long)table[start / block_size] * block_elems;
-        if (start + block_size < len)
-            prefetch_block(k_cache + (long)table[start / block_size + 1] * block_elems,
-                           block_elems * (long)sizeof(ELEM));
-        for (int r = 0; r < rows; ++r) {
-            const float *restrict row = NAME(row_f32_)(block + r * token_stride, scratch, token_stride);
-            for (int hq = 0; hq < num_heads; ++hq) {
-                const float *restrict k = row + (long)(hq / group) * head_dim;
-                const float *restrict qh = q + (long)hq * head_dim;
-                float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                for (int i = 0; i < head_dim; ++i) acc += qh[i] * k[i];
-                scores[(long)hq * len + start + r] = acc * scale;
-            }
-        }
-    }
+static inline float NAME(to_f32_)(ELEM x) {
+#if WIDE
+    return NAME(bf16_load)(x);
+#else
+    return x;
+#endif
 }
 
-static void NAME(softmax_rows_)(float *scores, int rows, int len) {
-    for (int h = 0; h < rows; ++h) {
-        float *row = scores + (long)h * len, m = -INFINITY, sum = 0.0f;
-        for (int t = 0; t < len; ++t) m = row[t] > m ? row[t] : m;
+static inline ELEM NAME(from_f32_)(float x) {
+#if WIDE
+    return NAME(bf16_store)(x);
+#else
+    return x;
+#endif
+}
+
+static inline float NAME(hsum_)(VF v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; ++i) s += v[i];
+    return s;
+}
+
+// e^x for x <= 0 (scores minus their max) in a form GCC vectorizes, where glibc's expf is
+// one scalar call per score: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 and p the
+// degree-6 Taylor polynomial (relative error below 2e-7)
+static inline float NAME(exp_nonpos_)(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_roundf(x * 1.44269504f);
+    const float r = x - n * 0.693145752f - n * 1.42860677e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const f32_bits scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+// One query head over the `len` tokens of its sequence's KV head: q, out [D], its
+// accumulators in registers. `pairs` = D / (2 * LANES) pairs of vectors, `tail` the
+// D % (2 * LANES) elements after them; scores: [len] scratch.
+static inline __attribute__((always_inline)) void NAME(attend_)(
+    const ELEM *q, const ELEM *k_cache, const ELEM *v_cache, const int32_t *table, int len,
+    const int pairs, const int tail, int block_size, long token_stride, float scale,
+    ELEM *out, float *restrict scores) {
+    const int body = 2 * LANES * pairs;
+    VF qv[MAX_BODY / LANES], acc[MAX_BODY / LANES];
+    float q_tail[2 * LANES], acc_tail[2 * LANES];
+    for (int c = 0; c < pairs; ++c) {
+        NAME(load_pair_)(q + 2 * LANES * c, &qv[2 * c], &qv[2 * c + 1]);
+        qv[2 * c] *= scale;
+        qv[2 * c + 1] *= scale;
+    }
+    for (int i = 0; i < tail; ++i) q_tail[i] = NAME(to_f32_)(q[body + i]) * scale;
+    float m = -INFINITY;
+    for (int start = 0; start < len; start += block_size) {
+        const int rows = len - start < block_size ? len - start : block_size;
+        const ELEM *k = k_cache + (long)table[start / block_size] * block_size * token_stride;
+        for (int r = 0; r < rows; ++r, k += token_stride) {
+            VF dot = {0}, lo, hi;
+            for (int c = 0; c < pairs; ++c) {
+                NAME(load_pair_)(k + 2 * LANES * c, &lo, &hi);
+                dot += qv[2 * c] * lo + qv[2 * c + 1] * hi;
+            }
+            float s = NAME(hsum_)(dot);
+            for (int i = 0; i < tail; ++i) s += q_tail[i] * NAME(to_f32_)(k[body + i]);
+            scores[start + r] = s;
+            m = s > m ? s : m;
+        }
+    }
+    float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int t = 0; t < len; ++t) {
-            row[t] = expf(row[t] - m);
-            sum += row[t];
-        }
-        const float inv = 1.0f / sum;
-        for (int t = 0; t < len; ++t) row[t] *= inv;
+    for (int t = 0; t < len; ++t) {
+        scores[t] = NAME(exp_nonpos_)(scores[t] - m);
+        sum += scores[t];
     }
-}
-
-// out[hq] = sum_t scores[hq, t] * v_t(kv head of hq), accumulated in fp32
-static void NAME(weighted_values_)(const float *restrict scores, const ELEM *v_cache,
-                                   const int32_t *table, int len, int num_heads, int group,
-                                   int head_dim, int block_size, long token_stride,
-                                   float *restrict out, uint32_t *restrict scratch) {
-    const long block_elems = block_size * token_stride;
-    memset(out, 0, sizeof(float) * (size_t)num_heads * (size_t)head_dim);
+    for (int c = 0; c < 2 * pairs; ++c) acc[c] = (VF){0};
+    for (int i = 0; i < tail; ++i) acc_tail[i] = 0.0f;
     for (int start = 0; start < len; start += block_size) {
         const int rows = len - start < block_size ? len - start : block_size;
-        const ELEM *block = v_cache + (long)table[start / block_size] * block_elems;
-        if (start + block_size < len)
-            prefetch_block(v_cache + (long)table[start / block_size + 1] * block_elems,
-                           block_elems * (long)sizeof(ELEM));
-        for (int r = 0; r < rows; ++r) {
-            const float *restrict row = NAME(row_f32_)(block + r * token_stride, scratch, token_stride);
-            for (int hq = 0; hq < num_heads; ++hq) {
-                const float p = scores[(long)hq * len + start + r];
-                const float *restrict v = row + (long)(hq / group) * head_dim;
-                float *restrict o = out + (long)hq * head_dim;
-#pragma omp simd
-                for (int i = 0; i < head_dim; ++i) o[i] += p * v[i];
+        const ELEM *v = v_cache + (long)table[start / block_size] * block_size * token_stride;
+        for (int r = 0; r < rows; ++r, v += token_stride) {
+            const float p = scores[start + r];
+            VF lo, hi;
+            for (int c = 0; c < pairs; ++c) {
+                NAME(load_pair_)(v + 2 * LANES * c, &lo, &hi);
+                acc[2 * c] += p * lo;
+                acc[2 * c + 1] += p * hi;
             }
+            for (int i = 0; i < tail; ++i) acc_tail[i] += p * NAME(to_f32_)(v[body + i]);
         }
     }
+    const float inv = 1.0f / sum;
+    for (int c = 0; c < pairs; ++c)
+        for (int i = 0; i < LANES; ++i) {
+            ELEM *o = out + 2 * LANES * c;
+#if WIDE
+            o[2 * i] = NAME(from_f32_)(acc[2 * c][i] * inv);
+            o[2 * i + 1] = NAME(from_f32_)(acc[2 * c + 1][i] * inv);
+#else
+            o[i] = acc[2 * c][i] * inv;
+            o[LANES + i] = acc[2 * c + 1][i] * inv;
+#endif
+        }
+    for (int i = 0; i < tail; ++i) out[body + i] = NAME(from_f32_)(acc_tail[i] * inv);
+}
+
+// `attend_` with the head size a constant where it is a common one (64, 128), so that its
+// loops unroll and its accumulators live in registers
+static void NAME(attend_any_)(const ELEM *q, const ELEM *k_cache, const ELEM *v_cache,
+                              const int32_t *table, int len, int head_dim, int block_size,
+                              long token_stride, float scale, ELEM *out, float *scores) {
+    const int pair = 2 * LANES;
+    if (head_dim == 64)
+        NAME(attend_)(q, k_cache, v_cache, table, len, 64 / pair, 0, block_size, token_stride,
+                      scale, out, scores);
+    else if (head_dim == 128)
+        NAME(attend_)(q, k_cache, v_cache, table, len, 128 / pair, 0, block_size, token_stride,
+                      scale, out, scores);
+    else
+        NAME(attend_)(q, k_cache, v_cache, table, len, head_dim / pair, head_dim % pair,
+                      block_size, token_stride, scale, out, scores);
 }
 
 // q, out: [B, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D] (contiguous);
 // block_tables: [B, max_blocks]; seq_lens: [B] (context length including the new token).
+// D at most MAX_BODY. Parallel over (sequence, KV head).
 void NAME(paged_decode_)(const ELEM *q, const ELEM *k_cache, const ELEM *v_cache,
                          const int32_t *block_tables, const int32_t *seq_lens, ELEM *out,
                          int batch, int num_heads, int num_kv_heads, int head_dim,
                          int block_size, int max_blocks, float scale, int num_threads) {
     const int group = num_heads / num_kv_heads;
     const long token_stride = (long)num_kv_heads * head_dim;
-    const long q_numel = (long)num_heads * head_dim;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int b = 0; b < batch; ++b) {
-        const int len = seq_lens[b];
-        const int32_t *table = block_tables + (long)b * max_blocks;
-        // one buffer: the fp32 query, the fp32 output, a widened row, then the scores
-        float *qf = malloc(sizeof(float) * (size_t)(2 * q_numel + token_stride + (long)num_heads * len));
-        float *of = qf + q_numel, *scores = of + q_numel + token_stride;
-        uint32_t *scratch = (uint32_t *)(of + q_numel);
-        for (long i = 0; i < q_numel; ++i) qf[i] = LOAD(q[b * q_numel + i]);
-        NAME(all_scores_)(qf, k_cache, table, len, num_heads, group, head_dim, block_size,
-                          token_stride, scale, scores, scratch);
-        NAME(softmax_rows_)(scores, num_heads, len);
-        NAME(weighted_values_)(scores, v_cache, table, len, num_heads, group, head_dim,
-                               block_size, token_stride, of, scratch);
-        for (long i = 0; i < q_numel; ++i) out[b * q_numel + i] = STORE(of[i]);
-        free(qf);
+    int longest = 0;
+    for (int b = 0; b < batch; ++b) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)longest);
+#pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < batch * num_kv_heads; ++task) {
+            const int b = task / num_kv_heads;
+            const long kv_offset = (long)(task % num_kv_heads) * head_dim;
+            // the group's query heads in turn, on one thread: the KV head's rows that the
+            // first pulls from DRAM are in L2 for the others
+            for (int g = 0; g < group; ++g) {
+                const long row = ((long)task * group + g) * head_dim;
+                NAME(attend_any_)(q + row, k_cache + kv_offset, v_cache + kv_offset,
+                                  block_tables + (long)b * max_blocks, seq_lens[b], head_dim,
+                                  block_size, token_stride, scale, out + row, scores);
+            }
+        }
+        free(scores);
     }
 }
 
