@@ -15,6 +15,7 @@ import re
 import sys
 from dataclasses import replace
 
+from engine_core.memory import available_memory, kv_memory_problem
 from engine_core.messages.config import QUANTIZATIONS, EngineConfig, parse_size
 from engine_core.messages.curve import add_curve_keys_argument
 from engine_core.messages.speculative import SpeculativeConfig, parse_speculative_config
@@ -226,6 +227,9 @@ def _serve(args: argparse.Namespace) -> int:
         async_scheduling=args.async_scheduling,
     )
     check_lora_modules(args)
+    problem = kv_memory_problem(config, available_memory())
+    if problem is not None:
+        raise SystemExit(f"duet: {problem}")
     logging.getLogger("duet").info(
         "dtype %s (--dtype %s; CPU: %s)", config.dtype, args.dtype, describe_cpu()
     )
