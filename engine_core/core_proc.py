@@ -32,7 +32,7 @@ from engine_core.messages.frontend import (
     RequestDelta,
     StepOutputs,
 )
-from engine_core.placement import cores_for
+from engine_core.placement import cores_for, local_roles
 from engine_core.pool import PoolEngine
 from engine_core.scheduler import Scheduler, rejected, scheduler_for
 from engine_core.snapshots import Snapshots
@@ -198,8 +198,7 @@ def pool_engine(config: EngineConfig, link: WorkerLink) -> PoolEngine:
         link.spawn(config, worker_id, role, cores_for(role))
         return worker_id
 
-    roles = ["prefill"] * config.prefill_workers + ["decode"] * config.decode_workers
-    for role in ["mixed"] if config.colocated else roles:
+    for role in local_roles(config):
         spawn(role)
     make = scheduler_factory(config)  # reads the model's config while the workers load it
     link.wait_ready(list(link.processes))

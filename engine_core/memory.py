@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine_core.messages.config import EngineConfig
+from engine_core.placement import local_roles
 
 GIB = 1024**3
 
@@ -25,15 +26,9 @@ def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def local_kv_pools(config: EngineConfig) -> int:
-    """How many KV pools this machine's workers hold (workers joining from elsewhere
-    bring their own memory)."""
-    return 1 if config.colocated else config.prefill_workers + config.decode_workers
-
-
 def kv_memory_problem(config: EngineConfig, available: int | None) -> str | None:
     """Why the local KV pools cannot fit in `available` bytes, or None when they can."""
-    pools = local_kv_pools(config)
+    pools = len(local_roles(config))  # one pool each; remote workers bring their own memory
     wanted = pools * config.kv_cache_memory
     if available is None or wanted <= available:
         return None

@@ -13,6 +13,16 @@ from __future__ import annotations
 
 import os
 
+from engine_core.messages.config import EngineConfig
+
+
+def local_roles(config: EngineConfig) -> list[str]:
+    """The roles of the workers the core starts on its own machine, one entry each
+    (workers joining from elsewhere come on top)."""
+    if config.colocated:
+        return ["mixed"]
+    return ["prefill"] * config.prefill_workers + ["decode"] * config.decode_workers
+
 
 def cores_for(role: str, cpu_set: set[int] | None = None) -> list[int] | None:
     """The cores a worker of `role` is pinned to (None: leave it unpinned)."""

@@ -14,7 +14,6 @@ from kernels.metadata import AttentionMetadata
 from models import cpu_features
 
 write_kv = attention.write_kv
-_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 MAX_HEAD_DIM = 256  # paged_decode.c's MAX_BODY
 
 
@@ -30,7 +29,7 @@ def native_decode(
     lib = native.load()
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    suffix = _DTYPE_SUFFIX.get(query.dtype)
+    suffix = native.DTYPE_SUFFIX.get(query.dtype)
     usable = (
         lib is not None
         and suffix is not None

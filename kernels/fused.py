@@ -22,7 +22,6 @@ from kernels import native
 from models import cpu_features
 
 DISABLE_ENV = "DUET_DISABLE_FUSED_OPS"
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # rows run on one thread below this many elements: an OpenMP fork/join costs microseconds,
 # more than a small batch's whole op
 _PARALLEL_MIN = 1 << 16
@@ -38,7 +37,7 @@ def kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | None:
 
 @functools.cache  # a step asks ~100 times; the environment is read above, each time
 def _lookup(name: str, dtype: torch.dtype, isa: str) -> ctypes._CFuncPtr | None:
-    lib, suffix = native.load(), _SUFFIX.get(dtype)
+    lib, suffix = native.load(), native.DTYPE_SUFFIX.get(dtype)
     return None if lib is None or suffix is None else getattr(lib, f"{name}_{suffix}_{isa}")
 
 
@@ -112,7 +111,7 @@ def rope_write_kv(
         fn is not None
         and cos.dtype == sin.dtype == qkv.dtype
         and key_cache.dtype == value_cache.dtype
-        and key_cache.dtype in _SUFFIX
+        and key_cache.dtype in native.DTYPE_SUFFIX
         and head_dim <= _MAX_HEAD_DIM
         and positions.dtype == slot_mapping.dtype == torch.int64
         and qkv.is_contiguous()

@@ -30,8 +30,11 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = sorted(_CSRC.glob("*.c"))
 _HEADERS = sorted(_CSRC.glob("*.h"))
+# the dtypes the kernels take, as their names spell them: {base}_{dtype}_{isa}
+DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_TWINS = [f"{t}_{i}" for t in DTYPE_SUFFIX.values() for i in ("avx512", "avx2")]
 # paged_decode_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, out, 6 ints, scale, threads)
-DECODE_KERNELS = [f"paged_decode_{t}_{i}" for t in ("f32", "bf16") for i in ("avx512", "avx2")]
+DECODE_KERNELS = [f"paged_decode_{twin}" for twin in _TWINS]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # the fused per-layer ops (fused_ops.c), {name}_{dtype}_{isa}: their argument types
 FUSED_KERNELS = {
@@ -111,8 +114,8 @@ def load() -> ctypes.CDLL | None:
     for name in DECODE_KERNELS:
         declare(lib, name, [_P] * 6 + [_I] * 6 + [_F, _I])
     for base, argtypes in FUSED_KERNELS.items():
-        for suffix in ("f32_avx512", "f32_avx2", "bf16_avx512", "bf16_avx2"):
-            declare(lib, f"{base}_{suffix}", argtypes)
+        for twin in _TWINS:
+            declare(lib, f"{base}_{twin}", argtypes)
     return lib
 
 

@@ -31,7 +31,8 @@ class RequestResult:
     """What the client saw of one request; times are seconds on the run's clock.
 
     A token chunk is an SSE event whose first choice carries text (or the finish chunk of
-    an output without text); its arrival time is in `token_times`. Token counts come from the server's usage report when it sends one.
+    an output without text); its arrival time is in `token_times`. Token counts come from
+    the server's usage report when it sends one.
     """
 
     success: bool = False

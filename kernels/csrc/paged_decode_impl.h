@@ -1,12 +1,18 @@
 // The decode kernel's body, included once per (element type, ISA) by paged_decode.c.
 //
 // The includer defines ELEM (the cache and query element type), WIDE (1 when ELEM is bf16),
-// VF and VU (GCC vector types of LANES floats and LANES uint32: one register of the ISA
-// the include is compiled for, under its `#pragma GCC target`) and SUFFIX (appended to
-// every name). Arithmetic is fp32 throughout.
+// LANES (fp32 lanes in one register of the ISA the include is compiled for, under its
+// `#pragma GCC target`: 16 for AVX-512, 8 for AVX2) and SUFFIX (appended to every name).
+// Arithmetic is fp32 throughout.
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define NAME(base) CAT(base, SUFFIX)
+// one register of floats, and of as many 32-bit lanes (a bf16 pair each); unaligned, as
+// cache rows are
+#define VF NAME(vf_)
+#define VU NAME(vu_)
+typedef float VF __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef uint32_t VU __attribute__((vector_size(LANES * 4), aligned(2)));
 
 BF16_CONVERSIONS(SUFFIX)  // bf16_load<SUFFIX>, bf16_store<SUFFIX>
 
@@ -122,9 +128,9 @@ static inline __attribute__((always_inline)) void NAME(attend_)(
         }
     }
     const float inv = 1.0f / sum;
-    for (int c = 0; c < pairs; ++c)
+    for (int c = 0; c < pairs; ++c) {
+        ELEM *o = out + 2 * LANES * c;
         for (int i = 0; i < LANES; ++i) {
-            ELEM *o = out + 2 * LANES * c;
 #if WIDE
             o[2 * i] = NAME(from_f32_)(acc[2 * c][i] * inv);
             o[2 * i + 1] = NAME(from_f32_)(acc[2 * c + 1][i] * inv);
@@ -133,6 +139,7 @@ static inline __attribute__((always_inline)) void NAME(attend_)(
             o[LANES + i] = acc[2 * c + 1][i] * inv;
 #endif
         }
+    }
     for (int i = 0; i < tail; ++i) out[body + i] = NAME(from_f32_)(acc_tail[i] * inv);
 }
 
@@ -184,6 +191,8 @@ void NAME(paged_decode_)(const ELEM *q, const ELEM *k_cache, const ELEM *v_cache
     }
 }
 
+#undef VF
+#undef VU
 #undef NAME
 #undef CAT
 #undef CAT_
