@@ -1,6 +1,6 @@
 """The batched multi-LoRA delta: y[t] += scale[s] * (x[t] @ A[s].T) @ B[s].T for each
-adapter row t, s its own slot, through the native kernel (kernels/csrc/lora_bgmv.c, AVX-512
-and AVX2 twins) or torch.
+adapter row t, s its own slot, through the native kernel (kernels/csrc/lora_bgmv.c: twins
+for AVX-512 with AVX512_BF16's pair dot product, AVX-512 and AVX2) or torch.
 
 `StackedLoRA` holds one wrapped linear's resident adapters in the kernel's layout; `LoRARows`
 one step's adapter rows grouped by slot. Both are built by models/lora.py.
@@ -18,8 +18,9 @@ import torch
 from kernels import native
 from models import cpu_features
 
-SLACK = 16  # elements after each weight: a kernel's last vector may read past a row
+SLACK = 32  # elements after each weight: a kernel's last vector may read past a row
 _DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}
+TWINS = ("avx512bf16", "avx512", "avx2")
 
 
 @dataclass
@@ -28,7 +29,8 @@ class StackedLoRA:
 
     R = len(shards) * rank. Slot s owns a's columns [s * R, (s + 1) * R) (shard-major, then
     rank) and b's rows [s * rank, (s + 1) * rank); shard j's columns [b_col[j], + size[j])
-    of b are y's columns [y_col[j], + size[j]).
+    of b are y's columns [y_col[j], + size[j]). The rank is even, so bf16 weights pair up
+    along it for the native kernel, which reads them in k-pairs (`native_a`, `native_b`).
     """
 
     a: torch.Tensor  # [in, slots * R], SLACK elements of storage after it
@@ -38,17 +40,35 @@ class StackedLoRA:
     b_col: list[int]
     size: list[int]
     shard_args: torch.Tensor = field(init=False)  # int32 [3, shards]: y_col, b_col, size
+    native_a: torch.Tensor = field(init=False)  # a, or bf16 a in k-pairs [in / 2, W, 2]
+    native_b: torch.Tensor = field(init=False)  # b, or bf16 b in rank pairs
     kernel_args: tuple = field(init=False)  # the C kernel's weight arguments, made once
 
     def __post_init__(self) -> None:
         self.shard_args = torch.tensor([self.y_col, self.b_col, self.size], dtype=torch.int32)
         y_col, b_col, size = (self.shard_args[i].data_ptr() for i in range(3))
-        self.kernel_args = (self.a.data_ptr(), self.b.data_ptr(), self.rank, len(self.size),
-                            y_col, b_col, size)  # fmt: skip
+        paired = self.a.dtype == torch.bfloat16
+        self.native_a = _k_pairs(self.a) if paired else self.a
+        self.native_b = _k_pairs(self.b) if paired else self.b
+        self.kernel_args = (self.native_a.data_ptr(), self.native_b.data_ptr(), self.rank,
+                            len(self.size), y_col, b_col, size)  # fmt: skip
 
     @property
     def slots(self) -> int:
         return self.b.shape[0] // self.rank
+
+
+def _k_pairs(w: torch.Tensor) -> torch.Tensor:
+    """w [K, N] as [ceil(K / 2), N, 2] (rows 2i and 2i + 1 side by side, a zero row where K
+    is odd), with SLACK elements of storage after it."""
+    rows, cols = w.shape
+    half = -(-rows // 2)
+    flat = torch.zeros(2 * half * cols + SLACK, dtype=w.dtype)
+    pairs = flat[: 2 * half * cols].view(half, cols, 2)
+    pairs[: rows // 2] = w[: rows // 2 * 2].view(rows // 2, 2, cols).transpose(1, 2)
+    if rows % 2:
+        pairs[half - 1, :, 0] = w[rows - 1]
+    return pairs
 
 
 def empty_stack(
@@ -109,7 +129,7 @@ def _kernels() -> ctypes.CDLL | None:
     lib = native.load()
     if lib is None:
         return None
-    for isa in ("avx512", "avx2"):
+    for isa in TWINS:
         native.declare(lib, f"lora_bgmv_{isa}", (
             [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
             + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
@@ -131,15 +151,22 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, stack: StackedLoRA, rows: LoRARow
         and y.is_contiguous()
         and native_available()
     ):
-        add_lora_native(y, x.contiguous(), stack, rows, cpu_features.isa())
+        add_lora_native(y, x.contiguous(), stack, rows, native_twin(x.dtype))
     else:
         add_lora_torch(y, x, stack, rows)
+
+
+def native_twin(dtype: torch.dtype) -> str:
+    """The kernel twin for this CPU: bf16 pairs multiply in hardware where AVX512_BF16 is."""
+    if dtype == torch.bfloat16 and cpu_features.has_avx512_bf16():
+        return "avx512bf16"
+    return cpu_features.isa()
 
 
 def add_lora_native(
     y: torch.Tensor, x: torch.Tensor, stack: StackedLoRA, rows: LoRARows, isa: str
 ) -> None:
-    """The C kernel's twin for `isa` ("avx512" or "avx2"); x and y contiguous."""
+    """The C kernel's twin for `isa` (one of TWINS); x and y contiguous."""
     rows_ptr, seg, slots, scale = rows.kernel_args
     a, b, rank, shards, y_col, b_col, size = stack.kernel_args
     getattr(_kernels(), f"lora_bgmv_{isa}")(

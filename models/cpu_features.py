@@ -2,7 +2,9 @@
 
 Machines of one kind differ (some AVX2-only, some AVX-512 with AVX512_BF16), so nothing is
 assumed at build time. `DUET_CPU_ISA=avx2` makes an AVX-512 machine take the AVX2 choices
-(float32 for `auto`, the AVX2 attention kernel), so tests exercise both on either machine.
+(float32 for `auto`, the AVX2 attention kernel), and `DUET_CPU_ISA=avx512` the choices of
+a plain x86-64-v4 CPU (no AVX512_BF16, VNNI or AMX), so tests exercise each fallback on
+any machine that has the faster path.
 """
 
 from __future__ import annotations
@@ -35,14 +37,26 @@ def isa() -> str:
     return "avx512" if cpu_flags() >= _AVX512 else "avx2"
 
 
+def _extensions() -> frozenset[str]:
+    """The CPU's flags beyond x86-64-v4 that kernels may use (none when a switch says so)."""
+    if isa() != "avx512" or os.environ.get(ISA_ENV, "").lower() == "avx512":
+        return frozenset()
+    return cpu_flags()
+
+
 def native_bf16() -> bool:
     """True when the CPU computes bf16 in hardware (AVX512_BF16 or AMX), not emulated."""
-    return isa() == "avx512" and bool(_BF16 & cpu_flags())
+    return bool(_BF16 & _extensions())
+
+
+def has_avx512_bf16() -> bool:
+    """True when the bf16 pair dot product (`vdpbf16ps`, AVX512_BF16) is usable here."""
+    return "avx512_bf16" in _extensions()
 
 
 def has_vnni() -> bool:
     """True when the AVX-512 int8 dot product (`vpdpbusd`, AVX512_VNNI) is usable here."""
-    return isa() == "avx512" and "avx512_vnni" in cpu_flags()
+    return "avx512_vnni" in _extensions()
 
 
 def resolve_dtype(dtype: str) -> str:

@@ -69,7 +69,9 @@ def build_stack(
     used = [shard for shard in shards if any(target == shard[0] for _, target in pairs)]
     if not used:
         return None
+    # even, so that bf16 weights pair up along it (kernels/lora.StackedLoRA)
     rank = max(a.shape[0] for a, _ in pairs.values())
+    rank += rank % 2
     in_features = next(iter(pairs.values()))[0].shape[1]
     sizes = [size for _, _, size in used]
     b_cols = [sum(sizes[:j]) for j in range(len(used))]
@@ -150,9 +152,9 @@ class LoRAManager:
         if not slot_of:
             self.state.batch = None
             return
-        slot_per_row = torch.tensor(
-            [-1 if ref is None else slot_of[ref.key] for ref, n in rows for _ in range(n)],
-            dtype=torch.int64,
+        slot_per_row = torch.repeat_interleave(
+            torch.tensor([-1 if ref is None else slot_of[ref.key] for ref, _ in rows]),
+            torch.tensor([n for _, n in rows]),
         )
         scale = [0.0 if a is None else a.scaling for a in self.slots]
         self.state.batch = LoRABatch(len(slot_per_row), LoRARows.of(slot_per_row, scale))

@@ -28,3 +28,12 @@ def test_explicit_dtypes_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
     assert cpu_features.resolve_dtype("bfloat16") == "bfloat16"
     assert cpu_features.resolve_dtype("float32") == "float32"
+
+
+def test_forced_avx512_takes_the_plain_x86_64_v4_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512")
+    assert cpu_features.isa() in ("avx512", "avx2")  # avx2 where the CPU has no AVX-512
+    assert not cpu_features.native_bf16()
+    assert not cpu_features.has_avx512_bf16()
+    assert not cpu_features.has_vnni()
+    assert cpu_features.resolve_dtype("auto") == "float32"

@@ -10,13 +10,16 @@
 //   a [in, slots * R]      slot s's columns [s * R, (s + 1) * R), shard-major then rank
 //   b [slots * rank, cols] slot s's rows [s * rank, (s + 1) * rank); shard j's columns
 //                          [b_col[j], b_col[j] + size[j]) land in y's [y_col[j], + size[j])
-// Both weights are read row by row along their contiguous last axis (vectors over
+// bf16 weights are stored in k-pairs, [k / 2][n][2] (in rounded up to even with a zero
+// row; rank is even), so one 32-bit lane carries two inputs' weights for one output:
+// `vdpbf16ps` takes them as they are, and the other twins widen them with a shift and a
+// mask. Both weights are read row by row along their contiguous last axis (vectors over
 // outputs, one broadcast input each), so the inner loops never reduce across lanes. The
-// weights carry VLANES elements of slack at their end: a tile's last vector may read past
-// a row (its extra lanes are dropped).
+// weights carry a vector of slack at their end: a tile's last vector may read past a row
+// (its extra lanes are dropped).
 //
-// Every kernel exists twice, for AVX-512 (x86-64-v4) and AVX2 (haswell), whatever the
-// build machine; Python picks one at run time (kernels/lora.py).
+// Every kernel exists for AVX-512 with AVX512_BF16, AVX-512 (x86-64-v4) and AVX2
+// (haswell), whatever the build machine; Python picks one at run time (kernels/lora.py).
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +27,25 @@
 #define MR 4      // rows of one slot per tile
 #define NV_MAX 4  // output vectors per register tile
 
+// how a tile reads its input and weights (lora_bgmv_impl.h)
+enum {
+    LB_F32 = 0,    // fp32 input, fp32 weights [k][n]
+    LB_PAIRS = 1,  // fp32 input, bf16 weights in k-pairs [k / 2][n][2]
+    LB_DOT = 2,    // bf16 input and weights, both in k-pairs (vdpbf16ps)
+};
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4,avx512bf16")
+#define VLANES 16
+#define SUFFIX avx512bf16
+#define DPBF16 1
+#include "lora_bgmv_impl.h"
+#undef DPBF16
+#undef SUFFIX
+#undef VLANES
+#pragma GCC pop_options
+
+#define DPBF16 0
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define VLANES 16
@@ -41,3 +63,4 @@
 #undef SUFFIX
 #undef VLANES
 #pragma GCC pop_options
+#undef DPBF16
