@@ -1,7 +1,7 @@
 """The batched LoRA delta (kernels/lora.py): the native kernel's twins and the torch path
 against a per-row reference on small shapes: fused shards of odd sizes, adapters of
 different (odd) ranks and targets, an empty slot, base rows between adapter rows, an odd
-input width (bf16 weights pair up along it)."""
+input width (bf16 weights pair up along it), a shard of several column chunks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from models.lora import AdapterWeights, build_stack
 _NATIVE = pytest.mark.skipif(not lora.native_available(), reason="native kernels not built")
 _HAS_AVX512 = cpu_features.isa() == "avx512"
 IN = 40  # not a whole number of vectors: the tails of every loop run
-SHARDS = [("q_proj", 0, 36), ("k_proj", 36, 12), ("v_proj", 48, 12)]  # a fused qkv
+# a fused qkv; q spans two whole column chunks of the AVX-512 twins and a part one
+SHARDS = [("q_proj", 0, 150), ("k_proj", 150, 12), ("v_proj", 162, 12)]
 # slot -> (rank, the shards it targets); slot 2 stays empty
 SLOTS = {0: (8, ("q_proj", "k_proj", "v_proj")), 1: (3, ("k_proj",)), 3: (15, ("q_proj", "v_proj"))}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # of the largest output
@@ -80,7 +81,7 @@ def _case(dtype: torch.dtype, slot_per_row: list[int], in_features: int = IN):
     assert stack is not None and stack.rank == 16  # 15 padded to even
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(len(slot_per_row), in_features, generator=gen).to(dtype)
-    y = torch.randn(len(slot_per_row), 60, generator=gen).to(dtype)
+    y = torch.randn(len(slot_per_row), sum(size for _, _, size in SHARDS), generator=gen).to(dtype)
     scale = [0.0 if a is None else a.scaling for a in slots]
     rows = lora.LoRARows.of(torch.tensor(slot_per_row), scale)
     return slots, stack, x, y, rows

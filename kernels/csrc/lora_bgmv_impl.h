@@ -58,76 +58,85 @@ static inline __attribute__((always_inline)) void LB_NAME(add_to_)(void *dst, LB
 // as `mode` says (ldi and ldw in the input's and the weights' own units: floats, or
 // 32-bit pairs; k counts those units too). One broadcast input and nv weight vectors per
 // step; the constant arguments unroll into registers. With `dst`, s[r][0 .. n) is added
-// into dst[r] (fp32 or bf16 as `mode` says) straight from the registers; else it is
-// stored to acc[r * NV_MAX * VLANES ..].
+// into dst[r] (fp32 or bf16 as `mode` says) straight from the registers, and `chunks`
+// such column chunks follow each other (weights and dst moving on by nv vectors); else it
+// is stored to acc[r * NV_MAX * VLANES ..] (one chunk).
 static inline __attribute__((always_inline)) void LB_NAME(tile_)(const void *in, long ldi,
-                                                                 const void *w, long ldw, int k,
+                                                                 const void *w0, long ldw, int k,
                                                                  int rows, int nv, int mode,
                                                                  float *acc, void *const *dst,
-                                                                 int n) {
-    LB_NAME(vf_) c[MR][NV_MAX];
-    for (int r = 0; r < rows; ++r)
-        for (int v = 0; v < nv; ++v) c[r][v] = (LB_NAME(vf_)){0};
-    for (int i = 0; i < k; ++i) {
-        if (mode == LB_F32) {
-            const float *x = in, *wf = (const float *)w + i * ldw;
-            LB_NAME(vf_) wv[NV_MAX];
-            for (int v = 0; v < nv; ++v) memcpy(&wv[v], wf + v * VLANES, VLANES * 4);
-            for (int r = 0; r < rows; ++r) {
-                const LB_NAME(vf_) xb = (LB_NAME(vf_)){0} + x[r * ldi + i];
-                for (int v = 0; v < nv; ++v) c[r][v] += xb * wv[v];
-            }
-            continue;
-        }
-        // a pair lane holds w[2i][n] in its low half and w[2i + 1][n] in its high half
-        const uint32_t *wp = (const uint32_t *)w + i * ldw;
-        LB_NAME(vu_) wv[NV_MAX];
-        for (int v = 0; v < nv; ++v) memcpy(&wv[v], wp + v * VLANES, VLANES * 4);
-#if DPBF16
-        if (mode == LB_DOT) {
-            const uint32_t *x = in;
-            for (int r = 0; r < rows; ++r) {
-                const LB_NAME(vu_) xb = (LB_NAME(vu_)){0} + x[r * ldi + i];
-                for (int v = 0; v < nv; ++v)
-                    c[r][v] = __builtin_ia32_dpbf16ps_v16sf(c[r][v], (LB_NAME(vs_))xb,
-                                                           (LB_NAME(vs_))wv[v]);
-            }
-            continue;
-        }
-#endif
-        const float *x = in;
-        LB_NAME(vf_) lo[NV_MAX], hi[NV_MAX];
-        for (int v = 0; v < nv; ++v) {
-            lo[v] = (LB_NAME(vf_))(wv[v] << 16);
-            hi[v] = (LB_NAME(vf_))(wv[v] & 0xffff0000u);
-        }
-        for (int r = 0; r < rows; ++r) {
-            const LB_NAME(vf_) x0 = (LB_NAME(vf_)){0} + x[r * ldi + 2 * i];
-            const LB_NAME(vf_) x1 = (LB_NAME(vf_)){0} + x[r * ldi + 2 * i + 1];
-            for (int v = 0; v < nv; ++v) c[r][v] += x0 * lo[v] + x1 * hi[v];
-        }
-    }
-    if (!dst) {
+                                                                 int n, int chunks) {
+    for (int ch = 0; ch < chunks; ++ch) {
+        // chunk ch: the next nv vectors of outputs (weights and dst move on together)
+        const long off = (long)ch * nv * VLANES;
+        const void *w = mode == LB_F32 ? (const void *)((const float *)w0 + off)
+                                       : (const void *)((const uint32_t *)w0 + off);
+        LB_NAME(vf_) c[MR][NV_MAX];
         for (int r = 0; r < rows; ++r)
-            for (int v = 0; v < nv; ++v)
-                memcpy(acc + (r * NV_MAX + v) * VLANES, &c[r][v], VLANES * 4);
-        return;
-    }
-    for (int r = 0; r < rows; ++r)
-        for (int v = 0; v < nv; ++v) {
-            const int m = n - v * VLANES < VLANES ? n - v * VLANES : VLANES;
-            if (m <= 0) break;  // nv covers n, so never: it tells the compiler m > 0
-            if (mode == LB_F32) LB_NAME(add_to_)((float *)dst[r] + v * VLANES, c[r][v], m, 0);
-            else LB_NAME(add_to_)((uint16_t *)dst[r] + v * VLANES, c[r][v], m, 1);
+            for (int v = 0; v < nv; ++v) c[r][v] = (LB_NAME(vf_)){0};
+        for (int i = 0; i < k; ++i) {
+            if (mode == LB_F32) {
+                const float *x = in, *wf = (const float *)w + i * ldw;
+                LB_NAME(vf_) wv[NV_MAX];
+                for (int v = 0; v < nv; ++v) memcpy(&wv[v], wf + v * VLANES, VLANES * 4);
+                for (int r = 0; r < rows; ++r) {
+                    const LB_NAME(vf_) xb = (LB_NAME(vf_)){0} + x[r * ldi + i];
+                    for (int v = 0; v < nv; ++v) c[r][v] += xb * wv[v];
+                }
+                continue;
+            }
+            // a pair lane holds w[2i][n] in its low half and w[2i + 1][n] in its high half
+            const uint32_t *wp = (const uint32_t *)w + i * ldw;
+            LB_NAME(vu_) wv[NV_MAX];
+            for (int v = 0; v < nv; ++v) memcpy(&wv[v], wp + v * VLANES, VLANES * 4);
+    #if DPBF16
+            if (mode == LB_DOT) {
+                const uint32_t *x = in;
+                for (int r = 0; r < rows; ++r) {
+                    const LB_NAME(vu_) xb = (LB_NAME(vu_)){0} + x[r * ldi + i];
+                    for (int v = 0; v < nv; ++v)
+                        c[r][v] = __builtin_ia32_dpbf16ps_v16sf(c[r][v], (LB_NAME(vs_))xb,
+                                                               (LB_NAME(vs_))wv[v]);
+                }
+                continue;
+            }
+    #endif
+            const float *x = in;
+            LB_NAME(vf_) lo[NV_MAX], hi[NV_MAX];
+            for (int v = 0; v < nv; ++v) {
+                lo[v] = (LB_NAME(vf_))(wv[v] << 16);
+                hi[v] = (LB_NAME(vf_))(wv[v] & 0xffff0000u);
+            }
+            for (int r = 0; r < rows; ++r) {
+                const LB_NAME(vf_) x0 = (LB_NAME(vf_)){0} + x[r * ldi + 2 * i];
+                const LB_NAME(vf_) x1 = (LB_NAME(vf_)){0} + x[r * ldi + 2 * i + 1];
+                for (int v = 0; v < nv; ++v) c[r][v] += x0 * lo[v] + x1 * hi[v];
+            }
         }
+        if (!dst) {
+            for (int r = 0; r < rows; ++r)
+                for (int v = 0; v < nv; ++v)
+                    memcpy(acc + (r * NV_MAX + v) * VLANES, &c[r][v], VLANES * 4);
+            return;
+        }
+        for (int r = 0; r < rows; ++r)
+            for (int v = 0; v < nv; ++v) {
+                const int m = n - v * VLANES < VLANES ? n - v * VLANES : VLANES;
+                if (m <= 0) break;  // nv covers n, so never: it tells the compiler m > 0
+                if (mode == LB_F32)
+                    LB_NAME(add_to_)((float *)dst[r] + off + v * VLANES, c[r][v], m, 0);
+                else LB_NAME(add_to_)((uint16_t *)dst[r] + off + v * VLANES, c[r][v], m, 1);
+            }
+    }
 }
 
 static void LB_NAME(tile_any_)(const void *in, long ldi, const void *w, long ldw, int k,
-                               int rows, int nv, int mode, float *acc, void *const *dst, int n) {
+                               int rows, int nv, int mode, float *acc, void *const *dst, int n,
+                               int chunks) {
 #define LB_MODE(R, V, M) \
     if (mode == (M)) { \
-        if (dst) LB_NAME(tile_)(in, ldi, w, ldw, k, R, V, M, NULL, dst, n); \
-        else LB_NAME(tile_)(in, ldi, w, ldw, k, R, V, M, acc, NULL, 0); \
+        if (dst) LB_NAME(tile_)(in, ldi, w, ldw, k, R, V, M, NULL, dst, n, chunks); \
+        else LB_NAME(tile_)(in, ldi, w, ldw, k, R, V, M, acc, NULL, 0, 1); \
         break; \
     }
 #if DPBF16
@@ -201,7 +210,7 @@ static void LB_NAME(lora_tile_)(const void *x, void *y, int bf16, int in_feature
         const void *w = bf16 ? (const void *)((const uint32_t *)a + at)
                              : (const void *)((const float *)a + at);
         LB_NAME(tile_any_)(a_in, a_ldi, w, lda, a_steps, rows, (n + VLANES - 1) / VLANES, mode,
-                           acc, NULL, 0);
+                           acc, NULL, 0, 1);
         for (int r = 0; r < rows; ++r)
             for (int c = 0; c < n; ++c) xa[r * R + n0 + c] = scale * acc[r * NV_MAX * VLANES + c];
     }
@@ -221,8 +230,13 @@ static void LB_NAME(lora_tile_)(const void *x, void *y, int bf16, int in_feature
         const void *b_in = dot ? (const void *)((const uint32_t *)xh + j * rank / 2)
                                : (const void *)(xa + j * rank);
         const long b_ldi = dot ? R / 2 : R;
-        for (int c0 = 0; c0 < size[j]; c0 += chunk) {
-            const int n = size[j] - c0 < chunk ? size[j] - c0 : chunk;
+        // the whole chunks in one call, then the part one: at rank 16 a chunk is only 8
+        // k-steps, and a call per chunk cost as much again in set-up
+        const int whole = size[j] / chunk, part = size[j] - whole * chunk;
+        const int pieces[2][3] = {{0, whole, chunk}, {whole * chunk, part > 0, part}};
+        for (int p = 0; p < 2; ++p) {
+            const int c0 = pieces[p][0], chunks = pieces[p][1], n = pieces[p][2];
+            if (chunks == 0) continue;
             const long at = (long)slot * b_steps * cols + b_col[j] + c0;
             const void *w = bf16 ? (const void *)((const uint32_t *)b + at)
                                  : (const void *)((const float *)b + at);
@@ -232,7 +246,7 @@ static void LB_NAME(lora_tile_)(const void *x, void *y, int bf16, int in_feature
                 dst[r] = bf16 ? (void *)((uint16_t *)y + at_y) : (void *)((float *)y + at_y);
             }
             LB_NAME(tile_any_)(b_in, b_ldi, w, cols, b_steps, rows, (n + VLANES - 1) / VLANES,
-                               mode, NULL, dst, n);
+                               mode, NULL, dst, n, chunks);
         }
     }
 }
