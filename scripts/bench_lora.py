@@ -72,18 +72,17 @@ def main() -> None:
         for mix, label in [(refs, f"{args.adapters} mixed"), (refs[:1], "1 adapter")]:
             runner.lora.set_batch([(mix[b % len(mix)], args.tokens) for b in range(args.batch)])
             rows = runner.lora.state.batch.rows
-            cases = []
+            cases, rows_total = [], args.batch * args.tokens
             for linear in runner.lora.linears.values():
                 stack = linear.stack
                 out = max(c + s for c, s in zip(stack.y_col, stack.size, strict=True))
-                rows_total = args.batch * args.tokens
                 x = torch.randn(rows_total, stack.a.shape[0]).to(runner.dtype)
                 cases.append((x, torch.randn(rows_total, out).to(runner.dtype), stack))
             with torch.inference_mode():
                 for name, fn in paths(rows).items():
                     ms = best_ms(fn, cases, args.repeats)
-                    print(f"{runner.dtype} batch {args.batch} x {args.tokens} rows, {label}, {args.threads} threads, "
-                          f"{name}: {ms:.2f} ms / {len(cases)} linears")  # fmt: skip
+                    print(f"{runner.dtype} batch {args.batch} x {args.tokens} rows, {label}, "
+                          f"{args.threads} threads, {name}: {ms:.2f} ms / {len(cases)} linears")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ static inline __attribute__((always_inline)) void LB_NAME(tile_)(const void *in,
             const uint32_t *wp = (const uint32_t *)w + i * ldw;
             LB_NAME(vu_) wv[NV_MAX];
             for (int v = 0; v < nv; ++v) memcpy(&wv[v], wp + v * VLANES, VLANES * 4);
-    #if DPBF16
+#if DPBF16
             if (mode == LB_DOT) {
                 const uint32_t *x = in;
                 for (int r = 0; r < rows; ++r) {
@@ -100,7 +100,7 @@ static inline __attribute__((always_inline)) void LB_NAME(tile_)(const void *in,
                 }
                 continue;
             }
-    #endif
+#endif
             const float *x = in;
             LB_NAME(vf_) lo[NV_MAX], hi[NV_MAX];
             for (int v = 0; v < nv; ++v) {
@@ -232,11 +232,10 @@ static void LB_NAME(lora_tile_)(const void *x, void *y, int bf16, int in_feature
         const long b_ldi = dot ? R / 2 : R;
         // the whole chunks in one call, then the part one: at rank 16 a chunk is only 8
         // k-steps, and a call per chunk cost as much again in set-up
-        const int whole = size[j] / chunk, part = size[j] - whole * chunk;
-        const int pieces[2][3] = {{0, whole, chunk}, {whole * chunk, part > 0, part}};
-        for (int p = 0; p < 2; ++p) {
-            const int c0 = pieces[p][0], chunks = pieces[p][1], n = pieces[p][2];
-            if (chunks == 0) continue;
+        for (int c0 = 0, chunks, n; c0 < size[j]; c0 += chunks * n) {
+            const int left = size[j] - c0;
+            chunks = left >= chunk ? left / chunk : 1;
+            n = left >= chunk ? chunk : left;
             const long at = (long)slot * b_steps * cols + b_col[j] + c0;
             const void *w = bf16 ? (const void *)((const uint32_t *)b + at)
                                  : (const void *)((const float *)b + at);
