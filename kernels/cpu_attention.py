@@ -1,11 +1,14 @@
-"""The CPU attention path: the torch path with decode swapped for the native C kernel.
+"""The CPU attention path: native C kernels for decode and prefill, the torch path otherwise.
 
-Decode is where CPUs lose time: the torch path gathers every sequence's K/V into a padded
-copy before SDPA; the C kernel reads the blocks in place. Prefill chunks stay on SDPA,
-which is already compute-bound there.
+Decode is where CPUs lose time to copies: the torch path gathers every sequence's K/V into
+a padded copy before SDPA; the C kernel reads the blocks in place. Prefill chunks go through
+a tiled C kernel that also reads the cache in place and does the causal half only; SDPA
+there ran at a seventh of the linears' FLOP rate.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -15,6 +18,24 @@ from models import cpu_features
 
 write_kv = attention.write_kv
 MAX_HEAD_DIM = 256  # paged_decode.c's MAX_BODY
+PREFILL_MAX_GROUP = 48  # paged_prefill_impl.h's ROWS: query heads per KV head at most
+PREFILL_HEAD_DIM_STEP = 8  # its DB: head sizes a multiple of this
+
+
+def _kernel_suffix(
+    lib: ctypes.CDLL | None, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
+) -> str | None:
+    """The kernels' dtype suffix when they can run on these tensors, else None."""
+    suffix = native.DTYPE_SUFFIX.get(query.dtype)
+    usable = (
+        lib is not None
+        and suffix is not None
+        and query.dtype == key_cache.dtype == value_cache.dtype
+        and key_cache.is_contiguous()
+        and value_cache.is_contiguous()
+        and query.shape[-1] <= MAX_HEAD_DIM
+    )
+    return suffix if usable else None
 
 
 def native_decode(
@@ -27,25 +48,30 @@ def native_decode(
     """query [B, Hq, D] -> [B, Hq, D] with the C kernel (fp32 or bf16, AVX-512 or AVX2 per
     `cpu_features.isa()`), or the torch path where it can't run."""
     lib = native.load()
-    batch, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    suffix = native.DTYPE_SUFFIX.get(query.dtype)
-    usable = (
-        lib is not None
-        and suffix is not None
-        and query.dtype == key_cache.dtype == value_cache.dtype
-        and key_cache.is_contiguous()
-        and value_cache.is_contiguous()
-        and head_dim <= MAX_HEAD_DIM
-    )
-    if not usable:
+    suffix = _kernel_suffix(lib, query, key_cache, value_cache)
+    if suffix is None:
         return attention.decode_attention(query, key_cache, value_cache, meta, scale)
     q = query.contiguous()
     out = torch.empty_like(q)
+    _decode(lib, suffix, q, key_cache, value_cache, meta, scale, out)
+    return out
+
+
+def _decode(
+    lib: ctypes.CDLL,
+    suffix: str,
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """The decode kernel over the first q.shape[0] sequences, into out (both contiguous)."""
+    batch, num_heads, head_dim = q.shape
     tables = meta.block_tables.to(torch.int32).contiguous()
     seq_lens = meta.seq_lens.to(torch.int32).contiguous()
-    kernel = getattr(lib, f"paged_decode_{suffix}_{cpu_features.isa()}")
-    kernel(
+    getattr(lib, f"paged_decode_{suffix}_{cpu_features.isa()}")(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),
@@ -54,14 +80,48 @@ def native_decode(
         out.data_ptr(),
         batch,
         num_heads,
-        num_kv_heads,
+        key_cache.shape[2],
         head_dim,
         key_cache.shape[1],
         tables.shape[1],
         scale,
         torch.get_num_threads(),
     )
-    return out
+
+
+def _prefill(
+    lib: ctypes.CDLL,
+    suffix: str,
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """The prefill kernel over sequences [num_decodes, num_seqs), into their rows of out."""
+    _, num_heads, head_dim = q.shape
+    tables = meta.block_tables.to(torch.int32).contiguous()
+    seq_lens = meta.seq_lens.to(torch.int32).contiguous()
+    starts = meta.query_start_loc.to(torch.int32).contiguous()
+    getattr(lib, f"paged_prefill_{suffix}_{cpu_features.isa()}")(
+        q.data_ptr(),
+        key_cache.data_ptr(),
+        value_cache.data_ptr(),
+        tables.data_ptr(),
+        seq_lens.data_ptr(),
+        starts.data_ptr(),
+        out.data_ptr(),
+        meta.num_decodes,
+        meta.num_seqs,
+        num_heads,
+        key_cache.shape[2],
+        head_dim,
+        key_cache.shape[1],
+        tables.shape[1],
+        scale,
+        torch.get_num_threads(),
+    )
 
 
 def paged_attention(
@@ -71,7 +131,24 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """`kernels.attention.paged_attention` semantics, decode through the C kernel."""
-    return attention.paged_attention(
-        query, key_cache, value_cache, meta, scale, decode=native_decode
+    """`kernels.attention.paged_attention` semantics, decode and prefill through the C
+    kernels into one output (no per-sequence copies)."""
+    lib = native.load()
+    suffix = _kernel_suffix(lib, query, key_cache, value_cache)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    prefill_fits = (
+        num_heads // key_cache.shape[2] <= PREFILL_MAX_GROUP
+        and head_dim % PREFILL_HEAD_DIM_STEP == 0
     )
+    if suffix is None or not prefill_fits:
+        return attention.paged_attention(
+            query, key_cache, value_cache, meta, scale, decode=native_decode
+        )
+    q = query.contiguous()
+    out = torch.empty_like(q)
+    if meta.num_decodes > 0:
+        decodes = meta.num_decodes
+        _decode(lib, suffix, q[:decodes], key_cache, value_cache, meta, scale, out[:decodes])
+    if meta.num_seqs > meta.num_decodes:
+        _prefill(lib, suffix, q, key_cache, value_cache, meta, scale, out)
+    return out

@@ -35,6 +35,9 @@ DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _TWINS = [f"{t}_{i}" for t in DTYPE_SUFFIX.values() for i in ("avx512", "avx2")]
 # paged_decode_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, out, 6 ints, scale, threads)
 DECODE_KERNELS = [f"paged_decode_{twin}" for twin in _TWINS]
+# paged_prefill_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, query_start, out,
+# first_seq, num_seqs, Hq, Hkv, D, block_size, max_blocks, scale, threads)
+PREFILL_KERNELS = [f"paged_prefill_{twin}" for twin in _TWINS]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # the fused per-layer ops (fused_ops.c), {name}_{dtype}_{isa}: their argument types
 FUSED_KERNELS = {
@@ -113,6 +116,8 @@ def load() -> ctypes.CDLL | None:
         return None
     for name in DECODE_KERNELS:
         declare(lib, name, [_P] * 6 + [_I] * 6 + [_F, _I])
+    for name in PREFILL_KERNELS:
+        declare(lib, name, [_P] * 7 + [_I] * 7 + [_F, _I])
     for base, argtypes in FUSED_KERNELS.items():
         for twin in _TWINS:
             declare(lib, f"{base}_{twin}", argtypes)

@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Decode attention, one layer: the torch path against the native C kernel.
+"""Attention, one layer: the torch path against the native C kernels.
 
-B sequences with random context lengths in [--min-ctx, --max-ctx], SmolLM2's head shape
-(Hq=9, Hkv=3, D=64), block size 16, shuffled block ids, fp32 or bf16 (--dtype). The
-native kernel runs as both twins this CPU can execute (AVX-512, and AVX2 via DUET_CPU_ISA).
-Prints best-of-N ms.
+Decode: B sequences with random context lengths in [--min-ctx, --max-ctx]. With
+--prefill N: B prompts of N new tokens each, nothing cached (the torch path is SDPA per
+sequence). SmolLM2's head shape (Hq=9, Hkv=3, D=64), block size 16, shuffled block ids,
+fp32 or bf16 (--dtype). The native kernels run as both twins this CPU can execute
+(AVX-512, and AVX2 via DUET_CPU_ISA). Prints best-of-N ms.
+
+    .venv/bin/python scripts/bench_kernels.py --dtype bfloat16
+    .venv/bin/python scripts/bench_kernels.py --dtype bfloat16 --batch 1 --prefill 256
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from kernels.metadata import AttentionMetadata
 from models import cpu_features
 
 
-def decode_batch(
-    batch: int, min_ctx: int, max_ctx: int, dtype: torch.dtype, block_size: int = 16
+def paged_batch(
+    lengths: list[int], new_tokens: int, dtype: torch.dtype, block_size: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Sequences of `lengths` tokens in a shuffled pool, the last `new_tokens` of each new
+    (1: a decode batch), their K/V already in the cache."""
     gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(min_ctx, max_ctx + 1, (batch,), generator=gen).tolist()
+    batch = len(lengths)
     blocks_each = [-(-n // block_size) for n in lengths]
     order = (torch.randperm(sum(blocks_each), generator=gen) + 1).tolist()
     tables = torch.zeros(batch, max(blocks_each), dtype=torch.int32)
@@ -40,17 +46,24 @@ def decode_batch(
         used += count
     key_cache = torch.randn(sum(blocks_each) + 1, block_size, 3, 64, dtype=dtype)
     value_cache = torch.randn_like(key_cache)
-    starts = list(range(batch + 1))
+    starts = list(range(0, batch * new_tokens + 1, new_tokens))
     meta = AttentionMetadata(
-        torch.zeros(batch, dtype=torch.int64),
+        torch.zeros(starts[-1], dtype=torch.int64),
         torch.tensor(starts, dtype=torch.int32),
         torch.tensor(lengths, dtype=torch.int32),
         tables,
-        batch,
+        batch if new_tokens == 1 else 0,
         starts,
         lengths,
     )
-    return torch.randn(batch, 9, 64, dtype=dtype), key_cache, value_cache, meta
+    return torch.randn(starts[-1], 9, 64, dtype=dtype), key_cache, value_cache, meta
+
+
+def torch_prefill(query, key_cache, value_cache, meta, scale) -> torch.Tensor:
+    """The torch path as the native backend ran prefill chunks before their kernel."""
+    return attention.paged_attention(
+        query, key_cache, value_cache, meta, scale, decode=cpu_attention.native_decode
+    )
 
 
 def best_ms(fn, args: tuple, repeats: int) -> float:
@@ -71,21 +84,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--prefill", type=int, default=0, help="new tokens per prompt")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    query, key_cache, value_cache, meta = decode_batch(
-        args.batch, args.min_ctx, args.max_ctx, dtype
-    )
+    if args.prefill:
+        lengths = [args.prefill] * args.batch
+        what = f"prefill attention, {args.dtype}, {args.batch} x {args.prefill} tokens"
+        ours, ref = cpu_attention.paged_attention, torch_prefill
+    else:
+        gen = torch.Generator().manual_seed(0)
+        lengths = torch.randint(args.min_ctx, args.max_ctx + 1, (args.batch,), generator=gen)
+        lengths = lengths.tolist()
+        what = f"decode attention, {args.dtype}, B={args.batch}, ctx {args.min_ctx}-{args.max_ctx}"
+        ours, ref = cpu_attention.native_decode, attention.decode_attention
+    query, key_cache, value_cache, meta = paged_batch(lengths, args.prefill or 1, dtype)
     call = (query, key_cache, value_cache, meta, 0.125)
-    print(
-        f"decode attention, {args.dtype}, B={args.batch}, ctx {args.min_ctx}-{args.max_ctx}, "
-        f"best of {args.repeats}"
-    )
+    print(f"{what}, best of {args.repeats}")
     print("| path | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |")
-    paths: list[tuple[str, Callable, str | None]] = [("torch", attention.decode_attention, None)]
+    paths: list[tuple[str, Callable, str | None]] = [("torch", ref, None)]
     if cpu_features.isa() == "avx512":
-        paths.append(("native AVX-512", cpu_attention.native_decode, None))
-    paths.append(("native AVX2", cpu_attention.native_decode, "avx2"))
+        paths.append(("native AVX-512", ours, None))
+    paths.append(("native AVX2", ours, "avx2"))
     for name, fn, forced in paths:
         if forced:
             os.environ[cpu_features.ISA_ENV] = forced

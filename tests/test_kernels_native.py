@@ -1,9 +1,11 @@
-"""The native C decode kernel against the torch reference path, at block edges."""
+"""The native C decode and prefill kernels against the torch path and a float64 reference,
+at block edges."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_kernels import CACHED_CHUNKS, HEADS, PagedBatch, dense_attention, make_batch
 
 from kernels import attention, cpu_attention, native
 from kernels.metadata import AttentionMetadata
@@ -104,6 +106,77 @@ def test_native_decode_reads_only_its_blocks(dtype: torch.dtype, isa: str) -> No
     value_cache[meta.block_tables[0, 0], 5:] = float("nan")
     got = cpu_attention.native_decode(query, key_cache, value_cache, meta, 0.125)
     torch.testing.assert_close(got, expected)
+
+
+def _native_attention(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the native path's output, the float64 reference) for a batch, its K/V written."""
+    scale = batch.query.shape[-1] ** -0.5
+    attention.write_kv(
+        batch.key, batch.value, batch.key_cache, batch.value_cache, batch.meta.slot_mapping
+    )
+    got = cpu_attention.paged_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.meta, scale
+    )
+    assert got.shape == batch.query.shape and got.dtype == batch.query.dtype
+    return got, dense_attention(batch, scale)
+
+
+# (cached, new) chunks: tiles of 16 tokens (48 rows at groups of 3) cut inside them, chunks
+# after cached tokens ending on and off block edges, and one chunk several tiles long
+PREFILL_CHUNKS = [(0, 1), (0, 16), (0, 17), (0, 100), *CACHED_CHUNKS, (5, 300)]
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [*HEADS, (9, 3), (48, 1)])
+@pytest.mark.parametrize(("cached", "new"), PREFILL_CHUNKS)
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_native_prefill_matches_float64(
+    cached: int, new: int, num_heads: int, num_kv_heads: int, block_size: int, isa: str
+) -> None:
+    batch = make_batch([(cached, new)], 0, num_heads, num_kv_heads, head_dim=64,
+                       block_size=block_size)  # fmt: skip
+    got, expected = _native_attention(batch)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [8, 32, 128, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_mixed_batch_at_every_head_size(head_dim: int, dtype: torch.dtype, isa: str) -> None:
+    # decodes first, then prefill chunks of several sequences in one call
+    seqs = [(0, 1), (15, 1), (99, 1), (0, 17), (15, 7), (33, 67), (16, 1)]
+    batch = make_batch(seqs, 3, 9, 3, head_dim=head_dim, dtype=dtype)
+    got, expected = _native_attention(batch)
+    if dtype == torch.bfloat16:  # fp32 math over bf16 inputs, the output rounded once
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=2**-8)
+    else:
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("head_dim", "num_heads"), [(20, 4), (64, 49)], ids=["dim", "group"])
+def test_native_path_falls_back_where_the_prefill_kernel_cannot_run(
+    head_dim: int, num_heads: int
+) -> None:
+    # a head size off its 8-wide steps, or more than 48 query heads per KV head
+    batch = make_batch([(0, 1), (3, 20)], 1, num_heads, 1, head_dim=head_dim)
+    got, expected = _native_attention(batch)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_prefill_reads_only_its_keys(dtype: torch.dtype, isa: str) -> None:
+    batch = make_batch([(9, 40)], 0, 9, 3, head_dim=64, dtype=dtype)
+    expected, _ = _native_attention(batch)
+    used = set(batch.meta.block_tables.flatten().tolist())
+    for block in range(batch.key_cache.shape[0]):
+        if block not in used:
+            batch.key_cache[block] = float("nan")
+            batch.value_cache[block] = float("nan")
+    last = batch.meta.block_tables[0, (49 - 1) // 16]  # slots past the 49 tokens: unread
+    batch.key_cache[last, 49 % 16 :] = float("nan")
+    batch.value_cache[last, 49 % 16 :] = float("nan")
+    got = cpu_attention.paged_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.meta, 64**-0.5
+    )
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:

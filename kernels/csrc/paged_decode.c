@@ -1,8 +1,10 @@
-// Batched decode attention over a paged KV cache (fp32 or bf16 cache), for CPUs.
+// Attention over a paged KV cache (fp32 or bf16 cache), for CPUs: batched decode
+// (paged_decode_impl.h) and causal prefill chunks (paged_prefill_impl.h).
 //
-// Reads K/V in place through the block table (no gather copy). One task is one KV head of
-// one sequence; for each query head of its group in turn: a pass over the keys (scores), a
-// vectorized softmax, a pass over the values, with the head's accumulators in registers.
+// Both read K/V in place through the block table (no gather copy). A decode task is one KV
+// head of one sequence; for each query head of its group in turn: a pass over the keys
+// (scores), a vectorized softmax, a pass over the values, with the head's accumulators in
+// registers. A prefill task is a tile of a chunk's tokens against one KV head.
 //
 // Every kernel exists twice, for AVX-512 (x86-64-v4) and for AVX2 (haswell), whatever the
 // build machine: Python picks one at run time (kernels/cpu_attention.py), so a test can run
@@ -22,6 +24,7 @@
 #define WIDE 0
 #define SUFFIX f32_avx512
 #include "paged_decode_impl.h"
+#include "paged_prefill_impl.h"
 #undef SUFFIX
 #undef ELEM
 #undef WIDE
@@ -29,6 +32,7 @@
 #define WIDE 1
 #define SUFFIX bf16_avx512
 #include "paged_decode_impl.h"
+#include "paged_prefill_impl.h"
 #undef SUFFIX
 #undef ELEM
 #undef WIDE
@@ -42,6 +46,7 @@
 #define WIDE 0
 #define SUFFIX f32_avx2
 #include "paged_decode_impl.h"
+#include "paged_prefill_impl.h"
 #undef SUFFIX
 #undef ELEM
 #undef WIDE
@@ -49,6 +54,7 @@
 #define WIDE 1
 #define SUFFIX bf16_avx2
 #include "paged_decode_impl.h"
+#include "paged_prefill_impl.h"
 #undef SUFFIX
 #undef ELEM
 #undef WIDE

@@ -191,8 +191,4 @@ void NAME(paged_decode_)(const ELEM *q, const ELEM *k_cache, const ELEM *v_cache
     }
 }
 
-#undef VF
-#undef VU
-#undef NAME
-#undef CAT
-#undef CAT_
+// NAME, VF, VU and the helpers stay defined for paged_prefill_impl.h, which undefines them
