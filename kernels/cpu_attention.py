@@ -2,8 +2,9 @@
 
 Decode is where CPUs lose time to copies: the torch path gathers every sequence's K/V into
 a padded copy before SDPA; the C kernel reads the blocks in place. Prefill chunks go through
-a tiled C kernel that also reads the cache in place and does the causal half only; SDPA
-there ran at a seventh of the linears' FLOP rate.
+a tiled C kernel that also reads the cache in place and does the causal half only (SDPA
+there ran at a seventh of the linears' FLOP rate); on CPUs with AVX512_BF16 its bf16 twin
+multiplies bf16 pairs with `vdpbf16ps`.
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ def _prefill(
     tables = meta.block_tables.to(torch.int32).contiguous()
     seq_lens = meta.seq_lens.to(torch.int32).contiguous()
     starts = meta.query_start_loc.to(torch.int32).contiguous()
-    getattr(lib, f"paged_prefill_{suffix}_{cpu_features.isa()}")(
+    twin = cpu_features.isa()
+    if suffix == "bf16" and cpu_features.has_avx512_bf16():
+        twin = "avx512bf16"  # bf16 pair products in hardware
+    getattr(lib, f"paged_prefill_{suffix}_{twin}")(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),

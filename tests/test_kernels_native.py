@@ -9,6 +9,7 @@ from test_kernels import CACHED_CHUNKS, HEADS, PagedBatch, dense_attention, make
 
 from kernels import attention, cpu_attention, native
 from kernels.metadata import AttentionMetadata
+from models import cpu_features
 
 pytestmark = pytest.mark.skipif(
     native.load() is None, reason="no C compiler or no AVX2: the native kernel is not built"
@@ -121,34 +122,71 @@ def _native_attention(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return got, dense_attention(batch, scale)
 
 
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "avx512bf16",
+            marks=pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16"),
+        ),
+        pytest.param(
+            "avx512", marks=pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512")
+        ),
+        "avx2",
+    ]
+)
+def prefill_twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each prefill twin this CPU can run: the bf16 pair products (AVX512_BF16), plain
+    AVX-512 (forced by DUET_CPU_ISA=avx512) and AVX2."""
+    if request.param != "avx512bf16":
+        monkeypatch.setenv(cpu_features.ISA_ENV, request.param)
+    assert cpu_features.has_avx512_bf16() == (request.param == "avx512bf16")
+    return request.param
+
+
 # (cached, new) chunks: tiles of 16 tokens (48 rows at groups of 3) cut inside them, chunks
 # after cached tokens ending on and off block edges, and one chunk several tiles long
 PREFILL_CHUNKS = [(0, 1), (0, 16), (0, 17), (0, 100), *CACHED_CHUNKS, (5, 300)]
 
 
+def _assert_close_to_float64(got: torch.Tensor, expected: torch.Tensor, twin: str) -> None:
+    """fp32 to its rounding; bf16 to its output rounding, and with the AVX512_BF16 twin also
+    the probabilities' (rounded to bf16 before the product with V, as torch's bf16 path)."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+    else:
+        atol = 2**-8 if twin == "avx512bf16" else 1e-5
+        torch.testing.assert_close(got.double(), expected, atol=atol, rtol=2**-8)
+
+
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [*HEADS, (9, 3), (48, 1)])
 @pytest.mark.parametrize(("cached", "new"), PREFILL_CHUNKS)
 @pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_prefill_matches_float64(
-    cached: int, new: int, num_heads: int, num_kv_heads: int, block_size: int, isa: str
+    cached: int,
+    new: int,
+    num_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    dtype: torch.dtype,
+    prefill_twin: str,
 ) -> None:
     batch = make_batch([(cached, new)], 0, num_heads, num_kv_heads, head_dim=64,
-                       block_size=block_size)  # fmt: skip
+                       block_size=block_size, dtype=dtype)  # fmt: skip
     got, expected = _native_attention(batch)
-    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+    _assert_close_to_float64(got, expected, prefill_twin)
 
 
 @pytest.mark.parametrize("head_dim", [8, 32, 128, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_mixed_batch_at_every_head_size(head_dim: int, dtype: torch.dtype, isa: str) -> None:
+def test_native_mixed_batch_at_every_head_size(
+    head_dim: int, dtype: torch.dtype, prefill_twin: str
+) -> None:
     # decodes first, then prefill chunks of several sequences in one call
     seqs = [(0, 1), (15, 1), (99, 1), (0, 17), (15, 7), (33, 67), (16, 1)]
     batch = make_batch(seqs, 3, 9, 3, head_dim=head_dim, dtype=dtype)
     got, expected = _native_attention(batch)
-    if dtype == torch.bfloat16:  # fp32 math over bf16 inputs, the output rounded once
-        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=2**-8)
-    else:
-        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+    _assert_close_to_float64(got, expected, prefill_twin)
 
 
 @pytest.mark.parametrize(("head_dim", "num_heads"), [(20, 4), (64, 49)], ids=["dim", "group"])
@@ -162,7 +200,7 @@ def test_native_path_falls_back_where_the_prefill_kernel_cannot_run(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_prefill_reads_only_its_keys(dtype: torch.dtype, isa: str) -> None:
+def test_native_prefill_reads_only_its_keys(dtype: torch.dtype, prefill_twin: str) -> None:
     batch = make_batch([(9, 40)], 0, 9, 3, head_dim=64, dtype=dtype)
     expected, _ = _native_attention(batch)
     used = set(batch.meta.block_tables.flatten().tolist())

@@ -7,8 +7,8 @@
 // registers. A prefill task is a tile of a chunk's tokens against one KV head.
 //
 // Every kernel exists twice, for AVX-512 (x86-64-v4) and for AVX2 (haswell), whatever the
-// build machine: Python picks one at run time (kernels/cpu_attention.py), so a test can run
-// the AVX2 twin on an AVX-512 machine.
+// build machine, and bf16 prefill a third time for AVX512_BF16: Python picks one at run time
+// (kernels/cpu_attention.py), so a test can run the AVX2 twin on an AVX-512 machine.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -17,12 +17,33 @@
 
 #define MAX_BODY 256  // the largest head size (kernels/cpu_attention.py: MAX_HEAD_DIM)
 
+// bf16 prefill on CPUs with AVX512_BF16: the prefill kernel alone (decode reads each key
+// once per query head, so it stays on the plain AVX-512 twin)
+#define LANES 16
+#define DPBF16 1
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4,avx512bf16")
+#define ELEM uint16_t
+#define WIDE 1
+#define SUFFIX bf16_avx512bf16
+#include "paged_common_impl.h"
+#include "paged_prefill_impl.h"
+#undef SUFFIX
+#undef ELEM
+#undef WIDE
+#pragma GCC pop_options
+#undef DPBF16
+#undef LANES
+
+#define DPBF16 0
+
 #define LANES 16
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define ELEM float
 #define WIDE 0
 #define SUFFIX f32_avx512
+#include "paged_common_impl.h"
 #include "paged_decode_impl.h"
 #include "paged_prefill_impl.h"
 #undef SUFFIX
@@ -31,6 +52,7 @@
 #define ELEM uint16_t
 #define WIDE 1
 #define SUFFIX bf16_avx512
+#include "paged_common_impl.h"
 #include "paged_decode_impl.h"
 #include "paged_prefill_impl.h"
 #undef SUFFIX
@@ -45,6 +67,7 @@
 #define ELEM float
 #define WIDE 0
 #define SUFFIX f32_avx2
+#include "paged_common_impl.h"
 #include "paged_decode_impl.h"
 #include "paged_prefill_impl.h"
 #undef SUFFIX
@@ -53,6 +76,7 @@
 #define ELEM uint16_t
 #define WIDE 1
 #define SUFFIX bf16_avx2
+#include "paged_common_impl.h"
 #include "paged_decode_impl.h"
 #include "paged_prefill_impl.h"
 #undef SUFFIX
@@ -60,3 +84,4 @@
 #undef WIDE
 #pragma GCC pop_options
 #undef LANES
+#undef DPBF16

@@ -1,20 +1,7 @@
 // The decode kernel's body, included once per (element type, ISA) by paged_decode.c.
 //
-// The includer defines ELEM (the cache and query element type), WIDE (1 when ELEM is bf16),
-// LANES (fp32 lanes in one register of the ISA the include is compiled for, under its
-// `#pragma GCC target`: 16 for AVX-512, 8 for AVX2) and SUFFIX (appended to every name).
-// Arithmetic is fp32 throughout.
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-#define NAME(base) CAT(base, SUFFIX)
-// one register of floats, and of as many 32-bit lanes (a bf16 pair each); unaligned, as
-// cache rows are
-#define VF NAME(vf_)
-#define VU NAME(vu_)
-typedef float VF __attribute__((vector_size(LANES * 4), aligned(4)));
-typedef uint32_t VU __attribute__((vector_size(LANES * 4), aligned(2)));
-
-BF16_CONVERSIONS(SUFFIX)  // bf16_load<SUFFIX>, bf16_store<SUFFIX>
+// Included after paged_common_impl.h, for the same ELEM, WIDE, LANES and SUFFIX, whose
+// helpers it uses. Arithmetic is fp32 throughout.
 
 // 2 * LANES elements as two vectors of floats: for bf16 `lo` holds the even-indexed and
 // `hi` the odd ones (two bf16 share a 32-bit lane, so one shift or one mask widens LANES of
@@ -33,44 +20,10 @@ static inline void NAME(load_pair_)(const ELEM *p, VF *lo, VF *hi) {
 #endif
 }
 
-static inline float NAME(to_f32_)(ELEM x) {
-#if WIDE
-    return NAME(bf16_load)(x);
-#else
-    return x;
-#endif
-}
-
-static inline ELEM NAME(from_f32_)(float x) {
-#if WIDE
-    return NAME(bf16_store)(x);
-#else
-    return x;
-#endif
-}
-
 static inline float NAME(hsum_)(VF v) {
     float s = 0.0f;
     for (int i = 0; i < LANES; ++i) s += v[i];
     return s;
-}
-
-// e^x for x <= 0 (scores minus their max) in a form GCC vectorizes, where glibc's expf is
-// one scalar call per score: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 and p the
-// degree-6 Taylor polynomial (relative error below 2e-7)
-static inline float NAME(exp_nonpos_)(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_roundf(x * 1.44269504f);
-    const float r = x - n * 0.693145752f - n * 1.42860677e-6f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const f32_bits scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
-    return p * scale.f;
 }
 
 // One query head over the `len` tokens of its sequence's KV head: q, out [D], its
@@ -191,4 +144,3 @@ void NAME(paged_decode_)(const ELEM *q, const ELEM *k_cache, const ELEM *v_cache
     }
 }
 
-// NAME, VF, VU and the helpers stay defined for paged_prefill_impl.h, which undefines them

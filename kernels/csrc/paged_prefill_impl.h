@@ -1,6 +1,6 @@
-// The prefill kernel's body, included by paged_decode.c right after paged_decode_impl.h for
-// the same ELEM / WIDE / LANES / SUFFIX, whose helpers (NAME, VF, to_f32_, from_f32_,
-// exp_nonpos_) it uses.
+// The prefill kernel's body, included by paged_decode.c after paged_common_impl.h (and,
+// except for the AVX512_BF16 twin, paged_decode_impl.h) for the same ELEM / WIDE / LANES /
+// SUFFIX / DPBF16, whose helpers it uses; it is the last include and undefines them.
 //
 // A task is a tile of a sequence's new tokens against one KV head: its rows are the tile's
 // tokens times the G query heads sharing that KV head, ROWS of them at most. The rows are
@@ -10,7 +10,10 @@
 //   scores  st[j][r] = q_r . k_j              (a key's scalars broadcast against q columns)
 //   softmax over j <= the row's position      (a row's max and sum are lane-wise)
 //   output  ot[d][r] = sum_j st[j][r] v_j[d]  (a value's scalars broadcast against st rows)
-// The scores of a tile are kept whole (two-pass softmax, no rescaling), in fp32 throughout.
+// The scores of a tile are kept whole (two-pass softmax, no rescaling), in fp32. With
+// DPBF16 both products take bf16 pairs (`vdpbf16ps`, fp32 sums): q columns and key rows
+// paired along d as they lie in memory, and the probabilities rounded to bf16 and paired
+// along j with two value rows interleaved, as torch's bf16 flash attention rounds them.
 #define ROWS 48  // rows per task: 3 AVX-512 or 6 AVX2 registers of them
 #define RV (ROWS / LANES)
 #define KB (LANES == 16 ? 8 : 2)  // keys per step of the score loop (KB * RV accumulators)
@@ -41,6 +44,96 @@ static inline void NAME(rows_f32_)(const ELEM *head, const int32_t *table, int p
     }
 }
 
+#if DPBF16
+// bf16 pairs as gcc's vdpbf16ps builtin takes them
+typedef short NAME(vs_) __attribute__((vector_size(LANES * 4)));
+#define DOT(acc, a, b) __builtin_ia32_dpbf16ps_v16sf(acc, (NAME(vs_))(a), (NAME(vs_))(b))
+typedef uint32_t NAME(u32_) __attribute__((aligned(2)));  // a bf16 pair in a cache row
+
+// The tile's scores st[j][r] (scaled): q columns paired along d, qp[d / 2][ROWS], against
+// key rows read as pairs in place
+static inline void NAME(scores_dpbf16_)(const ELEM *q, const ELEM *k_head, const int32_t *table,
+                                        int rows, int len, int group, int head_dim,
+                                        int block_size, long token_stride, long q_stride,
+                                        float scale, uint32_t *restrict qp,
+                                        float *restrict st) {
+    const int dpairs = head_dim / 2;
+    for (int dp = 0; dp < dpairs; ++dp)
+        for (int r = 0; r < ROWS; ++r)
+            qp[dp * ROWS + r] =
+                r < rows ? *(const NAME(u32_) *)(q + (r / group) * q_stride +
+                                                 (r % group) * head_dim + 2 * dp)
+                         : 0u;
+    for (int j0 = 0; j0 < len; j0 += KB) {
+        const NAME(u32_) *krow[KB];
+        for (int i = 0; i < KB; ++i)  // scores past len are never read
+            krow[i] = (const NAME(u32_) *)NAME(cache_row_)(
+                k_head, table, j0 + i < len ? j0 + i : j0, block_size, token_stride);
+        VF acc[KB][RV];
+        for (int i = 0; i < KB; ++i)
+            for (int v = 0; v < RV; ++v) acc[i][v] = (VF){0};
+        for (int dp = 0; dp < dpairs; ++dp) {
+            const VU *col = (const VU *)(qp + dp * ROWS);
+            for (int i = 0; i < KB; ++i) {
+                const VU k = (VU){0} + krow[i][dp];
+                for (int v = 0; v < RV; ++v) acc[i][v] = DOT(acc[i][v], col[v], k);
+            }
+        }
+        for (int i = 0; i < KB; ++i)
+            for (int v = 0; v < RV; ++v)
+                *(VF *)(st + (long)(j0 + i) * ROWS + v * LANES) = acc[i][v] * scale;
+    }
+}
+
+// ot[d][r] += sum_j p[j][r] v_j[d] for the tile's probabilities st[j][r]: they are rounded
+// to bf16 in pairs of keys, in place (pair jp in st's row jp), and each block of JB value
+// rows is interleaved two by two into vp [JB / 2][D]; rows past len are zeros there, as a
+// stale slot could hold a NaN that a zero probability would not cancel
+static inline void NAME(output_dpbf16_)(const ELEM *v_head, const int32_t *table, int len,
+                                        int head_dim, int block_size, long token_stride,
+                                        float *restrict st, uint32_t *restrict vp,
+                                        float *restrict ot) {
+    uint32_t *pp = (uint32_t *)st;
+    for (int jp = 0; jp < (len + 1) / 2; ++jp) {
+        const float *p0 = st + (long)2 * jp * ROWS, *p1 = p0 + ROWS;
+        uint32_t pair[ROWS];
+        for (int r = 0; r < ROWS; ++r)
+            pair[r] = NAME(bf16_store)(p0[r]) |
+                      (2 * jp + 1 < len ? (uint32_t)NAME(bf16_store)(p1[r]) << 16 : 0u);
+        for (int r = 0; r < ROWS; ++r) pp[(long)jp * ROWS + r] = pair[r];
+    }
+    for (int j0 = 0; j0 < len; j0 += JB) {
+        const int pairs = (len - j0 < JB ? len - j0 + 1 : JB) / 2;
+        for (int jp = 0; jp < pairs; ++jp) {
+            const int j = j0 + 2 * jp;
+            const ELEM *r0 = NAME(cache_row_)(v_head, table, j, block_size, token_stride);
+            const ELEM *r1 =
+                j + 1 < len ? NAME(cache_row_)(v_head, table, j + 1, block_size, token_stride)
+                            : NULL;
+            for (int d = 0; d < head_dim; ++d)
+                vp[jp * head_dim + d] = r0[d] | (r1 ? (uint32_t)r1[d] << 16 : 0u);
+        }
+        for (int d0 = 0; d0 < head_dim; d0 += DB) {
+            VF acc[DB][RV];
+            for (int i = 0; i < DB; ++i)
+                for (int v = 0; v < RV; ++v)
+                    acc[i][v] = *(const VF *)(ot + (d0 + i) * ROWS + v * LANES);
+            for (int jp = 0; jp < pairs; ++jp) {
+                const VU *p = (const VU *)(pp + (long)(j0 / 2 + jp) * ROWS);
+                for (int i = 0; i < DB; ++i) {
+                    const VU x = (VU){0} + vp[jp * head_dim + d0 + i];
+                    for (int v = 0; v < RV; ++v) acc[i][v] = DOT(acc[i][v], p[v], x);
+                }
+            }
+            for (int i = 0; i < DB; ++i)
+                for (int v = 0; v < RV; ++v)
+                    *(VF *)(ot + (d0 + i) * ROWS + v * LANES) = acc[i][v];
+        }
+    }
+}
+#undef DOT
+#endif
+
 // One tile: `tokens` query tokens at positions pos0.. (q: the first token's first query
 // head of the group, rows `q_stride` apart; out likewise). Scratch: qt [D][ROWS],
 // ot [D][ROWS], st [pos0 + tokens rounded up to KB][ROWS], kv [JB][D].
@@ -50,6 +143,10 @@ static void NAME(prefill_tile_)(const ELEM *q, const ELEM *k_head, const ELEM *v
                                 float scale, ELEM *out, float *restrict qt, float *restrict ot,
                                 float *restrict st, float *restrict kv) {
     const int rows = tokens * group, len = pos0 + tokens;
+#if DPBF16
+    NAME(scores_dpbf16_)(q, k_head, table, rows, len, group, head_dim, block_size,
+                         token_stride, q_stride, scale, (uint32_t *)qt, st);
+#else
     for (int d = 0; d < head_dim; ++d)
         for (int r = 0; r < ROWS; ++r)
             qt[d * ROWS + r] =
@@ -74,6 +171,7 @@ static void NAME(prefill_tile_)(const ELEM *q, const ELEM *k_head, const ELEM *v
         for (int i = 0; i < KB; ++i)
             for (int v = 0; v < RV; ++v) *(VF *)(st + (long)(j0 + i) * ROWS + v * LANES) = acc[i][v];
     }
+#endif
     // row r is token r / G, at position pos0 + r / G: it sees keys 0 ..= that position
     int last[ROWS];
     float m[ROWS], sum[ROWS];
@@ -97,6 +195,10 @@ static void NAME(prefill_tile_)(const ELEM *q, const ELEM *k_head, const ELEM *v
         }
     }
     for (long i = 0; i < (long)head_dim * ROWS; ++i) ot[i] = 0.0f;
+#if DPBF16
+    NAME(output_dpbf16_)(v_head, table, len, head_dim, block_size, token_stride, st,
+                         (uint32_t *)kv, ot);
+#else
     const float *vrow[JB];
     for (int j0 = 0; j0 < len; j0 += JB) {
         const int count = len - j0 < JB ? len - j0 : JB;
@@ -116,6 +218,7 @@ static void NAME(prefill_tile_)(const ELEM *q, const ELEM *k_head, const ELEM *v
                 for (int v = 0; v < RV; ++v) *(VF *)(ot + (d0 + i) * ROWS + v * LANES) = acc[i][v];
         }
     }
+#endif
     for (int r = 0; r < rows; ++r) {
         const float inv = 1.0f / sum[r];
         ELEM *o = out + (r / group) * q_stride + (r % group) * head_dim;
