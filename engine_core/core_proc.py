@@ -9,6 +9,7 @@ they arrive.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import queue
@@ -249,6 +250,7 @@ def run_engine_core(
         frontends.address,
         "colocated" if config.colocated else "disaggregated",
     )
+    gc.freeze()  # start-up objects out of full collections (see decode_workers/worker.py)
     if on_serving is not None:
         on_serving()
     try:

@@ -7,6 +7,7 @@ over them); each is its own DEALER on the engine core's ROUTER.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -71,6 +72,7 @@ async def serve(
     )
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port, reuse_port=True).start()
+    gc.freeze()  # start-up objects out of full collections (see decode_workers/worker.py)
     host = settings.host or "0.0.0.0"
     logger.info(
         "listening on http://%s:%d (engine core %s)", host, settings.port, settings.engine_address
