@@ -3,7 +3,7 @@
 A plain bf16 `F.linear` re-lays-out its weight on every call; decode calls each linear
 once per step with a handful of rows, so that copy is most of the cost. Packed once, the
 30 layers' linears plus the LM head take about half the time at batch 1 (docs/benchmarks.md).
-float32 is packed too (0.65x of a decode step at batch 1, 0.58x at 16): oneDNN's packed
+float32 is packed too (a decode step in 0.66x of the time at batch 1 and 16): oneDNN's packed
 kernel is not bit-equal to `F.linear` (it sums in another order), yet the real-model
 parity tests, greedy and logprobs, stay token-identical with Hugging Face's fp32.
 """
@@ -11,6 +11,7 @@ parity tests, greedy and logprobs, stay token-identical with Hugging Face's fp32
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
+DISABLE_ENV = "DUET_DISABLE_PACKED_LINEARS"  # "1": every linear on F.linear (A/B, bit-equality)
 
 
 class PackedLinear(nn.Module):
@@ -36,7 +38,9 @@ class PackedLinear(nn.Module):
 
 def packing_available(dtype: torch.dtype) -> bool:
     """True when this torch build packs `dtype` linears (oneDNN present and the dtype one
-    it is faster for)."""
+    it is faster for), unless DUET_DISABLE_PACKED_LINEARS=1 keeps `F.linear`."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return False
     if dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
         return False
     try:

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM
 from engine_core import LLM, SamplingParams
 from models.cpu_features import native_bf16
 from models.export import export_hf_folder
+from models.packed import DISABLE_ENV as DISABLE_PACKED_ENV
+from models.packed import PackedLinear, packing_available
 
 PROMPTS = [
     "What is the capital of Japan?",
@@ -118,6 +120,32 @@ def test_tiny_checkpoints_match_hf(tiny_checkpoint, kind: dict) -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in (1, 3, 4, 5, 17, 40)]
     assert _check_batch(llm, hf, prompts, max_tokens=24) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_linears_and_their_fallback_agree(
+    tiny_checkpoint, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(DISABLE_PACKED_ENV, raising=False)
+    if not packing_available(getattr(torch, dtype)):
+        pytest.skip(f"oneDNN packs no {dtype} linears on this machine")
+    folder = tiny_checkpoint(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3)
+    prompts = [[5, 17, 300, 42], list(range(100, 140))]
+    runs = {}
+    for disabled in ("0", "1"):
+        monkeypatch.setenv(DISABLE_PACKED_ENV, disabled)
+        llm = LLM(str(folder), kv_cache_memory="64MiB", block_size=4, dtype=dtype)
+        model = llm.runner.model
+        linears = [model.layers[0].mlp.down_proj, model.lm_head]
+        assert all(isinstance(m, PackedLinear) != (disabled == "1") for m in linears)
+        runs[disabled] = [o.outputs[0] for o in llm.generate(prompts, params)]
+    tolerance = 2e-2 if dtype == "bfloat16" else 1e-4
+    for packed, plain in zip(runs["0"], runs["1"], strict=True):
+        assert packed.token_ids == plain.token_ids
+        for a, b in zip(packed.logprobs, plain.logprobs, strict=True):
+            assert a.token_ids[0] == b.token_ids[0]
+            assert a.logprobs[0] == pytest.approx(b.logprobs[0], abs=tolerance)
 
 
 @pytest.mark.slow
