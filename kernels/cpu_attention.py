@@ -3,8 +3,9 @@
 Decode is where CPUs lose time to copies: the torch path gathers every sequence's K/V into
 a padded copy before SDPA; the C kernel reads the blocks in place. Prefill chunks go through
 a tiled C kernel that also reads the cache in place and does the causal half only (SDPA
-there ran at a seventh of the linears' FLOP rate); on CPUs with AVX512_BF16 its bf16 twin
-multiplies bf16 pairs with `vdpbf16ps`.
+there ran at a seventh of the linears' FLOP rate), except bf16 prefill on CPUs with AMX,
+where torch's SDPA multiplies bf16 tiles and wins. On CPUs with AVX512_BF16 the bf16 twins
+multiply bf16 pairs with `vdpbf16ps`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def native_decode(
     return out
 
 
+def _twin(suffix: str) -> str:
+    """The kernels' ISA twin for this CPU: bf16 pair products in hardware where it has them."""
+    if suffix == "bf16" and cpu_features.has_avx512_bf16():
+        return "avx512bf16"
+    return cpu_features.isa()
+
+
 def _decode(
     lib: ctypes.CDLL,
     suffix: str,
@@ -72,7 +80,7 @@ def _decode(
     batch, num_heads, head_dim = q.shape
     tables = meta.block_tables.to(torch.int32).contiguous()
     seq_lens = meta.seq_lens.to(torch.int32).contiguous()
-    getattr(lib, f"paged_decode_{suffix}_{cpu_features.isa()}")(
+    getattr(lib, f"paged_decode_{suffix}_{_twin(suffix)}")(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),
@@ -105,10 +113,7 @@ def _prefill(
     tables = meta.block_tables.to(torch.int32).contiguous()
     seq_lens = meta.seq_lens.to(torch.int32).contiguous()
     starts = meta.query_start_loc.to(torch.int32).contiguous()
-    twin = cpu_features.isa()
-    if suffix == "bf16" and cpu_features.has_avx512_bf16():
-        twin = "avx512bf16"  # bf16 pair products in hardware
-    getattr(lib, f"paged_prefill_{suffix}_{twin}")(
+    getattr(lib, f"paged_prefill_{suffix}_{_twin(suffix)}")(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),
@@ -128,6 +133,14 @@ def _prefill(
     )
 
 
+def _sdpa_prefill(dtype: torch.dtype) -> bool:
+    """True where prefill chunks go through torch's SDPA instead of the native kernel: bf16 on
+    CPUs with AMX, whose flash attention runs on AMX tiles there (0.68-0.75x of the best
+    native twin's time on an Intel Emerald Rapids; the native kernels take 0.29-0.46x of
+    SDPA's on Zen 4, and fp32 ones 0.46-0.62x on both; docs/benchmarks.md)."""
+    return dtype == torch.bfloat16 and cpu_features.has_amx_bf16()
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -144,7 +157,8 @@ def paged_attention(
         num_heads // key_cache.shape[2] <= PREFILL_MAX_GROUP
         and head_dim % PREFILL_HEAD_DIM_STEP == 0
     )
-    if suffix is None or not prefill_fits:
+    sdpa_prefill = meta.num_seqs > meta.num_decodes and _sdpa_prefill(query.dtype)
+    if suffix is None or not prefill_fits or sdpa_prefill:
         return attention.paged_attention(
             query, key_cache, value_cache, meta, scale, decode=native_decode
         )

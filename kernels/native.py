@@ -34,7 +34,7 @@ _HEADERS = sorted(_CSRC.glob("*.h"))
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _TWINS = [f"{t}_{i}" for t in DTYPE_SUFFIX.values() for i in ("avx512", "avx2")]
 # paged_decode_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, out, 6 ints, scale, threads)
-DECODE_KERNELS = [f"paged_decode_{twin}" for twin in _TWINS]
+DECODE_KERNELS = [f"paged_decode_{twin}" for twin in [*_TWINS, "bf16_avx512bf16"]]
 # paged_prefill_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, query_start, out,
 # first_seq, num_seqs, Hq, Hkv, D, block_size, max_blocks, scale, threads)
 PREFILL_KERNELS = [f"paged_prefill_{twin}" for twin in [*_TWINS, "bf16_avx512bf16"]]

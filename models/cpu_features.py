@@ -3,8 +3,9 @@
 Machines of one kind differ (some AVX2-only, some AVX-512 with AVX512_BF16), so nothing is
 assumed at build time. `DUET_CPU_ISA=avx2` makes an AVX-512 machine take the AVX2 choices
 (float32 for `auto`, the AVX2 attention kernel), and `DUET_CPU_ISA=avx512` the choices of
-a plain x86-64-v4 CPU (no AVX512_BF16, VNNI or AMX), so tests exercise each fallback on
-any machine that has the faster path.
+a plain x86-64-v4 CPU (no AVX512_BF16, VNNI or AMX), and `DUET_CPU_ISA=avx512bf16` those of
+an AVX512_BF16 CPU without AMX (a Zen 4's), so tests exercise each fallback on any machine
+that has the faster path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ ISA_ENV = "DUET_CPU_ISA"
 # x86-64-v4: what the AVX-512 kernel twins are compiled for
 _AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 _BF16 = {"avx512_bf16", "amx_bf16"}
+_AMX = {"amx_bf16", "amx_int8", "amx_tile"}
 
 
 @functools.cache
@@ -38,10 +40,11 @@ def isa() -> str:
 
 
 def _extensions() -> frozenset[str]:
-    """The CPU's flags beyond x86-64-v4 that kernels may use (none when a switch says so)."""
-    if isa() != "avx512" or os.environ.get(ISA_ENV, "").lower() == "avx512":
+    """The CPU's flags beyond x86-64-v4 that kernels may use (fewer when a switch says so)."""
+    forced = os.environ.get(ISA_ENV, "").lower()
+    if isa() != "avx512" or forced == "avx512":
         return frozenset()
-    return cpu_flags()
+    return cpu_flags() - _AMX if forced == "avx512bf16" else cpu_flags()
 
 
 def native_bf16() -> bool:
@@ -52,6 +55,12 @@ def native_bf16() -> bool:
 def has_avx512_bf16() -> bool:
     """True when the bf16 pair dot product (`vdpbf16ps`, AVX512_BF16) is usable here."""
     return "avx512_bf16" in _extensions()
+
+
+def has_amx_bf16() -> bool:
+    """True when AMX multiplies bf16 tiles here (oneDNN's GEMMs and torch's bf16 attention
+    use them)."""
+    return "amx_bf16" in _extensions()
 
 
 def has_vnni() -> bool:

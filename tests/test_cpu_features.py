@@ -37,3 +37,16 @@ def test_forced_avx512_takes_the_plain_x86_64_v4_choices(monkeypatch: pytest.Mon
     assert not cpu_features.has_avx512_bf16()
     assert not cpu_features.has_vnni()
     assert cpu_features.resolve_dtype("auto") == "float32"
+
+
+def test_forced_avx512bf16_takes_the_choices_of_a_cpu_without_amx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not {"avx512_bf16", "avx512f"} <= cpu_features.cpu_flags():
+        pytest.skip("no AVX512_BF16 here")
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
+    assert cpu_features.has_avx512_bf16()
+    assert not cpu_features.has_amx_bf16()
+    assert cpu_features.resolve_dtype("auto") == "bfloat16"
+    monkeypatch.delenv(cpu_features.ISA_ENV)
+    assert cpu_features.has_amx_bf16() == ("amx_bf16" in cpu_features.cpu_flags())

@@ -49,14 +49,42 @@ def _decode_batch(
     return query, key_cache, value_cache, meta
 
 
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "avx512bf16",
+            marks=pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16"),
+        ),
+        pytest.param(
+            "avx512", marks=pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512")
+        ),
+        "avx2",
+    ]
+)
+def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each attention kernel twin this CPU can run, forced by DUET_CPU_ISA: the bf16 pair
+    products (avx512bf16, where AVX512_BF16 is; no AMX), plain AVX-512 (avx512) and AVX2."""
+    monkeypatch.setenv(cpu_features.ISA_ENV, request.param)
+    assert cpu_features.has_avx512_bf16() == (request.param == "avx512bf16")
+    assert not cpu_features.has_amx_bf16()  # AMX CPUs' bf16 prefill would take torch's SDPA
+    return request.param
+
+
+# group sizes 3, 1, 8 (two passes of 4 heads) and 6 (4 then 2); block size 5 cuts the runs of
+# keys reduced together short
 @pytest.mark.parametrize(
-    ("num_heads", "num_kv_heads"), [(9, 3), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"]
+    ("num_heads", "num_kv_heads"),
+    [(9, 3), (4, 4), (8, 1), (12, 2)],
+    ids=["gqa", "mha", "mqa", "gqa6"],
 )
 @pytest.mark.parametrize("lengths", [[1], [15], [16], [17], [100], [1, 15, 16, 17, 100, 333]])
+@pytest.mark.parametrize("block_size", [16, 5])
 def test_native_decode_matches_torch(
-    lengths: list[int], num_heads: int, num_kv_heads: int, isa: str
+    lengths: list[int], num_heads: int, num_kv_heads: int, block_size: int, twin: str
 ) -> None:
-    query, key_cache, value_cache, meta = _decode_batch(lengths, num_heads, num_kv_heads)
+    query, key_cache, value_cache, meta = _decode_batch(
+        lengths, num_heads, num_kv_heads, block_size=block_size
+    )
     expected = attention.decode_attention(query, key_cache, value_cache, meta, 0.125)
     got = cpu_attention.native_decode(query, key_cache, value_cache, meta, 0.125)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -66,7 +94,7 @@ def test_native_decode_matches_torch(
 # vectorized pairs (80, 48), only a tail (16, 8) or several pairs and a tail (200)
 @pytest.mark.parametrize("head_dim", [128, 80, 48, 16, 8, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_decode_at_every_head_size(head_dim: int, dtype: torch.dtype, isa: str) -> None:
+def test_native_decode_at_every_head_size(head_dim: int, dtype: torch.dtype, twin: str) -> None:
     query, key_cache, value_cache, meta = _decode_batch([1, 17, 100], 4, 2, head_dim=head_dim)
     query, key_cache, value_cache = (t.to(dtype) for t in (query, key_cache, value_cache))
     expected = attention.decode_attention(
@@ -79,7 +107,7 @@ def test_native_decode_at_every_head_size(head_dim: int, dtype: torch.dtype, isa
 
 
 @pytest.mark.parametrize("lengths", [[1], [17], [1, 15, 16, 17, 100, 333]])
-def test_native_bf16_decode_is_fp32_math_rounded_once(lengths: list[int], isa: str) -> None:
+def test_native_bf16_decode_is_fp32_math_rounded_once(lengths: list[int], twin: str) -> None:
     # the kernel reads bf16, computes in fp32 and rounds the output once: it must equal the
     # fp32 torch path over the same (bf16-valued) inputs to within that one rounding
     query, key_cache, value_cache, meta = _decode_batch(lengths, 9, 3)
@@ -93,7 +121,7 @@ def test_native_bf16_decode_is_fp32_math_rounded_once(lengths: list[int], isa: s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_decode_reads_only_its_blocks(dtype: torch.dtype, isa: str) -> None:
+def test_native_decode_reads_only_its_blocks(dtype: torch.dtype, twin: str) -> None:
     query, key_cache, value_cache, meta = _decode_batch([5, 40], 9, 3)
     query, key_cache, value_cache = (t.to(dtype) for t in (query, key_cache, value_cache))
     expected = cpu_attention.native_decode(query, key_cache, value_cache, meta, 0.125)
@@ -122,27 +150,6 @@ def _native_attention(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return got, dense_attention(batch, scale)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "avx512bf16",
-            marks=pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16"),
-        ),
-        pytest.param(
-            "avx512", marks=pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512")
-        ),
-        "avx2",
-    ]
-)
-def prefill_twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each prefill twin this CPU can run: the bf16 pair products (AVX512_BF16), plain
-    AVX-512 (forced by DUET_CPU_ISA=avx512) and AVX2."""
-    if request.param != "avx512bf16":
-        monkeypatch.setenv(cpu_features.ISA_ENV, request.param)
-    assert cpu_features.has_avx512_bf16() == (request.param == "avx512bf16")
-    return request.param
-
-
 # (cached, new) chunks: tiles of 16 tokens (48 rows at groups of 3) cut inside them, chunks
 # after cached tokens ending on and off block edges, and one chunk several tiles long
 PREFILL_CHUNKS = [(0, 1), (0, 16), (0, 17), (0, 100), *CACHED_CHUNKS, (5, 300)]
@@ -169,24 +176,40 @@ def test_native_prefill_matches_float64(
     num_kv_heads: int,
     block_size: int,
     dtype: torch.dtype,
-    prefill_twin: str,
+    twin: str,
 ) -> None:
     batch = make_batch([(cached, new)], 0, num_heads, num_kv_heads, head_dim=64,
                        block_size=block_size, dtype=dtype)  # fmt: skip
     got, expected = _native_attention(batch)
-    _assert_close_to_float64(got, expected, prefill_twin)
+    _assert_close_to_float64(got, expected, twin)
 
 
 @pytest.mark.parametrize("head_dim", [8, 32, 128, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_mixed_batch_at_every_head_size(
-    head_dim: int, dtype: torch.dtype, prefill_twin: str
+    head_dim: int, dtype: torch.dtype, twin: str
 ) -> None:
     # decodes first, then prefill chunks of several sequences in one call
     seqs = [(0, 1), (15, 1), (99, 1), (0, 17), (15, 7), (33, 67), (16, 1)]
     batch = make_batch(seqs, 3, 9, 3, head_dim=head_dim, dtype=dtype)
     got, expected = _native_attention(batch)
-    _assert_close_to_float64(got, expected, prefill_twin)
+    _assert_close_to_float64(got, expected, twin)
+
+
+@pytest.mark.skipif(not cpu_features.has_amx_bf16(), reason="no AMX here")
+def test_bf16_prefill_on_an_amx_cpu_is_torchs_sdpa_path() -> None:
+    # bit for bit the torch path's output (SDPA on AMX tiles for the prefill chunks, the
+    # native kernel for the decodes), which no native prefill twin reproduces
+    batch = make_batch(
+        [(0, 1), (15, 1), (0, 40), (33, 67)], 2, 9, 3, head_dim=64, dtype=torch.bfloat16
+    )
+    got, expected = _native_attention(batch)
+    _assert_close_to_float64(got, expected, "avx512bf16")
+    sdpa = attention.paged_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.meta, 0.125,
+        decode=cpu_attention.native_decode,
+    )  # fmt: skip
+    assert torch.equal(got, sdpa)
 
 
 @pytest.mark.parametrize(("head_dim", "num_heads"), [(20, 4), (64, 49)], ids=["dim", "group"])
@@ -200,7 +223,7 @@ def test_native_path_falls_back_where_the_prefill_kernel_cannot_run(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_prefill_reads_only_its_keys(dtype: torch.dtype, prefill_twin: str) -> None:
+def test_native_prefill_reads_only_its_keys(dtype: torch.dtype, twin: str) -> None:
     batch = make_batch([(9, 40)], 0, 9, 3, head_dim=64, dtype=dtype)
     expected, _ = _native_attention(batch)
     used = set(batch.meta.block_tables.flatten().tolist())

@@ -13,8 +13,15 @@
 // cache rows are
 #define VF NAME(vf_)
 #define VU NAME(vu_)
+#define VI NAME(vi_)
 typedef float VF __attribute__((vector_size(LANES * 4), aligned(4)));
 typedef uint32_t VU __attribute__((vector_size(LANES * 4), aligned(2)));
+typedef int32_t VI __attribute__((vector_size(LANES * 4)));  // shuffle masks
+#if DPBF16
+// bf16 pairs as gcc's vdpbf16ps builtin takes them
+typedef short NAME(vs_) __attribute__((vector_size(LANES * 4)));
+#define DOT(acc, a, b) __builtin_ia32_dpbf16ps_v16sf(acc, (NAME(vs_))(a), (NAME(vs_))(b))
+#endif
 
 BF16_CONVERSIONS(SUFFIX)  // bf16_load<SUFFIX>, bf16_store<SUFFIX>
 

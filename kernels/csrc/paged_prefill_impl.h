@@ -1,5 +1,5 @@
-// The prefill kernel's body, included by paged_decode.c after paged_common_impl.h (and,
-// except for the AVX512_BF16 twin, paged_decode_impl.h) for the same ELEM / WIDE / LANES /
+// The prefill kernel's body, included by paged_decode.c after paged_common_impl.h and
+// paged_decode_impl.h for the same ELEM / WIDE / LANES /
 // SUFFIX / DPBF16, whose helpers it uses; it is the last include and undefines them.
 //
 // A task is a tile of a sequence's new tokens against one KV head: its rows are the tile's
@@ -45,9 +45,6 @@ static inline void NAME(rows_f32_)(const ELEM *head, const int32_t *table, int p
 }
 
 #if DPBF16
-// bf16 pairs as gcc's vdpbf16ps builtin takes them
-typedef short NAME(vs_) __attribute__((vector_size(LANES * 4)));
-#define DOT(acc, a, b) __builtin_ia32_dpbf16ps_v16sf(acc, (NAME(vs_))(a), (NAME(vs_))(b))
 typedef uint32_t NAME(u32_) __attribute__((aligned(2)));  // a bf16 pair in a cache row
 
 // The tile's scores st[j][r] (scaled): q columns paired along d, qp[d / 2][ROWS], against
@@ -281,6 +278,7 @@ void NAME(paged_prefill_)(const ELEM *q, const ELEM *k_cache, const ELEM *v_cach
 #undef JB
 #undef VF
 #undef VU
+#undef VI
 #undef NAME
 #undef CAT
 #undef CAT_
