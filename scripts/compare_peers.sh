@@ -133,8 +133,11 @@ cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
             if line.startswith("model name")), platform.machine())
 flags = sorted(set(re.findall(r"\b(avx512\w*|avx2|amx\w*)\b", open("/proc/cpuinfo").read())))
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-# one section per dtype setting; float32 keeps the marker it always had
+# one section per dtype setting and CPU kind (machines of one kind differ: an AMX CPU's table
+# stands beside the others'); float32 on a CPU without AMX keeps the marker it always had
 marker = "compare_peers" if dtype == "float32" else f"compare_peers-{dtype}"
+if any(flag.startswith("amx") for flag in flags):
+    marker += "-amx"
 write_section(doc, marker, [
     f"## duet vs vLLM (CPU), --dtype {dtype} — {time.strftime('%Y-%m-%d')}",
     "",
