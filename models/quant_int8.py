@@ -6,13 +6,15 @@ its number of rows (tokens) from `ROUTES`, a table measured on this machine kind
 (docs/benchmarks.md, scripts/bench_int8.py) and fixed at load from the CPU and the model
 dtype: by default float activations (the native weight-only kernel, or dequantize + a float
 GEMM for large bf16 batches); with DUET_INT8_W8A8=1 activations quantized per token too
-(VNNI where the CPU has AVX512_VNNI, the AVX2 twin elsewhere).
+(VNNI where the CPU has AVX512_VNNI, the AVX2 twin elsewhere), after smoothing scales are
+folded into the weights (models.smooth_quant).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from engine_core.messages.config import QUANTIZATIONS
 from kernels import int8
 from models import cpu_features
 from models.packed import swap_linears
+from models.smooth_quant import smooth_for_w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +36,12 @@ logger = logging.getLogger(__name__)
 #         native kernels)
 #   dense dequantize the weight, then a float GEMM in the activations' dtype
 # Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): native W8A8 is the fastest
-# at every batch size, but per-token activation rounding costs 2-10 % perplexity on
-# SmolLM2 (over the 3 % budget) where int8 weights alone cost none, so the default keeps
-# float activations: weight-only while the step is memory-bound, and with bf16
-# activations dequantize + oneDNN's bf16 GEMM beyond 32 rows (prefill; fp32's GEMM never
-# beat the weight-only kernel). DUET_INT8_W8A8=1 picks W8A8 throughout, speed over fidelity.
+# at every batch size, and with smoothing its perplexity on SmolLM2 is within 1 % of fp32's
+# (3 % without), but single tokens' logprobs still move by up to ~0.7 nats where int8
+# weights alone move them by ~0.2, so the default keeps float activations: weight-only
+# while the step is memory-bound, and with bf16 activations dequantize + oneDNN's bf16 GEMM
+# beyond 32 rows (prefill; fp32's GEMM never beat the weight-only kernel).
+# DUET_INT8_W8A8=1 picks W8A8 throughout, speed over fidelity.
 Route = tuple[tuple[int | None, str], ...]
 ROUTES: dict[tuple[str, torch.dtype], Route] = {
     ("native", torch.bfloat16): ((32, "wo"), (None, "dense")),
@@ -149,12 +153,18 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
 
 
-def quantize_model(model: nn.Module, dtype: torch.dtype) -> int:
+def quantize_model(
+    model: nn.Module, dtype: torch.dtype, calibration: Callable[[], list[int]] | None = None
+) -> int:
     """Swap every nn.Linear in `model` for an Int8Linear, and give a model with tied
     embeddings (`lm_head is None`) an int8 LM head over a copy of the embedding; returns
-    how many linears were quantized. `dtype` is the activations' (the model's) dtype. Call
-    after load_weights, before `model.to(dtype)`."""
+    how many linears were quantized. `dtype` is the activations' (the model's) dtype. Where
+    activations are quantized too (W8A8), `calibration` gives the token ids whose forward
+    sets the smoothing scales (models.smooth_quant; None: no smoothing). Call after
+    load_weights, before `model.to(dtype)`."""
     kernel = w8a8_kernel()
+    if calibration is not None and route(kernel, (1, 1), dtype) == W8A8_ROUTE:
+        smooth_for_w8a8(model, calibration())
     count = swap_linears(
         model, lambda linear: Int8Linear(linear.weight, linear.bias, kernel, dtype)
     )

@@ -17,12 +17,13 @@ from kernels.metadata import AttentionMetadata
 from models import cpu_features
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
-from models.loader import load_config, resolve_model
+from models.loader import ModelSource, load_config, resolve_model
 from models.lora import LoRAManager
 from models.prompt_logprobs import step_prompt_logprobs
 from models.quant_int8 import check_quantization, quantize_model
 from models.rejection_sampler import verify
 from models.sampler import SamplingState, sample
+from models.smooth_quant import CALIBRATION_TEXT
 from models.structured import GrammarMasker, RequestGrammar
 from models.weights import iter_weights
 
@@ -57,6 +58,13 @@ def kv_block_bytes(model: ModelConfig, block_size: int, dtype: torch.dtype) -> i
     """Bytes one KV block takes across all layers (K and V)."""
     per_token = 2 * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
     return per_token * block_size * dtype.itemsize
+
+
+def calibration_ids(source: ModelSource) -> list[int]:
+    """CALIBRATION_TEXT in the model's tokens (W8A8 smoothing)."""
+    from models.tokenizer import load_tokenizer  # transformers: only when needed
+
+    return load_tokenizer(source).encode(CALIBRATION_TEXT)
 
 
 @dataclass
@@ -99,7 +107,9 @@ class ModelRunner:
         load_dtype = torch.float32 if config.quantization else self.dtype
         self.model.load_weights(iter_weights(source, load_dtype))
         if config.quantization:
-            quantize_model(self.model, self.dtype)
+            # LoRA deltas read the linears' inputs, which smoothing rescales: none then
+            calibration = None if config.enable_lora else lambda: calibration_ids(source)
+            quantize_model(self.model, self.dtype, calibration)
         self.model.to(self.dtype).eval()
         packed = self.model.pack_weights()
         self.lora = (

@@ -1,0 +1,92 @@
+"""Smoothing before W8A8 (models.smooth_quant): the float model's function is unchanged, and
+per-token int8 activations lose less where a few channels dominate."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.llama import LlamaForCausalLM
+from models.loader import load_config, resolve_model
+from models.quant_int8 import W8A8_ENV, Int8Linear, quantize_model
+from models.smooth_quant import CALIBRATION_TEXT, scratch_cache, smooth_for_w8a8
+from models.weights import iter_weights
+
+CALIBRATION = list(range(5, 80))
+PROBE = [7, 300, 12, 99, 41, 5, 250, 18, 77, 3, 150, 64]
+
+
+def _float_model(folder: Path) -> LlamaForCausalLM:
+    source = resolve_model(str(folder))
+    model = LlamaForCausalLM(load_config(source), max_positions=256)
+    model.load_weights(iter_weights(source, torch.float32))
+    return model.eval()
+
+
+def _logits(model: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
+    hidden = model(torch.tensor(ids), torch.arange(len(ids)), *scratch_cache(model, len(ids)))
+    return model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"num_heads": 4, "num_kv_heads": 2, "tie_word_embeddings": True},
+        {"architecture": "qwen2", "num_heads": 4, "num_kv_heads": 1},  # qkv biases, G = 4
+        {"num_heads": 4, "num_kv_heads": 4},
+    ],
+    ids=["gqa-tied", "qwen2-mqa", "mha"],
+)
+def test_smoothing_leaves_the_float_model_unchanged(
+    tiny_checkpoint: Callable[..., Path], shape: dict
+) -> None:
+    model = _float_model(tiny_checkpoint(**shape))
+    before = _logits(model, PROBE)
+    norm = model.layers[0].input_layernorm.weight.clone()
+    assert smooth_for_w8a8(model, CALIBRATION) == 4 * len(model.layers) + 1
+    assert not torch.equal(model.layers[0].input_layernorm.weight, norm)  # scales were folded
+    torch.testing.assert_close(_logits(model, PROBE), before, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_shrinks_w8a8_error_where_a_few_channels_dominate(
+    tiny_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(W8A8_ENV, "1")
+    reference = _float_model(tiny_checkpoint(num_heads=4, num_kv_heads=2))
+    with torch.no_grad():  # the outlier channels real Llamas have after their norms
+        for layer in reference.layers:
+            layer.input_layernorm.weight[[3, 17]] *= 40
+            layer.post_attention_layernorm.weight[[5, 40]] *= 40
+    expected = _logits(reference, PROBE)
+    errors = []
+    for calibration in (None, lambda: CALIBRATION):
+        model = copy.deepcopy(reference)
+        quantize_model(model, torch.float32, calibration)
+        assert {m.path_for(len(PROBE)) for m in model.modules() if isinstance(m, Int8Linear)} == {
+            "w8a8"
+        }
+        errors.append((_logits(model, PROBE) - expected).abs().mean().item())
+    unsmoothed, smoothed = errors
+    assert smoothed < 0.5 * unsmoothed, errors
+
+
+def test_weight_only_int8_is_not_smoothed(
+    tiny_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    model = _float_model(tiny_checkpoint(num_heads=4, num_kv_heads=2))
+    norm = model.layers[0].input_layernorm.weight.clone()
+    quantize_model(model, torch.float32, lambda: pytest.fail("calibrated without W8A8"))
+    assert torch.equal(model.layers[0].input_layernorm.weight, norm)
+
+
+def test_the_calibration_text_is_chat_and_prose_in_the_default_tokenizer(
+    default_tokenizer,
+) -> None:
+    ids = default_tokenizer.encode(CALIBRATION_TEXT)
+    assert 300 <= len(ids) <= 1024  # one short forward at load
+    assert ids.count(1) == 4  # <|im_start|>: the chat turns are special tokens, not text
