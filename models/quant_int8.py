@@ -4,10 +4,11 @@ Every linear (and the LM head, tied or not) becomes an `Int8Linear`; the embeddi
 stays in the model's float dtype, so the lookup is unchanged. Each call picks its path by
 its number of rows (tokens) from `ROUTES`, a table measured on this machine kind
 (docs/benchmarks.md, scripts/bench_int8.py) and fixed at load from the CPU and the model
-dtype: by default float activations (the native weight-only kernel, or dequantize + a float
-GEMM for large bf16 batches); with DUET_INT8_W8A8=1 activations quantized per token too
-(VNNI where the CPU has AVX512_VNNI, the AVX2 twin elsewhere), after smoothing scales are
-folded into the weights (models.smooth_quant).
+dtype. With the native kernels, activations are quantized per token too (W8A8: VNNI where
+the CPU has AVX512_VNNI, the AVX2 twin elsewhere), after smoothing scales are folded into
+the weights (models.smooth_quant), in every linear but down_proj, which keeps float
+activations (the native weight-only kernel, or dequantize + a float GEMM for large bf16
+batches). DUET_INT8_W8A8=1 quantizes activations in every linear, =0 in none.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ logger = logging.getLogger(__name__)
 #   dense dequantize the weight, then a float GEMM in the activations' dtype
 # Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): native W8A8 is the fastest
 # at every batch size, and with smoothing its perplexity on SmolLM2 is within 1 % of fp32's
-# (3 % without), but single tokens' logprobs still move by up to ~0.7 nats where int8
-# weights alone move them by ~0.2, so the default keeps float activations: weight-only
-# while the step is memory-bound, and with bf16 activations dequantize + oneDNN's bf16 GEMM
-# beyond 32 rows (prefill; fp32's GEMM never beat the weight-only kernel).
-# DUET_INT8_W8A8=1 picks W8A8 throughout, speed over fidelity.
+# (3 % without). W8A8 in every linear still moves single tokens' logprobs by up to ~0.6
+# nats, so down_proj, whose inputs (SiLU(gate) * up) spread widest from token to token,
+# keeps float activations: weight-only while the step is memory-bound, and with bf16
+# activations dequantize + oneDNN's bf16 GEMM beyond 32 rows (prefill; fp32's GEMM never
+# beat the weight-only kernel). Without native kernels torch's int8 x int8 matmul loses to
+# its weight-only one at small batches, so every linear keeps float activations there.
 Route = tuple[tuple[int | None, str], ...]
 ROUTES: dict[tuple[str, torch.dtype], Route] = {
     ("native", torch.bfloat16): ((32, "wo"), (None, "dense")),
@@ -50,7 +52,8 @@ ROUTES: dict[tuple[str, torch.dtype], Route] = {
     ("torch", torch.float32): ((None, "dense"),),
 }
 W8A8_ROUTE: Route = ((None, "w8a8"),)
-W8A8_ENV = "DUET_INT8_W8A8"
+W8A8_ENV = "DUET_INT8_W8A8"  # "1": int8 activations in every linear, "0": in none
+FLOAT_ACTIVATIONS = ("down_proj",)  # linears (by name) that keep them float by default
 
 
 class QuantizationError(ValueError):
@@ -86,10 +89,19 @@ def w8a8_kernel() -> str:
     return "vnni" if cpu_features.has_vnni() else "avx2"
 
 
-def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype) -> Route:
-    """The measured route for this CPU and activation dtype, without torch's weight-only
-    kernel where it cannot run (bf16 emulated, or a shape it crashes on)."""
-    if os.environ.get(W8A8_ENV) == "1":
+def int8_activations(kernel: str, name: str) -> bool:
+    """Whether the linear at `name` in the model quantizes its activations per token."""
+    switch = os.environ.get(W8A8_ENV)
+    if switch in ("0", "1"):
+        return switch == "1"
+    return kernel != "torch" and name.rpartition(".")[2] not in FLOAT_ACTIVATIONS
+
+
+def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype, w8a8: bool) -> Route:
+    """The measured route for this CPU and activation dtype: W8A8 at every size where the
+    activations are quantized, else float activations, without torch's weight-only kernel
+    where it cannot run (bf16 emulated, or a shape it crashes on)."""
+    if w8a8:
         return W8A8_ROUTE
     dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     if kernel != "torch":
@@ -101,20 +113,26 @@ def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype) -> Route:
 class Int8Linear(nn.Module):
     """`x @ W.T + bias` with W held as int8 plus an fp32 scale per output channel.
 
-    With native kernels only the packed int8 weight is kept (every path reads it), else
-    the plain one. The tensors are plain attributes, not buffers, so `model.to(dtype)`
-    leaves the int8 weight and its fp32 scales alone.
+    `w8a8`: activations quantized per token at every size (else float activations). With
+    native kernels only the packed int8 weight is kept (every path reads it), else the
+    plain one. The tensors are plain attributes, not buffers, so `model.to(dtype)` leaves
+    the int8 weight and its fp32 scales alone.
     """
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, dtype: torch.dtype
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        kernel: str,
+        dtype: torch.dtype,
+        w8a8: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         qweight, self.scale = quantize_weight(weight)
         self.bias = None if bias is None else bias.detach().float()
         self.kernel = kernel
-        self.route = route(kernel, (self.out_features, self.in_features), dtype)
+        self.route = route(kernel, (self.out_features, self.in_features), dtype, w8a8)
         if kernel == "torch":
             self.qweight = qweight
         else:
@@ -159,27 +177,34 @@ def quantize_model(
     """Swap every nn.Linear in `model` for an Int8Linear, and give a model with tied
     embeddings (`lm_head is None`) an int8 LM head over a copy of the embedding; returns
     how many linears were quantized. `dtype` is the activations' (the model's) dtype. Where
-    activations are quantized too (W8A8), `calibration` gives the token ids whose forward
+    any activations are quantized (W8A8), `calibration` gives the token ids whose forward
     sets the smoothing scales (models.smooth_quant; None: no smoothing). Call after
     load_weights, before `model.to(dtype)`."""
     kernel = w8a8_kernel()
-    if calibration is not None and route(kernel, (1, 1), dtype) == W8A8_ROUTE:
-        smooth_for_w8a8(model, calibration())
-    count = swap_linears(
-        model, lambda linear: Int8Linear(linear.weight, linear.bias, kernel, dtype)
-    )
+    names = {id(module): name for name, module in model.named_modules()}
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if calibration is not None and any(int8_activations(kernel, name) for name in linears):
+        smooth_for_w8a8(model, calibration())  # gives a tied model its own LM head
+        names = {id(module): name for name, module in model.named_modules()}
+    count = swap_linears(model, lambda linear: Int8Linear(
+        linear.weight, linear.bias, kernel, dtype, int8_activations(kernel, names[id(linear)])
+    ))  # fmt: skip
     if getattr(model, "lm_head", ...) is None:
-        model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel, dtype)
+        w8a8 = int8_activations(kernel, "lm_head")
+        model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel, dtype, w8a8)
         count += 1
-    routing = route(kernel, tuple(model.embed_tokens.weight.shape), dtype)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    w8a8_count = sum(m.route == W8A8_ROUTE for m in layers)
+    floats = next((m.route for m in layers if m.route != W8A8_ROUTE), ())
     steps = ", ".join(
         f"{path} up to {limit} rows"
         if limit is not None
         else f"{path} {'beyond' if i else 'always'}"
-        for i, (limit, path) in enumerate(routing)
+        for i, (limit, path) in enumerate(floats)
     )
     logger.info(
-        "int8: %d linears quantized; %s (native kernels: %s, weight-only twin %s)",
-        count, steps, kernel, f"wo-{cpu_features.isa()}",
+        "int8: %d linears quantized; %d with int8 activations (W8A8, kernel %s), %d with "
+        "float ones (%s; weight-only twin %s)",
+        count, w8a8_count, kernel, count - w8a8_count, steps or "none", f"wo-{cpu_features.isa()}",
     )  # fmt: skip
     return count

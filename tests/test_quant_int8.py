@@ -220,16 +220,15 @@ def test_without_native_kernels_layers_route_through_torch(
 
 
 @pytest.mark.parametrize("isa", [pytest.param("avx512", marks=_VNNI), "avx2"])
-def test_w8a8_switch_routes_every_size_through_w8a8(
+def test_w8a8_layers_route_every_size_through_w8a8(
     monkeypatch: pytest.MonkeyPatch, isa: str
 ) -> None:
     if isa == "avx2":
         monkeypatch.setenv(cpu_features.ISA_ENV, isa)
     else:  # the machine's own AVX-512 with VNNI
         monkeypatch.delenv(cpu_features.ISA_ENV, raising=False)
-    monkeypatch.setenv(W8A8_ENV, "1")
     w = _weights(48, 96, seed=4)
-    layer = Int8Linear(w, None, w8a8_kernel(), torch.float32)
+    layer = Int8Linear(w, None, w8a8_kernel(), torch.float32, w8a8=True)
     assert {layer.path_for(rows) for rows in (1, 16, 500)} == {"w8a8"}
     for rows in (1, 5, 40):
         x = torch.randn(rows, 96)

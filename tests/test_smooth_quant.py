@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import int8
 from models.llama import LlamaForCausalLM
 from models.loader import load_config, resolve_model
-from models.quant_int8 import W8A8_ENV, Int8Linear, quantize_model
+from models.quant_int8 import W8A8_ENV, Int8Linear, int8_activations, quantize_model
 from models.smooth_quant import CALIBRATION_TEXT, scratch_cache, smooth_for_w8a8
 from models.weights import iter_weights
 
@@ -77,11 +78,37 @@ def test_smoothing_shrinks_w8a8_error_where_a_few_channels_dominate(
 def test_weight_only_int8_is_not_smoothed(
     tiny_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(W8A8_ENV, raising=False)
+    monkeypatch.setenv(W8A8_ENV, "0")
     model = _float_model(tiny_checkpoint(num_heads=4, num_kv_heads=2))
     norm = model.layers[0].input_layernorm.weight.clone()
     quantize_model(model, torch.float32, lambda: pytest.fail("calibrated without W8A8"))
     assert torch.equal(model.layers[0].input_layernorm.weight, norm)
+    assert {m.path_for(1) for m in model.modules() if isinstance(m, Int8Linear)} == {"wo"}
+
+
+@pytest.mark.skipif(not int8.native_available(), reason="no native int8 kernels here")
+def test_by_default_every_linear_but_down_proj_quantizes_its_activations(
+    tiny_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    model = _float_model(tiny_checkpoint(num_heads=4, num_kv_heads=2, tie_word_embeddings=True))
+    expected = _logits(model, PROBE)
+    quantize_model(model, torch.bfloat16, lambda: CALIBRATION)
+    paths = {
+        name: module.path_for(1)
+        for name, module in model.named_modules()
+        if isinstance(module, Int8Linear)
+    }
+    assert len(paths) == 4 * len(model.layers) + 1  # the tied LM head got its own
+    assert {p for n, p in paths.items() if n.endswith("down_proj")} == {"wo"}
+    assert {p for n, p in paths.items() if not n.endswith("down_proj")} == {"w8a8"}
+    model.to(torch.bfloat16)
+    got = _logits(model, PROBE)
+    assert (got - expected).abs().mean() < 0.05 * expected.abs().mean()  # ~0.015 here
+    without_native = [
+        int8_activations("torch", n) for n in ("layers.0.mlp.gate_up_proj", "lm_head")
+    ]
+    assert without_native == [False, False]  # torch's int8 x int8 matmul loses there
 
 
 def test_the_calibration_text_is_chat_and_prose_in_the_default_tokenizer(
