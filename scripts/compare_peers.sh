@@ -5,8 +5,9 @@
 #
 # HEAVY: takes both cores for ~30 minutes and installs vLLM (~3 GB) into .venv-vllm on first
 # use. Run it alone on the machine. Environment knobs: PORT, OUT, SEED_BASE, GOODPUT_SLO,
-# DTYPE (auto: each server's default, float32: the same dtype for both) and QUICK=1 (only
-# the c1 and c16 workloads, no disaggregated run: ~10 minutes).
+# DTYPE (auto: each server's default, float32: the same dtype for both), QUICK=1 (only
+# the c1 and c16 workloads, no disaggregated run: ~10 minutes) and DUET_ARGS (more flags for
+# duet alone, e.g. "--quantization int8"; its table gets a section of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ SEED_BASE="${SEED_BASE:-$(date +%s)}"
 GOODPUT_SLO="${GOODPUT_SLO:-ttft:3000 tpot:250}"
 DTYPE="${DTYPE:-auto}"
 QUICK="${QUICK:-0}"
+read -r -a DUET_ARGS <<< "${DUET_ARGS:-}"
 VLLM_VENV=.venv-vllm
 VLLM_VERSION=0.32.0
 BENCH=(.venv/bin/python scripts/bench_serve.py --base-url "http://127.0.0.1:$PORT"
@@ -92,14 +94,14 @@ run_workloads() {  # run_workloads NAME
 
 write_table() {
     .venv/bin/python - "$OUT" "docs/benchmarks.md" "$SEED_BASE" "$GOODPUT_SLO" "$VLLM_VERSION" \
-        "$DTYPE" <<'EOF'
+        "$DTYPE" "${DUET_ARGS[*]}" <<'EOF'
 import json, os, platform, re, subprocess, sys, time
 from pathlib import Path
 
 sys.path.insert(0, "scripts")
 from doc_section import write_section
 
-out, doc, seed, slo, vllm_version, dtype = Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
+out, doc, seed, slo, vllm_version, dtype, duet_args = Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
 WORKLOADS = ["random-c1", "random-c16", "random-c64", "prefix-repetition", "mixed", "goodput"]
 ROWS = [("output tok/s", "output_throughput", 1), ("total tok/s", "total_token_throughput", 1),
         ("TTFT p50 ms", ("ttft", "median"), -1), ("TTFT p99 ms", ("ttft", "p99"), -1),
@@ -138,8 +140,11 @@ rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=Tru
 marker = "compare_peers" if dtype == "float32" else f"compare_peers-{dtype}"
 if any(flag.startswith("amx") for flag in flags):
     marker += "-amx"
+if duet_args:
+    marker += "-" + re.sub(r"[^a-z0-9]+", "-", duet_args.lower()).strip("-")
 write_section(doc, marker, [
-    f"## duet vs vLLM (CPU), --dtype {dtype} — {time.strftime('%Y-%m-%d')}",
+    f"## duet vs vLLM (CPU), --dtype {dtype}{' (duet ' + duet_args + ')' if duet_args else ''}"
+    f" — {time.strftime('%Y-%m-%d')}",
     "",
     f"SmolLM2-135M-Instruct, `--dtype {dtype}` on both, {os.cpu_count()} × {cpu} "
     f"(flags: {' '.join(flags)}), "
@@ -168,14 +173,14 @@ run_workloads vllm
 stop_server
 
 start_server duet .venv/bin/duet serve "$MODEL_DIR" "${COMMON[@]}" --kv-cache-memory 2GiB \
-    --disable-log-requests
+    --disable-log-requests "${DUET_ARGS[@]}"
 run_workloads duet
 stop_server
 
 # disaggregated 1 prefill + 1 decode worker (one core each), on the load it exists for
 [ "$QUICK" = 1 ] && { write_table; exit 0; }
 start_server duet-disagg .venv/bin/duet serve "$MODEL_DIR" "${COMMON[@]}" --kv-cache-memory 2GiB \
-    --disable-log-requests --prefill-workers 1 --decode-workers 1
+    --disable-log-requests --prefill-workers 1 --decode-workers 1 "${DUET_ARGS[@]}"
 mkdir -p "$OUT/duet-disagg"
 mixed_workload duet-disagg
 stop_server

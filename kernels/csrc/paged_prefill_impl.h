@@ -1,6 +1,6 @@
 // The prefill kernel's body, included by paged_decode.c after paged_common_impl.h and
-// paged_decode_impl.h for the same ELEM / WIDE / LANES /
-// SUFFIX / DPBF16, whose helpers it uses; it is the last include and undefines them.
+// paged_decode_impl.h for the same ELEM / WIDE / LANES / SUFFIX / DPBF16, whose helpers it
+// uses; it is the last include and undefines them.
 //
 // A task is a tile of a sequence's new tokens against one KV head: its rows are the tile's
 // tokens times the G query heads sharing that KV head, ROWS of them at most. The rows are
