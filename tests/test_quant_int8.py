@@ -235,6 +235,22 @@ def test_w8a8_layers_route_every_size_through_w8a8(
         assert ((layer(x) - x @ w.T).abs() <= _w8a8_bound(x, w)).all()
 
 
+@_VNNI
+@pytest.mark.parametrize("isa", ["", "avx512bf16"], ids=["this-cpu", "no-amx"])
+def test_bf16_w8a8_layers_on_amx_take_its_bf16_gemm_for_prefill_chunks(
+    monkeypatch: pytest.MonkeyPatch, isa: str
+) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, isa)
+    amx = cpu_features.has_amx_bf16()
+    w = _weights(48, 96, seed=7)
+    layer = Int8Linear(w, None, w8a8_kernel(), torch.bfloat16, w8a8=True)
+    big = "dense" if amx else "w8a8"
+    assert [layer.path_for(rows) for rows in (1, 384, 385, 2048)] == ["w8a8"] * 2 + [big] * 2
+    x = torch.randn(400, 96).bfloat16()
+    bound = _weight_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-6
+    assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
+
+
 def test_unknown_quantization_is_a_clear_error() -> None:
     check_quantization(None)
     check_quantization("int8")
