@@ -13,10 +13,12 @@ import functools
 import torch
 
 from kernels import native
+from models import cpu_features
 
 LANES = 16  # output channels per packed block (the C kernels' layout, int8_gemm.c)
 # W8A8 (VNNI, AVX2) and weight-only (fp32 math on int8 weights) twins -> C function
 NATIVE_KERNELS = {
+    "amx": "int8_linear_amx",
     "vnni": "int8_linear_vnni",
     "avx2": "int8_linear_avx2",
     "wo-avx512": "int8_wo_linear_avx512",
@@ -39,12 +41,28 @@ def _kernels() -> ctypes.CDLL | None:
     native.declare(lib, "int8_dequantize", [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ])  # fmt: skip
+    lib.int8_amx_ready.restype = ctypes.c_int
+    lib.int8_amx_ready.argtypes = []
     return lib
 
 
 def native_available() -> bool:
     """True when the C kernels built (a compiler and AVX2 on this machine)."""
     return _kernels() is not None
+
+
+AMX_K_STEP = 64  # the AMX kernel's K per tile: in_features must be a multiple of it
+
+
+@functools.cache
+def _amx_permitted() -> bool:
+    return _kernels() is not None and _kernels().int8_amx_ready() == 0
+
+
+def amx_available() -> bool:
+    """True when W8A8 can run on AMX tiles here: AMX-INT8 (unless DUET_CPU_ISA says
+    otherwise) and Linux's permission for this process to use tile data."""
+    return cpu_features.has_amx_int8() and _amx_permitted()
 
 
 def pack_weight(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

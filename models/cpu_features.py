@@ -63,6 +63,11 @@ def has_amx_bf16() -> bool:
     return "amx_bf16" in _extensions()
 
 
+def has_amx_int8() -> bool:
+    """True when AMX multiplies int8 tiles here (`tdpbusd`)."""
+    return "amx_int8" in _extensions()
+
+
 def has_vnni() -> bool:
     """True when the AVX-512 int8 dot product (`vpdpbusd`, AVX512_VNNI) is usable here."""
     return "avx512_vnni" in _extensions()

@@ -51,11 +51,17 @@ ROUTES: dict[tuple[str, torch.dtype], Route] = {
     ("torch", torch.bfloat16): ((2, "wo"), (None, "dense")),
     ("torch", torch.float32): ((None, "dense"),),
 }
-# W8A8's own: int8 x int8 at every size, except bf16 on CPUs with AMX, where oneDNN's bf16
-# GEMM (AMX tiles) over the dequantized weight wins from ~512 rows (prefill chunks: 0.86x of
-# VNNI's time at 512 rows, 0.63x at 2048; VNNI wins at 256 and below)
+# W8A8's own (paths as above, and `amx`: int8 x int8 on AMX tiles): VNNI or AVX2 at every
+# size, except on CPUs with AMX (docs/benchmarks.md, "int8 on the AMX machine"): AMX-INT8
+# tiles from 17 rows (0.78x of VNNI's time at 256 rows), and with bf16 activations oneDNN's
+# bf16 GEMM (AMX tiles) over the dequantized weight past 1024 rows; where the AMX-INT8
+# kernel cannot run (no permission, in_features not a multiple of 64) that GEMM from 385.
 W8A8_ROUTE: Route = ((None, "w8a8"),)
-W8A8_AMX_ROUTE: Route = ((384, "w8a8"), (None, "dense"))
+AMX_ROUTES: dict[torch.dtype, Route] = {
+    torch.bfloat16: ((16, "w8a8"), (1024, "amx"), (None, "dense")),
+    torch.float32: ((16, "w8a8"), (None, "amx")),
+}
+AMX_BF16_ROUTE: Route = ((384, "w8a8"), (None, "dense"))
 W8A8_ENV = "DUET_INT8_W8A8"  # "1": int8 activations in every linear, "0": in none
 FLOAT_ACTIVATIONS = ("down_proj",)  # linears (by name) that keep them float by default
 
@@ -105,10 +111,12 @@ def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype, w8a8: bool) -
     """The measured route for this CPU and activation dtype: W8A8 at every size where the
     activations are quantized, else float activations, without torch's weight-only kernel
     where it cannot run (bf16 emulated, or a shape it crashes on)."""
-    if w8a8:
-        amx = dtype == torch.bfloat16 and cpu_features.has_amx_bf16()
-        return W8A8_AMX_ROUTE if amx else W8A8_ROUTE
     dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    if w8a8:
+        if kernel != "torch" and int8.amx_available() and shape[1] % int8.AMX_K_STEP == 0:
+            return AMX_ROUTES[dtype]
+        amx_bf16 = dtype == torch.bfloat16 and cpu_features.has_amx_bf16()
+        return AMX_BF16_ROUTE if amx_bf16 else W8A8_ROUTE
     if kernel != "torch":
         return ROUTES["native", dtype]
     torch_wo = cpu_features.native_bf16() and int8.weight_only_supports(*shape)
@@ -159,6 +167,9 @@ class Int8Linear(nn.Module):
             return int8.weight_only(x, self.qweight, self.scale, self.bias)
         return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, self.wo_kernel)
 
+    def _amx(self, x: torch.Tensor) -> torch.Tensor:
+        return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, "amx")
+
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "torch":
             return int8.torch_w8a8(x, self.qweight.t(), self.scale, self.bias)
@@ -199,17 +210,26 @@ def quantize_model(
         model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel, dtype, w8a8)
         count += 1
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    w8a8_count = sum(m.path_for(1) == "w8a8" for m in layers)
-    floats = next((m.route for m in layers if m.path_for(1) != "w8a8"), ())
-    steps = ", ".join(
-        f"{path} up to {limit} rows"
-        if limit is not None
-        else f"{path} {'beyond' if i else 'always'}"
-        for i, (limit, path) in enumerate(floats)
-    )
+    w8a8 = [m.route for m in layers if m.path_for(1) == "w8a8"]
+    floats = [m.route for m in layers if m.path_for(1) != "w8a8"]
     logger.info(
-        "int8: %d linears quantized; %d with int8 activations (W8A8, kernel %s), %d with "
-        "float ones (%s; weight-only twin %s)",
-        count, w8a8_count, kernel, count - w8a8_count, steps or "none", f"wo-{cpu_features.isa()}",
+        "int8: %d linears quantized; %d with int8 activations (%s; kernel %s), %d with float "
+        "ones (%s; weight-only twin %s)",
+        count, len(w8a8), _describe(w8a8), kernel, len(floats), _describe(floats),
+        f"wo-{cpu_features.isa()}",
     )  # fmt: skip
     return count
+
+
+def _describe(routes: list[Route]) -> str:
+    """The first route's steps in words ("w8a8 up to 16 rows, amx beyond"), "none" if none."""
+    steps = routes[0] if routes else ()
+    return (
+        ", ".join(
+            f"{path} up to {limit} rows"
+            if limit is not None
+            else f"{path} {'beyond' if i else 'always'}"
+            for i, (limit, path) in enumerate(steps)
+        )
+        or "none"
+    )

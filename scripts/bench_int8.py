@@ -20,6 +20,7 @@ import torch
 from bench_linears import SHAPES, one_step
 
 from kernels import int8
+from models import cpu_features
 from models.packed import PackedLinear
 from models.quant_int8 import quantize_weight
 
@@ -65,7 +66,11 @@ def build_paths(weights: list[torch.Tensor], dtype: torch.dtype) -> dict[str, li
             functools.partial(int8.dense, packed=p, scale=s, bias=None, shape=tuple(w.shape))
             for (p, _, s), w in zip(packed, weights, strict=True)
         ]
+        runnable = {"amx": int8.amx_available(), "vnni": cpu_features.has_vnni(),
+                    "wo-avx512": cpu_features.isa() == "avx512"}  # fmt: skip
         for kernel in int8.NATIVE_KERNELS:
+            if not runnable.get(kernel, True):
+                continue  # this CPU lacks its instructions
             paths[f"native {kernel}"] = [
                 functools.partial(
                     int8.native_linear, packed=p, wsum=ws, scale=s, bias=None, kernel=kernel

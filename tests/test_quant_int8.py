@@ -235,20 +235,50 @@ def test_w8a8_layers_route_every_size_through_w8a8(
         assert ((layer(x) - x @ w.T).abs() <= _w8a8_bound(x, w)).all()
 
 
+_AMX = pytest.mark.skipif(not int8.amx_available(), reason="no AMX-INT8 here")
+# (M, K, N) for the AMX kernel (K a multiple of 64): a row, a tile and a bit, odd blocks
+AMX_SHAPES = [(1, 64, 16), (5, 128, 40), (33, 576, 960), (17, 128, 49), (70, 192, 80)]
+
+
+@_AMX
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in AMX_SHAPES])
+def test_amx_w8a8_equals_vnni_bit_for_bit(shape: tuple, dtype: torch.dtype) -> None:
+    # both sum the same int8 products exactly in int32 and share the epilogue
+    m, k, n = shape
+    w = _weights(n, k, seed=n)
+    q, scale = quantize_weight(w)
+    packed, wsum = int8.pack_weight(q)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(k))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    amx = int8.native_linear(x, packed, wsum, scale, bias, "amx")
+    assert torch.equal(amx, int8.native_linear(x, packed, wsum, scale, bias, "vnni"))
+    expected = x.float() @ w.T + bias
+    rounding = expected.abs() * 2**-7 if dtype == torch.bfloat16 else 0.0  # the bf16 output
+    assert ((amx.float() - expected).abs() <= _w8a8_bound(x.float(), w) + rounding).all()
+
+
 @_VNNI
 @pytest.mark.parametrize("isa", ["", "avx512bf16"], ids=["this-cpu", "no-amx"])
-def test_bf16_w8a8_layers_on_amx_take_its_bf16_gemm_for_prefill_chunks(
-    monkeypatch: pytest.MonkeyPatch, isa: str
+@pytest.mark.parametrize("in_features", [128, 96], ids=["k64", "k-other"])
+def test_bf16_w8a8_routes_follow_the_cpus_amx(
+    monkeypatch: pytest.MonkeyPatch, isa: str, in_features: int
 ) -> None:
     monkeypatch.setenv(cpu_features.ISA_ENV, isa)
-    amx = cpu_features.has_amx_bf16()
-    w = _weights(48, 96, seed=7)
+    w = _weights(48, in_features, seed=7)
     layer = Int8Linear(w, None, w8a8_kernel(), torch.bfloat16, w8a8=True)
-    big = "dense" if amx else "w8a8"
-    assert [layer.path_for(rows) for rows in (1, 384, 385, 2048)] == ["w8a8"] * 2 + [big] * 2
-    x = torch.randn(400, 96).bfloat16()
-    bound = _weight_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-6
-    assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
+    rows = (1, 16, 17, 384, 385, 1024, 1025)
+    if not cpu_features.has_amx_bf16():
+        expected = ["w8a8"] * 7
+    elif int8.amx_available() and in_features % int8.AMX_K_STEP == 0:
+        expected = ["w8a8"] * 2 + ["amx"] * 4 + ["dense"]
+    else:
+        expected = ["w8a8"] * 4 + ["dense"] * 3
+    assert [layer.path_for(r) for r in rows] == expected
+    for r in (5, 40, 1100):
+        x = torch.randn(r, in_features).bfloat16()
+        bound = _w8a8_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-6
+        assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
 
 
 def test_unknown_quantization_is_a_clear_error() -> None:

@@ -13,10 +13,14 @@
 //   saturating int16, so the offset trick would overflow (2 * 255 * 127 > 32767); instead
 //   |q| is the unsigned operand and the sign of q moves onto w (`vpsignb`), which bounds a
 //   pair at 2 * 127 * 127 = 32258.
+#define _GNU_SOURCE  // syscall(), for the AMX permission
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "bf16.h"
 
@@ -246,6 +250,97 @@ void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *pac
     (void)wsum;
     int8_linear(tile_avx2_any, 0, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
                 out_bf16, threads);
+}
+
+// ---- W8A8 on AMX tiles (`tdpbusd`: a 16 x 64 u8 tile times a 64 x 16 s8 one, 16 K MACs a
+// time). The packed layout above is already the B tile's: 16 rows of K4 groups, 64 bytes
+// each (16 channels x 4 bytes). Activations are stored as q + 128 (u8), as for VNNI.
+// Written as the instructions themselves (inline asm), so no target option is needed; only
+// CPUs with AMX-INT8 may call it (Python checks), after int8_amx_ready().
+#define TILE_LOADD(t, base, stride)                                                        \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"((const void *)(base)),           \
+                     "r"((long)(stride))                                                   \
+                     : "memory")
+#define TILE_STORED(t, base, stride)                                                       \
+    __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"((void *)(base)),             \
+                     "r"((long)(stride))                                                   \
+                     : "memory")
+#define TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+#define TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+
+// 0 once Linux lets this process use AMX tile data (asked once per process), else -1
+int int8_amx_ready(void) {
+    static int state = 1;  // 1: not asked yet
+    if (state == 1) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                    18 /* XFEATURE_XTILEDATA */) == 0 ? 0 : -1;
+    return state;
+}
+
+// Eight 16-row tiles of 64 bytes: C in tmm0-3 (2 row tiles x 2 channel blocks), A in tmm4-5,
+// B in tmm6-7
+static void amx_configure(void) {
+    unsigned char config[64] = {1};  // palette 1
+    for (int t = 0; t < 8; ++t) {
+        config[16 + 2 * t] = 64;  // bytes per row
+        config[48 + t] = 16;      // rows
+    }
+    __asm__ volatile("ldtilecfg %0" ::"m"(*(const unsigned char(*)[64])config));
+}
+
+// x [m, k] fp32 or bf16 -> out [m, n], k a multiple of 64; wsum as for VNNI. Rows run in
+// tiles of 32 (the last padded with zero rows), channels in pairs of packed blocks.
+void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                     const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                     void *out, int out_bf16, int threads) {
+    const int mp = (m + 31) / 32 * 32, blocks = (n + LANES - 1) / LANES;
+    const long block_bytes = (long)k * LANES;
+    int8_t *q = aligned_alloc(64, (size_t)mp * (size_t)k);
+    float *a_scale = malloc(sizeof(float) * (size_t)mp);
+    quantize_rows(x, x_bf16, m, k, k, 1, q, a_scale, threads);
+    memset(q + (size_t)m * (size_t)k, 0x80, (size_t)(mp - m) * (size_t)k);  // rows of zeros
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        amx_configure();
+        int32_t acc[32 * NB_MAX * LANES] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int pair = 0; pair < (blocks + 1) / 2; ++pair) {
+            const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
+            const int8_t *w0 = packed + b0 * block_bytes, *w1 = nb == 2 ? w0 + block_bytes : w0;
+            const int n0 = b0 * LANES, cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+            for (int r0 = 0; r0 < m; r0 += 32) {
+                const int8_t *a0 = q + (long)r0 * k, *a1 = a0 + 16L * k;
+                TILE_ZERO(0);
+                TILE_ZERO(1);
+                TILE_ZERO(2);
+                TILE_ZERO(3);
+                for (int kk = 0; kk < k; kk += 64) {
+                    TILE_LOADD(4, a0 + kk, k);
+                    TILE_LOADD(5, a1 + kk, k);
+                    TILE_LOADD(6, w0 + (long)kk * LANES, 64);
+                    TILE_LOADD(7, w1 + (long)kk * LANES, 64);
+                    TILE_DPBUSD(0, 4, 6);
+                    TILE_DPBUSD(1, 4, 7);
+                    TILE_DPBUSD(2, 5, 6);
+                    TILE_DPBUSD(3, 5, 7);
+                }
+                const long row_bytes = NB_MAX * LANES * 4;  // the epilogue's row stride
+                TILE_STORED(0, acc, row_bytes);
+                TILE_STORED(1, acc + LANES, row_bytes);
+                TILE_STORED(2, acc + 16 * NB_MAX * LANES, row_bytes);
+                TILE_STORED(3, acc + 16 * NB_MAX * LANES + LANES, row_bytes);
+                for (int half = 0; half < 2 && r0 + 16 * half < m; ++half) {
+                    const int row = r0 + 16 * half, rows = m - row < 16 ? m - row : 16;
+                    void *dst = out_bf16 ? (void *)((uint16_t *)out + (long)row * n)
+                                         : (void *)((float *)out + (long)row * n);
+                    epilogue(acc + 16 * half * NB_MAX * LANES, rows, n0, cols, wsum,
+                             a_scale + row, w_scale, bias, n, dst, out_bf16);
+                }
+            }
+        }
+        __asm__ volatile("tilerelease" ::);
+    }
+    free(q);
+    free(a_scale);
 }
 
 typedef void (*wo_tile_fn)(const float *, long, const int8_t *, int, int, float *);
