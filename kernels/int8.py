@@ -1,5 +1,6 @@
-"""int8 GEMM paths for CPUs: the native W8A8 kernels (VNNI and AVX2 twins), torch's
-weight-only int8 matmul, and torch's int8 x int8 matmul as the reference and fallback.
+"""int8 GEMM paths for CPUs: the native W8A8 kernels (AMX tiles, VNNI and AVX2 twins), the
+native weight-only ones, torch's weight-only int8 matmul, and torch's int8 x int8 matmul as
+the reference and fallback.
 
 Every path takes a float activation `x` [M, K] and per-output-channel symmetric int8
 weights (`models.quant_int8`), and returns `x @ dequant(W).T + bias` in x's dtype.

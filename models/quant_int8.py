@@ -126,7 +126,8 @@ def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype, w8a8: bool) -
 class Int8Linear(nn.Module):
     """`x @ W.T + bias` with W held as int8 plus an fp32 scale per output channel.
 
-    `w8a8`: activations quantized per token at every size (else float activations). With
+    `w8a8`: activations quantized per token (W8A8's route; on CPUs with AMX the largest
+    bf16 calls take a bf16 GEMM over the dequantized weight), else float activations. With
     native kernels only the packed int8 weight is kept (every path reads it), else the
     plain one. The tensors are plain attributes, not buffers, so `model.to(dtype)` leaves
     the int8 weight and its fp32 scales alone.

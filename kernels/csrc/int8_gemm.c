@@ -6,9 +6,10 @@
 //   packed[(nb * K4 + k4) * 64 + lane * 4 + j] = w[nb * 16 + lane][k4 * 4 + j]   (zero-padded)
 // Activations are quantized per row (token) at call time, symmetric int8 in [-127, 127].
 //
-// Two twins share that layout, chosen at run time by Python (models.cpu_features):
+// Three kernels share that layout, chosen at run time by Python (models.quant_int8):
 // - VNNI: `vpdpbusd` takes unsigned x signed bytes, so activations are stored as q + 128
 //   and 128 * sum_k w[n][k] (wsum, computed at pack time) is subtracted afterwards;
+// - AMX: `tdpbusd` on tiles, the same offset trick (see int8_linear_amx);
 // - AVX2: `vpmaddubsw` + `vpmaddwd`. vpmaddubsw adds two u8 x s8 products into a
 //   saturating int16, so the offset trick would overflow (2 * 255 * 127 > 32767); instead
 //   |q| is the unsigned operand and the sign of q moves onto w (`vpsignb`), which bounds a
