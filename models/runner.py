@@ -107,7 +107,8 @@ class ModelRunner:
         load_dtype = torch.float32 if config.quantization else self.dtype
         self.model.load_weights(iter_weights(source, load_dtype))
         if config.quantization:
-            # LoRA deltas read the linears' inputs, which smoothing rescales: none then
+            # LoRA deltas read the linears' inputs, which smoothing rescales: no smoothing,
+            # and so float activations unless DUET_INT8_W8A8=1, with LoRA
             calibration = None if config.enable_lora else lambda: calibration_ids(source)
             quantize_model(self.model, self.dtype, calibration)
         self.model.to(self.dtype).eval()
