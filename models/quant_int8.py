@@ -200,12 +200,11 @@ def quantize_model(
     sets the smoothing scales (models.smooth_quant; None: no smoothing). Call after
     load_weights, before `model.to(dtype)`."""
     kernel = w8a8_kernel()
-    names = {id(module): name for name, module in model.named_modules()}
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     smoothed = calibration is not None and any(int8_activations(kernel, n) for n in linears)
     if smoothed:
         smooth_for_w8a8(model, calibration())  # gives a tied model its own LM head
-        names = {id(module): name for name, module in model.named_modules()}
+    names = {id(module): name for name, module in model.named_modules()}
     count = swap_linears(model, lambda linear: Int8Linear(
         linear.weight, linear.bias, kernel, dtype,
         int8_activations(kernel, names[id(linear)], smoothed),
@@ -215,12 +214,13 @@ def quantize_model(
         model.lm_head = Int8Linear(model.embed_tokens.weight, None, kernel, dtype, w8a8)
         count += 1
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    w8a8 = [m.route for m in layers if m.path_for(1) == "w8a8"]
-    floats = [m.route for m in layers if m.path_for(1) != "w8a8"]
+    int8_routes = [m.route for m in layers if m.path_for(1) == "w8a8"]
+    float_routes = [m.route for m in layers if m.path_for(1) != "w8a8"]
     logger.info(
         "int8: %d linears quantized; %d with int8 activations (%s; kernel %s), %d with float "
         "ones (%s; weight-only twin %s)",
-        count, len(w8a8), _describe(w8a8), kernel, len(floats), _describe(floats),
+        count, len(int8_routes), _describe(int8_routes), kernel, len(float_routes),
+        _describe(float_routes),
         f"wo-{cpu_features.isa()}",
     )  # fmt: skip
     return count

@@ -100,7 +100,8 @@ def _scales(linear: nn.Linear, x_max: torch.Tensor, alpha: float) -> torch.Tenso
 @torch.inference_mode()
 def activation_maxima(model: nn.Module, token_ids: list[int]) -> dict[nn.Module, torch.Tensor]:
     """Each nn.Linear's largest |input| per channel over one forward of `token_ids` (one
-    sequence, a scratch KV cache), the LM head over every position."""
+    sequence, a scratch KV cache); the LM head's input is the forward's output at every
+    position, taken as it is rather than by computing the logits."""
     maxima: dict[nn.Module, torch.Tensor] = {}
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
@@ -112,7 +113,7 @@ def activation_maxima(model: nn.Module, token_ids: list[int]) -> dict[nn.Module,
     try:
         tokens = len(token_ids)
         hidden = model(torch.tensor(token_ids), torch.arange(tokens), *scratch_cache(model, tokens))
-        model.compute_logits(hidden)
+        record(model.lm_head, (hidden,), hidden)
     finally:
         for hook in hooks:
             hook.remove()

@@ -269,12 +269,11 @@ void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *pac
 #define TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
 #define TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
 
-// 0 once Linux lets this process use AMX tile data (asked once per process), else -1
+// 0 when Linux lets this process use AMX tile data, else -1 (kernels/int8.py asks once)
 int int8_amx_ready(void) {
-    static int state = 1;  // 1: not asked yet
-    if (state == 1) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                    18 /* XFEATURE_XTILEDATA */) == 0 ? 0 : -1;
-    return state;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */)
+               ? -1
+               : 0;
 }
 
 // Eight 16-row tiles of 64 bytes: C in tmm0-3 (2 row tiles x 2 channel blocks), A in tmm4-5,

@@ -217,7 +217,7 @@ void NAME(paged_decode_)(const ELEM *q, const ELEM *k_cache, const ELEM *v_cache
     const long token_stride = (long)num_kv_heads * head_dim;
     int longest = 0;
     for (int b = 0; b < batch; ++b) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
-    const long stride = longest + block_size + LANES;  // room for a run's spill past len
+    const long stride = longest + LANES;  // room for a run's last vector past len
 #pragma omp parallel num_threads(num_threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)(GMAX * stride));
