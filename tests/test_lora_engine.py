@@ -25,7 +25,8 @@ from engine_core.messages.lora import LoRARef
 
 pytestmark = pytest.mark.slow
 
-MAX_TOKENS = 12
+# long enough that a worker killed after two tokens of every stream meets live streams
+MAX_TOKENS = 48
 SMALL = {"kv_cache_memory": 32 * 2**20, "max_num_batched_tokens": 256, "dtype": "float32",
          "enable_lora": True, "max_loras": 2}  # fmt: skip
 
