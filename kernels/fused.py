@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
 from kernels import native
-from models import cpu_features
+from models import cpu_features, switches
 
 DISABLE_ENV = "DUET_DISABLE_FUSED_OPS"
 # rows run on one thread below this many elements: an OpenMP fork/join costs microseconds,
@@ -30,7 +29,7 @@ _MAX_HEAD_DIM = 256  # the kernel's per-head scratch row (CHUNK in fused_ops.c)
 
 def kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The C kernel `name` for `dtype` activations on this CPU's ISA, or None."""
-    if os.environ.get(DISABLE_ENV) == "1":
+    if switches.read(DISABLE_ENV) == "1":
         return None
     return _lookup(name, dtype, cpu_features.isa())
 

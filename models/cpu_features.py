@@ -14,6 +14,8 @@ import functools
 import os
 from pathlib import Path
 
+from models import switches
+
 ISA_ENV = "DUET_CPU_ISA"
 # x86-64-v4: what the AVX-512 kernel twins are compiled for
 _AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
@@ -34,17 +36,23 @@ def cpu_flags() -> frozenset[str]:
 
 def isa() -> str:
     """ "avx512" or "avx2": the vector ISA duet's kernels use on this machine."""
-    if os.environ.get(ISA_ENV, "").lower() == "avx2":
-        return "avx2"
-    return "avx512" if cpu_flags() >= _AVX512 else "avx2"
+    return _choices(switches.read(ISA_ENV))[0]
 
 
 def _extensions() -> frozenset[str]:
     """The CPU's flags beyond x86-64-v4 that kernels may use (fewer when a switch says so)."""
-    forced = os.environ.get(ISA_ENV, "").lower()
-    if isa() != "avx512" or forced == "avx512":
-        return frozenset()
-    return cpu_flags() - _AMX if forced == "avx512bf16" else cpu_flags()
+    return _choices(switches.read(ISA_ENV))[1]
+
+
+@functools.cache  # kernels ask per call; the flags never change and the switch rarely does
+def _choices(forced: str | None) -> tuple[str, frozenset[str]]:
+    """(isa, extensions) under DUET_CPU_ISA=`forced`."""
+    forced = (forced or "").lower()
+    if forced == "avx2" or not cpu_flags() >= _AVX512:
+        return "avx2", frozenset()
+    if forced == "avx512":
+        return "avx512", frozenset()
+    return "avx512", cpu_flags() - _AMX if forced == "avx512bf16" else cpu_flags()
 
 
 def native_bf16() -> bool:

@@ -17,6 +17,7 @@ from torch.nn.utils import skip_init
 
 from kernels import AttentionBackend, fused, get_attention_backend
 from kernels.metadata import AttentionMetadata
+from models import switches
 from models.config import ModelConfig
 from models.packed import PackedLinear, pack_linears, packing_available
 
@@ -209,10 +210,11 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids, positions: [T]; kv_cache: [L, 2, blocks, block_size, Hkv, D] -> [T, hidden]."""
-        x, residual = self.embed_tokens(input_ids), None  # x: [T, hidden]
-        for layer, layer_cache in zip(self.layers, kv_cache.unbind(0), strict=True):
-            x, residual = layer(positions, x, residual, layer_cache, meta)
-        return self.norm(x, residual)
+        with switches.held():  # the kernels' switches, read once for the whole step
+            x, residual = self.embed_tokens(input_ids), None  # x: [T, hidden]
+            for layer, layer_cache in zip(self.layers, kv_cache.unbind(0), strict=True):
+                x, residual = layer(positions, x, residual, layer_cache, meta)
+            return self.norm(x, residual)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models import cpu_features
+from models import cpu_features, switches
 
 
 def test_forced_avx2_resolves_auto_to_float32(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,3 +50,20 @@ def test_forced_avx512bf16_takes_the_choices_of_a_cpu_without_amx(
     assert cpu_features.resolve_dtype("auto") == "bfloat16"
     monkeypatch.delenv(cpu_features.ISA_ENV)
     assert cpu_features.has_amx_bf16() == ("amx_bf16" in cpu_features.cpu_flags())
+
+
+def test_a_switch_holds_its_first_value_inside_one_step_and_follows_the_environment_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx2")
+    with switches.held():
+        assert cpu_features.isa() == "avx2"
+        monkeypatch.setenv(cpu_features.ISA_ENV, "avx512")
+        with switches.held():  # a nested block keeps the outer one's values
+            assert cpu_features.isa() == "avx2"
+        assert switches.read(cpu_features.ISA_ENV) == "avx2"
+        assert switches.read("DUET_TEST_UNSET_SWITCH") is None
+        monkeypatch.setenv("DUET_TEST_UNSET_SWITCH", "1")
+        assert switches.read("DUET_TEST_UNSET_SWITCH") is None  # unset at its first read
+    assert switches.read(cpu_features.ISA_ENV) == "avx512"
+    assert switches.read("DUET_TEST_UNSET_SWITCH") == "1"
