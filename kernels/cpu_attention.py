@@ -66,6 +66,12 @@ def _twin(suffix: str) -> str:
     return cpu_features.isa()
 
 
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous int32, itself when it already is (as the runner's metadata is): a
+    `.to().contiguous()` costs ~2 us per tensor even when it copies nothing, per layer."""
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
 def _decode(
     lib: ctypes.CDLL,
     suffix: str,
@@ -78,8 +84,7 @@ def _decode(
 ) -> None:
     """The decode kernel over the first q.shape[0] sequences, into out (both contiguous)."""
     batch, num_heads, head_dim = q.shape
-    tables = meta.block_tables.to(torch.int32).contiguous()
-    seq_lens = meta.seq_lens.to(torch.int32).contiguous()
+    tables, seq_lens = _int32(meta.block_tables), _int32(meta.seq_lens)
     getattr(lib, f"paged_decode_{suffix}_{_twin(suffix)}")(
         q.data_ptr(),
         key_cache.data_ptr(),
@@ -110,9 +115,8 @@ def _prefill(
 ) -> None:
     """The prefill kernel over sequences [num_decodes, num_seqs), into their rows of out."""
     _, num_heads, head_dim = q.shape
-    tables = meta.block_tables.to(torch.int32).contiguous()
-    seq_lens = meta.seq_lens.to(torch.int32).contiguous()
-    starts = meta.query_start_loc.to(torch.int32).contiguous()
+    tables, seq_lens = _int32(meta.block_tables), _int32(meta.seq_lens)
+    starts = _int32(meta.query_start_loc)
     getattr(lib, f"paged_prefill_{suffix}_{_twin(suffix)}")(
         q.data_ptr(),
         key_cache.data_ptr(),
@@ -150,6 +154,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """`kernels.attention.paged_attention` semantics, decode and prefill through the C
     kernels into one output (no per-sequence copies)."""
+    if 0 < meta.num_decodes == meta.num_seqs:  # decodes only, as most steps are
+        return native_decode(query, key_cache, value_cache, meta, scale)
     lib = native.load()
     suffix = _kernel_suffix(lib, query, key_cache, value_cache)
     num_heads, head_dim = query.shape[1], query.shape[2]

@@ -163,7 +163,10 @@ class Int8Linear(nn.Module):
 
     def path_for(self, rows: int) -> str:
         """The path a call with `rows` rows takes."""
-        return next(path for limit, path in self.route if limit is None or rows <= limit)
+        for limit, path in self.route[:-1]:  # a loop: a generator costs more, every call
+            if rows <= limit:
+                return path
+        return self.route[-1][1]  # every route ends with the path that takes the rest
 
     def _wo(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "torch":
