@@ -43,6 +43,21 @@ static inline VF NAME(reduce_)(const VF *d) {
     return __builtin_shuffle(s, (VI){LANE_LIST(BIT_REVERSED, 0)});
 }
 
+// Asks for the rows of the block after the current one (this KV head's part of each,
+// `dim` elements) while the current one is worked on: the block table sends reads to
+// scattered blocks, which the hardware prefetcher only picks up a few lines in.
+static inline void NAME(prefetch_next_)(const ELEM *cache, const int32_t *table, int start,
+                                        int len, int block_size, long token_stride, int dim) {
+    const int next = start + block_size;
+    if (next >= len) return;
+    const int rows = len - next < block_size ? len - next : block_size;
+    const char *base =
+        (const char *)(cache + (long)table[next / block_size] * block_size * token_stride);
+    const long row_bytes = (long)dim * (long)sizeof(ELEM), stride = token_stride * sizeof(ELEM);
+    for (int r = 0; r < rows; ++r)
+        for (long b = 0; b < row_bytes; b += 64) __builtin_prefetch(base + r * stride + b);
+}
+
 // Scores of `heads` query heads (q: [heads][D]) against the `len` keys, scaled, into
 // scores[h * stride + j] (padded: a run's last vector may spill past len). `pairs` =
 // D / (2 * LANES) pairs of vectors, `tail` the D % (2 * LANES) elements after them.
@@ -73,6 +88,7 @@ static inline __attribute__((always_inline)) void NAME(scores_)(
     for (int start = 0; start < len; start += block_size) {
         const int rows = len - start < block_size ? len - start : block_size;
         const ELEM *k = k_cache + (long)table[start / block_size] * block_size * token_stride;
+        NAME(prefetch_next_)(k_cache, table, start, len, block_size, token_stride, dim);
         for (int r0 = 0; r0 < rows; r0 += LANES) {
             const int n = rows - r0 < LANES ? rows - r0 : LANES;
             for (int r = 0; r < n; ++r) {
@@ -140,6 +156,7 @@ static inline __attribute__((always_inline)) void NAME(values_)(
     for (int start = 0; start < len; start += block_size) {
         const int rows = len - start < block_size ? len - start : block_size;
         const ELEM *v = v_cache + (long)table[start / block_size] * block_size * token_stride;
+        NAME(prefetch_next_)(v_cache, table, start, len, block_size, token_stride, dim);
         for (int r = 0; r < rows; ++r, v += token_stride) {
             VF vv[MAX_BODY / LANES];
             for (int c = 0; c < pairs; ++c) NAME(load_pair_)(v + 2 * LANES * c, &vv[2 * c], &vv[2 * c + 1]);
