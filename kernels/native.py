@@ -49,6 +49,8 @@ FUSED_KERNELS = {
     # (gate_up, out, rows, inter, threads)
     "silu_mul": [_P] * 2 + [_I] * 3,
 }
+# the fused ops with a bf16 twin for AVX512_BF16 as well (fused_ops_avx512bf16.c)
+FUSED_AVX512BF16_KERNELS = ("rms_norm", "silu_mul")
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -121,6 +123,8 @@ def load() -> ctypes.CDLL | None:
     for base, argtypes in FUSED_KERNELS.items():
         for twin in _TWINS:
             declare(lib, f"{base}_{twin}", argtypes)
+    for base in FUSED_AVX512BF16_KERNELS:
+        declare(lib, f"{base}_bf16_avx512bf16", FUSED_KERNELS[base])
     return lib
 
 

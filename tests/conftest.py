@@ -30,6 +30,25 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     return request.param
 
 
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "avx512bf16",
+            marks=pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16"),
+        ),
+        pytest.param("avx512", marks=pytest.mark.skipif(not _HAS_AVX512, reason="no AVX-512 here")),
+        "avx2",
+    ]
+)
+def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each kernel twin this CPU can run, forced by DUET_CPU_ISA: bf16 in hardware
+    (avx512bf16: an AVX512_BF16 CPU's choices, AMX masked), plain AVX-512 and AVX2."""
+    monkeypatch.setenv(cpu_features.ISA_ENV, request.param)
+    assert cpu_features.has_avx512_bf16() == (request.param == "avx512bf16")
+    assert not cpu_features.has_amx_bf16()
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def default_source() -> ModelSource:
     """The embedded SmolLM2-135M-Instruct GGUF."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from kernels import attention, fused, native
 from kernels.metadata import AttentionMetadata
+from models import cpu_features
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, RotaryEmbedding
 
@@ -45,7 +46,7 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "hidden"), [(1, 576), (3, 300), (70, 600)])
-def test_add_rms_norm_matches_torch(rows: int, hidden: int, dtype: torch.dtype, isa: str) -> None:
+def test_add_rms_norm_matches_torch(rows: int, hidden: int, dtype: torch.dtype, twin: str) -> None:
     gen = torch.Generator().manual_seed(rows)
     x, stream = (torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(2))
     weight = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(dtype)
@@ -58,12 +59,31 @@ def test_add_rms_norm_matches_torch(rows: int, hidden: int, dtype: torch.dtype, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "inter"), [(1, 1536), (5, 100), (40, 1000)])
-def test_silu_mul_matches_torch(rows: int, inter: int, dtype: torch.dtype, isa: str) -> None:
+def test_silu_mul_matches_torch(rows: int, inter: int, dtype: torch.dtype, twin: str) -> None:
     gen = torch.Generator().manual_seed(inter)
     gate_up = (6 * torch.randn(rows, 2 * inter, generator=gen)).to(dtype)
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamps and zero
     gate, up = gate_up.chunk(2, dim=-1)
     _close(fused.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16 here")
+def test_hardware_bf16_rounding_equals_the_emulated_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(1)
+    gate_up = (6 * torch.randn(33, 2 * 1000, generator=gen)).to(torch.bfloat16)
+    x, stream = (torch.randn(33, 600, generator=gen).to(torch.bfloat16) for _ in range(2))
+    weight = (1 + 0.2 * torch.randn(600, generator=gen)).to(torch.bfloat16)
+    outputs = []
+    for forced in ("avx512bf16", "avx512"):
+        monkeypatch.setenv(cpu_features.ISA_ENV, forced)
+        residual = stream.clone()
+        outputs.append(
+            (fused.silu_mul(gate_up), fused.rms_norm(x, weight, 1e-5, residual), residual)
+        )
+    (silu_hw, norm_hw, residual_hw), (silu, norm, residual) = outputs
+    assert torch.equal(silu_hw, silu)  # the same operations per element, in the same order
+    assert torch.equal(residual_hw, residual)
+    _close(norm_hw, norm)  # a row's sum of squares may add up in another order
 
 
 def _rope_inputs(
@@ -140,7 +160,7 @@ def _model_step(model: LlamaForCausalLM, dtype: torch.dtype) -> tuple[torch.Tens
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_model_step_fused_matches_unfused(
-    dtype: torch.dtype, isa: str, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, twin: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(_config(attention_bias=True))

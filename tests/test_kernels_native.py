@@ -49,27 +49,6 @@ def _decode_batch(
     return query, key_cache, value_cache, meta
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "avx512bf16",
-            marks=pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16"),
-        ),
-        pytest.param(
-            "avx512", marks=pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512")
-        ),
-        "avx2",
-    ]
-)
-def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each attention kernel twin this CPU can run, forced by DUET_CPU_ISA: the bf16 pair
-    products (avx512bf16, where AVX512_BF16 is; no AMX), plain AVX-512 (avx512) and AVX2."""
-    monkeypatch.setenv(cpu_features.ISA_ENV, request.param)
-    assert cpu_features.has_avx512_bf16() == (request.param == "avx512bf16")
-    assert not cpu_features.has_amx_bf16()  # AMX CPUs' bf16 prefill would take torch's SDPA
-    return request.param
-
-
 # group sizes 3, 1, 8 (two passes of 4 heads) and 6 (4 then 2); block size 5 cuts the runs of
 # keys reduced together short
 @pytest.mark.parametrize(
