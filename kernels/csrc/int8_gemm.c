@@ -27,6 +27,7 @@
 
 #define LANES 16   // output channels per packed block
 #define MR 4       // activation rows per register tile
+#define WO_MR 8    // the weight-only kernel's: each widened weight vector serves more rows
 #define NB_MAX 4   // packed blocks per register tile (AVX-512); 64 channels
 
 // one row of x as fp32 (a view of fp32 input, or bf16 widened into scratch)
@@ -363,10 +364,10 @@ static void int8_wo_linear(wo_tile_fn tile, const void *x, int x_bf16, int m, in
     }
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int b = 0; b < blocks; ++b) {
-        float acc[MR * LANES], v[LANES];
+        float acc[WO_MR * LANES], v[LANES];
         const int n0 = b * LANES, cols = n - n0 < LANES ? n - n0 : LANES;
-        for (int r0 = 0; r0 < m; r0 += MR) {
-            const int rows = m - r0 < MR ? m - r0 : MR;
+        for (int r0 = 0; r0 < m; r0 += WO_MR) {
+            const int rows = m - r0 < WO_MR ? m - r0 : WO_MR;
             tile(xf + (long)r0 * kp, kp, packed + (long)b * k4 * 64, k4, rows, acc);
             for (int r = 0; r < rows; ++r) {
                 for (int c = 0; c < cols; ++c) v[c] = acc[r * LANES + c] * w_scale[n0 + c];

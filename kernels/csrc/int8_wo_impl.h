@@ -9,11 +9,11 @@
 typedef int WO_NAME(vi_) __attribute__((vector_size(VLANES * 4)));
 typedef float WO_NAME(vf_) __attribute__((vector_size(VLANES * 4)));
 
-// acc[r][0..16) = sum_k x[r][k] * w[k] for one packed block of 16 channels, rows <= MR
+// acc[r][0..16) = sum_k x[r][k] * w[k] for one packed block of 16 channels, rows <= WO_MR
 static inline __attribute__((always_inline)) void WO_NAME(wo_tile_)(
     const float *x, long ldx, const int8_t *w, int k4, int rows, float *acc) {
     for (int h = 0; h < LANES / VLANES; ++h) {
-        WO_NAME(vf_) c[MR];
+        WO_NAME(vf_) c[WO_MR];
         for (int r = 0; r < rows; ++r) c[r] = (WO_NAME(vf_)){0};
         for (int g = 0; g < k4; ++g) {
             WO_NAME(vi_) quad;
@@ -34,7 +34,11 @@ static void WO_NAME(wo_tile_any_)(const float *x, long ldx, const int8_t *w, int
         case 1: WO_NAME(wo_tile_)(x, ldx, w, k4, 1, acc); break;
         case 2: WO_NAME(wo_tile_)(x, ldx, w, k4, 2, acc); break;
         case 3: WO_NAME(wo_tile_)(x, ldx, w, k4, 3, acc); break;
-        default: WO_NAME(wo_tile_)(x, ldx, w, k4, 4, acc); break;
+        case 4: WO_NAME(wo_tile_)(x, ldx, w, k4, 4, acc); break;
+        case 5: WO_NAME(wo_tile_)(x, ldx, w, k4, 5, acc); break;
+        case 6: WO_NAME(wo_tile_)(x, ldx, w, k4, 6, acc); break;
+        case 7: WO_NAME(wo_tile_)(x, ldx, w, k4, 7, acc); break;
+        default: WO_NAME(wo_tile_)(x, ldx, w, k4, 8, acc); break;
     }
 }
 
