@@ -46,7 +46,7 @@ def _twin(name: str, dtype: torch.dtype) -> str:
     return cpu_features.isa()
 
 
-@functools.cache  # a step asks ~100 times; the environment is read above, each time
+@functools.cache  # a step asks ~100 times; the switches are read above, each call
 def _lookup(name: str, dtype: torch.dtype, isa: str) -> ctypes._CFuncPtr | None:
     lib, suffix = native.load(), native.DTYPE_SUFFIX.get(dtype)
     return None if lib is None or suffix is None else getattr(lib, f"{name}_{suffix}_{isa}")
