@@ -59,13 +59,6 @@ def native_decode(
     return out
 
 
-def _twin(suffix: str) -> str:
-    """The kernels' ISA twin for this CPU: bf16 pair products in hardware where it has them."""
-    if suffix == "bf16" and cpu_features.has_avx512_bf16():
-        return "avx512bf16"
-    return cpu_features.isa()
-
-
 def _int32(t: torch.Tensor) -> torch.Tensor:
     """t as contiguous int32, itself when it already is (as the runner's metadata is): a
     `.to().contiguous()` costs ~2 us per tensor even when it copies nothing, per layer."""
@@ -85,7 +78,7 @@ def _decode(
     """The decode kernel over the first q.shape[0] sequences, into out (both contiguous)."""
     batch, num_heads, head_dim = q.shape
     tables, seq_lens = _int32(meta.block_tables), _int32(meta.seq_lens)
-    getattr(lib, f"paged_decode_{suffix}_{_twin(suffix)}")(
+    getattr(lib, f"paged_decode_{suffix}_{native.twin(q.dtype)}")(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),
@@ -117,7 +110,7 @@ def _prefill(
     _, num_heads, head_dim = q.shape
     tables, seq_lens = _int32(meta.block_tables), _int32(meta.seq_lens)
     starts = _int32(meta.query_start_loc)
-    getattr(lib, f"paged_prefill_{suffix}_{_twin(suffix)}")(
+    getattr(lib, f"paged_prefill_{suffix}_{native.twin(q.dtype)}")(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),

@@ -31,19 +31,10 @@ def kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The C kernel `name` for `dtype` activations on this CPU's ISA, or None."""
     if switches.read(DISABLE_ENV) == "1":
         return None
-    return _lookup(name, dtype, _twin(name, dtype))
-
-
-def _twin(name: str, dtype: torch.dtype) -> str:
-    """The kernel's ISA twin: bf16 rounding in hardware where the CPU has AVX512_BF16 and
-    the kernel such a twin (0.6-0.85x of the time: docs/benchmarks.md), else `cpu_features.isa()`."""
-    if (
-        dtype == torch.bfloat16
-        and name in native.FUSED_AVX512BF16_KERNELS
-        and cpu_features.has_avx512_bf16()
-    ):
-        return "avx512bf16"
-    return cpu_features.isa()
+    # bf16 rounding in hardware where the kernel has such a twin (0.6-0.85x of the time:
+    # docs/benchmarks.md)
+    has_bf16_twin = name in native.FUSED_AVX512BF16_KERNELS
+    return _lookup(name, dtype, native.twin(dtype) if has_bf16_twin else cpu_features.isa())
 
 
 @functools.cache  # a step asks ~100 times; the switches are read above, each call

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import native
-from models import cpu_features
 
 SLACK = 32  # elements after each weight: a kernel's last vector may read past a row
 _DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}
@@ -151,16 +150,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, stack: StackedLoRA, rows: LoRARow
         and y.is_contiguous()
         and native_available()
     ):
-        add_lora_native(y, x.contiguous(), stack, rows, native_twin(x.dtype))
+        add_lora_native(y, x.contiguous(), stack, rows, native.twin(x.dtype))
     else:
         add_lora_torch(y, x, stack, rows)
-
-
-def native_twin(dtype: torch.dtype) -> str:
-    """The kernel twin for this CPU: bf16 pairs multiply in hardware where AVX512_BF16 is."""
-    if dtype == torch.bfloat16 and cpu_features.has_avx512_bf16():
-        return "avx512bf16"
-    return cpu_features.isa()
 
 
 def add_lora_native(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from models import cpu_features
 from models.cpu_features import cpu_flags
 from models.disk_cache import cache_dir
 
@@ -126,6 +127,14 @@ def load() -> ctypes.CDLL | None:
     for base in FUSED_AVX512BF16_KERNELS:
         declare(lib, f"{base}_bf16_avx512bf16", FUSED_KERNELS[base])
     return lib
+
+
+def twin(dtype: torch.dtype) -> str:
+    """The ISA twin of the kernels for `dtype` activations on this CPU: bf16 pairs multiply
+    (and round) in hardware where it has AVX512_BF16, else `cpu_features.isa()`."""
+    if dtype == torch.bfloat16 and cpu_features.has_avx512_bf16():
+        return "avx512bf16"
+    return cpu_features.isa()
 
 
 def declare(lib: ctypes.CDLL, name: str, argtypes: list) -> None:
