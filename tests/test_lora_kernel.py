@@ -10,11 +10,9 @@ import torch
 
 from engine_core.messages.lora import LoRARef
 from kernels import lora
-from models import cpu_features
 from models.lora import AdapterWeights, build_stack
 
 _NATIVE = pytest.mark.skipif(not lora.native_available(), reason="native kernels not built")
-_HAS_AVX512 = cpu_features.isa() == "avx512"
 IN = 40  # not a whole number of vectors: the tails of every loop run
 # a fused qkv; q spans two whole column chunks of the AVX-512 twins and a part one
 SHARDS = [("q_proj", 0, 150), ("k_proj", 150, 12), ("v_proj", 162, 12)]
@@ -61,20 +59,6 @@ def _reference(x: torch.Tensor, y: torch.Tensor, slots, slot_per_row: list[int])
     return out
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "avx512bf16",
-            marks=pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16"),
-        ),
-        pytest.param("avx512", marks=pytest.mark.skipif(not _HAS_AVX512, reason="no AVX-512")),
-        "avx2",
-    ]
-)
-def isa(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 def _case(dtype: torch.dtype, slot_per_row: list[int], in_features: int = IN):
     slots = _adapters(dtype, in_features)
     stack = build_stack(slots, 0, SHARDS, dtype)
@@ -98,14 +82,14 @@ ROW_SLOTS = [[0, -1, 3, 1, 1, -1, 0, 3, 0, 0, 1, -1, 0], [3, -1, 3, 3], [0] * 11
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_features", [IN, 37])
 def test_native_twins_match_the_reference(
-    isa: str, dtype: torch.dtype, slot_per_row: list[int], threads: int, in_features: int
+    twin: str, dtype: torch.dtype, slot_per_row: list[int], threads: int, in_features: int
 ) -> None:
     slots, stack, x, y, rows = _case(dtype, slot_per_row, in_features)
     want = _reference(x, y, slots, slot_per_row)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lora.add_lora_native(y, x, stack, rows, isa)
+        lora.add_lora_native(y, x, stack, rows, twin)
     finally:
         torch.set_num_threads(before)
     _assert_close(y, want, TOLERANCE[dtype])
@@ -124,9 +108,9 @@ def test_torch_path_matches_the_reference(dtype: torch.dtype, slot_per_row: list
 
 
 @_NATIVE
-def test_a_step_without_rows_of_a_slot_leaves_y_alone(isa: str) -> None:
+def test_a_step_without_rows_of_a_slot_leaves_y_alone(twin: str) -> None:
     _, stack, x, y, _ = _case(torch.float32, [-1, -1])
     rows = lora.LoRARows.of(torch.tensor([-1, -1]), [1.0] * 4)
     before = y.clone()
-    lora.add_lora_native(y, x, stack, rows, isa)
+    lora.add_lora_native(y, x, stack, rows, twin)
     assert torch.equal(y, before)
