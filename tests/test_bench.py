@@ -8,6 +8,7 @@ so every measured latency is known exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -237,3 +238,54 @@ def test_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "requests.jsonl"
     path.write_text('{"prompt": "hi", "max_tokens": 3}\n\n{"prompt": "yo"}\n{"prompt": "z"}\n')
     assert jsonl_requests(path, 2, 16) == [SampleRequest("hi", 0, 3), SampleRequest("yo", 0, 16)]
+
+
+def test_a_request_on_a_connection_the_server_closed_is_sent_again() -> None:
+    """A server that keeps each connection for one request: it reads the next request on
+    it, then hangs up unanswered (a keep-alive connection it had timed out). Every request
+    still succeeds, each on a connection of its own."""
+    body = sse({"choices": [{"text": "x"}]}) + b"data: [DONE]\n\n"
+    response = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    connections = []
+
+    async def read_request(reader: asyncio.StreamReader) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await read_request(reader)
+        writer.write(response)
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError):  # the client closed it first
+            await read_request(reader)
+        writer.close()
+
+    async def go() -> list[RequestResult]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            settings = RequestSettings(
+                url=f"http://127.0.0.1:{port}/v1/completions", model="m", chat=False
+            )
+            outcome = await run_load(
+                [SampleRequest("p", 1, 1)] * 4,
+                settings,
+                LoadShape(max_concurrency=1),
+                np.random.default_rng(0),
+                progress=False,
+            )
+        return outcome.results
+
+    results = asyncio.run(go())
+    assert [r.error for r in results] == [""] * 4
+    assert all(r.success for r in results)
+    assert len(connections) == 4

@@ -117,6 +117,13 @@ def response_format(kind: str | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {"name": "record", "schema": BENCH_SCHEMA}}
 
 
+# A pooled keep-alive connection that the server has closed in the meantime fails the next
+# request on it before any response (llama.cpp's server closes idle ones after 5 s; the
+# request's body cannot be written, or the server hangs up unanswered). Such a request is
+# sent again on another connection, this many times at most; one that got a response never.
+STALE_CONNECTION_RETRIES = 2
+
+
 async def send_request(
     session: aiohttp.ClientSession,
     req: SampleRequest,
@@ -128,16 +135,26 @@ async def send_request(
     headers = (
         {"Authorization": f"Bearer {key}"} if (key := os.environ.get("OPENAI_API_KEY")) else {}
     )
-    try:
-        async with session.post(settings.url, json=payload(req, settings), headers=headers) as resp:
-            if resp.status != 200:
-                result.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+    for attempt in itertools.count():
+        responded = False
+        try:
+            async with session.post(
+                settings.url, json=payload(req, settings), headers=headers
+            ) as resp:
+                responded = True
+                if resp.status != 200:
+                    result.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                    return result
+                async for line in resp.content:
+                    _on_line(line, result, settings.chat, clock)
+            break
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            if responded or attempt == STALE_CONNECTION_RETRIES:
+                result.error = f"{type(e).__name__}: {e}"
                 return result
-            async for line in resp.content:
-                _on_line(line, result, settings.chat, clock)
-    except Exception as e:  # whatever goes wrong fails this request, not the run
-        result.error = f"{type(e).__name__}: {e}"
-        return result
+        except Exception as e:  # whatever goes wrong fails this request, not the run
+            result.error = f"{type(e).__name__}: {e}"
+            return result
     _finish(result)
     return result
 
