@@ -17,9 +17,10 @@ from kernels import native
 from models import cpu_features
 
 LANES = 16  # output channels per packed block (the C kernels' layout, int8_gemm.c)
-# W8A8 (VNNI, AVX2) and weight-only (fp32 math on int8 weights) twins -> C function
+# W8A8 (AMX, VNNI, AVX2) and weight-only (AMX-BF16 tiles, fp32 math on int8 weights) -> C function
 NATIVE_KERNELS = {
     "amx": "int8_linear_amx",
+    "wo-amx": "int8_wo_linear_amx",
     "vnni": "int8_linear_vnni",
     "avx2": "int8_linear_avx2",
     "wo-avx512": "int8_wo_linear_avx512",
@@ -64,6 +65,15 @@ def amx_available() -> bool:
     """True when W8A8 can run on AMX tiles here: AMX-INT8 (unless DUET_CPU_ISA says
     otherwise) and Linux's permission for this process to use tile data."""
     return cpu_features.has_amx_int8() and _amx_permitted()
+
+
+AMX_BF16_K_STEP = 32  # the AMX weight-only kernel's K per tile (others take the AVX-512 twin)
+
+
+def amx_bf16_available() -> bool:
+    """True when the weight-only kernel can run on AMX-BF16 tiles here (bf16 activations):
+    AMX-BF16 (unless DUET_CPU_ISA says otherwise) and the permission to use tile data."""
+    return cpu_features.has_amx_bf16() and _amx_permitted()
 
 
 def pack_weight(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

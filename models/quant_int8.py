@@ -7,8 +7,9 @@ its number of rows (tokens) from `ROUTES`, a table measured on this machine kind
 dtype. With the native kernels, activations are quantized per token too (W8A8: VNNI where
 the CPU has AVX512_VNNI, the AVX2 twin elsewhere), after smoothing scales are folded into
 the weights (models.smooth_quant), in every linear but down_proj, which keeps float
-activations (the native weight-only kernel, or dequantize + a float GEMM for large bf16
-batches). DUET_INT8_W8A8=1 quantizes activations in every linear, =0 in none.
+activations (the native weight-only kernel, on AMX-BF16 tiles where the CPU has them, or
+dequantize + a float GEMM for large bf16 batches). DUET_INT8_W8A8=1 quantizes activations in
+every linear, =0 in none.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 #         bf16-activation one without it), no activation rounding
 #   w8a8  activations quantized per token, int8 x int8 (VNNI or AVX2; torch._int_mm without
 #         native kernels)
+#   wo_amx weight-only on AMX-BF16 tiles (bf16 activations): the weights widened to bf16
+#         once per call, no activation rounding
 #   dense dequantize the weight, then a float GEMM in the activations' dtype
 # Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): native W8A8 is the fastest
 # at every batch size, and with smoothing its perplexity on SmolLM2 is within 1 % of fp32's
@@ -62,6 +65,11 @@ AMX_ROUTES: dict[torch.dtype, Route] = {
     torch.float32: ((16, "w8a8"), (None, "amx")),
 }
 AMX_BF16_ROUTE: Route = ((384, "w8a8"), (None, "dense"))
+# Float (bf16) activations on CPUs with AMX-BF16 (down_proj by default): the weight-only
+# kernel on AMX tiles from 5 rows (0.42x of the AVX-512 weight-only kernel's time at 16 rows,
+# 0.45x of dequantize + oneDNN's at 64), and oneDNN's GEMM over the dequantized weight
+# beyond 256 (docs/benchmarks.md, "int8 weight-only on AMX tiles").
+AMX_WO_ROUTE: Route = ((4, "wo"), (256, "wo_amx"), (None, "dense"))
 W8A8_ENV = "DUET_INT8_W8A8"  # "1": int8 activations in every linear, "0": in none
 FLOAT_ACTIVATIONS = ("down_proj",)  # linears (by name) that keep them float by default
 
@@ -120,6 +128,9 @@ def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype, w8a8: bool) -
         amx_bf16 = dtype == torch.bfloat16 and cpu_features.has_amx_bf16()
         return AMX_BF16_ROUTE if amx_bf16 else W8A8_ROUTE
     if kernel != "torch":
+        amx_wo = dtype == torch.bfloat16 and int8.amx_bf16_available()
+        if amx_wo and shape[1] % int8.AMX_BF16_K_STEP == 0:
+            return AMX_WO_ROUTE
         return ROUTES["native", dtype]
     torch_wo = cpu_features.native_bf16() and int8.weight_only_supports(*shape)
     return ROUTES["torch", torch.bfloat16] if torch_wo else ((None, "dense"),)
@@ -175,6 +186,9 @@ class Int8Linear(nn.Module):
 
     def _amx(self, x: torch.Tensor) -> torch.Tensor:
         return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, "amx")
+
+    def _wo_amx(self, x: torch.Tensor) -> torch.Tensor:
+        return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, "wo-amx")
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "torch":

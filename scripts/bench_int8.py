@@ -67,6 +67,7 @@ def build_paths(weights: list[torch.Tensor], dtype: torch.dtype) -> dict[str, li
             for (p, _, s), w in zip(packed, weights, strict=True)
         ]
         runnable = {"amx": int8.amx_available(), "vnni": cpu_features.has_vnni(),
+                    "wo-amx": int8.amx_bf16_available() and dtype == torch.bfloat16,
                     "wo-avx512": cpu_features.isa() == "avx512"}  # fmt: skip
         for kernel in int8.NATIVE_KERNELS:
             if not runnable.get(kernel, True):

@@ -155,6 +155,7 @@ def _torch_weight_only(x, q, scale, bias):
 
 
 _AVX512 = pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512 here")
+_AMX_BF16 = pytest.mark.skipif(not int8.amx_bf16_available(), reason="no AMX-BF16 tiles here")
 _WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1])]
 
 
@@ -163,6 +164,7 @@ _WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1]
 @pytest.mark.parametrize(
     "path",
     [
+        pytest.param(_native("wo-amx"), marks=[_NATIVE, _AMX_BF16], id="native-wo-amx"),
         pytest.param(_native("wo-avx512"), marks=[_NATIVE, _AVX512], id="native-wo-avx512"),
         pytest.param(_native("wo-avx2"), marks=_NATIVE, id="native-wo-avx2"),
         pytest.param(_native_dense, marks=_NATIVE, id="native-dense"),
@@ -194,15 +196,30 @@ def test_forced_avx2_layer_routes_through_the_avx2_twins(monkeypatch: pytest.Mon
 
 
 @_NATIVE
-def test_bf16_layers_switch_to_dense_past_the_crossover(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(W8A8_ENV, raising=False)
+def _check_bf16_route(rows_paths: dict[int, str]) -> None:
     w = _weights(48, 96, seed=6)
     layer = Int8Linear(w, None, w8a8_kernel(), torch.bfloat16)
-    assert [layer.path_for(rows) for rows in (1, 32, 33, 500)] == ["wo", "wo", "dense", "dense"]
-    for rows in (1, 40):
+    assert {rows: layer.path_for(rows) for rows in rows_paths} == rows_paths
+    for rows in rows_paths:
         x = torch.randn(rows, 96).bfloat16()
         bound = _weight_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-7
         assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
+
+
+@_NATIVE
+def test_bf16_layers_switch_to_dense_past_the_crossover(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512")  # no AMX tiles, wherever this runs
+    _check_bf16_route({1: "wo", 32: "wo", 33: "dense", 300: "dense"})
+
+
+@_NATIVE
+@_AMX_BF16
+def test_bf16_layers_take_amx_tiles_between_the_crossovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    _check_bf16_route({1: "wo", 4: "wo", 5: "wo_amx", 256: "wo_amx", 257: "dense"})
 
 
 def test_without_native_kernels_layers_route_through_torch(

@@ -72,6 +72,19 @@ static void store_row(float *v, int n0, int cols, const float *bias, void *out, 
     }
 }
 
+// rows r0 .. r0 + rows of out, columns n0 .. n0 + cols: acc (fp32 sums of x * int8 weights,
+// rows `stride` apart) * w_scale + bias
+static void store_scaled(const float *acc, int stride, int rows, int r0, int n0, int cols,
+                         const float *w_scale, const float *bias, int n, void *out,
+                         int out_bf16) {
+    float v[NB_MAX * LANES];
+    for (int r = 0; r < rows; ++r) {
+#pragma omp simd
+        for (int c = 0; c < cols; ++c) v[c] = acc[(long)r * stride + c] * w_scale[n0 + c];
+        store_row(v, n0, cols, bias, out, (long)(r0 + r) * n + n0, out_bf16);
+    }
+}
+
 // out[r][n] = acc[r][n] * a_scale[r] * w_scale[n] + bias[n], for the valid columns; one
 // simple loop per case so that each vectorizes
 static void epilogue(const int32_t *acc, int rows, int n0, int cols, const int32_t *wsum,
@@ -344,6 +357,107 @@ void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
     free(a_scale);
 }
 
+// ---- Weight-only on AMX-BF16 tiles (`tdpbf16ps`: a 16 x 32 bf16 tile times a 32 x 16 one
+// into fp32 sums), for bf16 activations. An int8 weight is an integer of at most 8 bits, so
+// it is exactly a bf16, and so is each product: only the fp32 sums round, as in the
+// weight-only twins. Each pair of packed blocks is widened once into B tiles that every row
+// tile then reads, so the widening costs the same at 1 row as at 1,000; the float
+// activations stay as they are (no per-token rounding to int8).
+#define TILE_DPBF16PS(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+#define AMX_BF16_K 32  // k per tile
+
+typedef float v16sf __attribute__((vector_size(64)));
+typedef unsigned v16su __attribute__((vector_size(64)));
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+// One packed block (16 channels, k4 groups of 4) as B tiles: per 32 of k a 16 x 64-byte tile
+// whose row i holds, per channel, the bf16 pair k = 2i (low half), 2i + 1. The k4 group g
+// fills rows 2g and 2g + 1 of its tile, which sit at g * 32 words: the tiles are contiguous.
+static void widen_block_bf16(const int8_t *w, int k4, uint32_t *tiles) {
+    for (int g = 0; g < k4; ++g) {
+        v16si quad, f[4];
+        memcpy(&quad, w + (long)g * 64, 64);
+        for (int j = 0; j < 4; ++j)  // byte j of each lane, sign-extended, as fp32 bits
+            f[j] = (v16si)__builtin_convertvector((quad << (24 - 8 * j)) >> 24, v16sf);
+        // an fp32 of <= 8 significant bits: its top half is exactly its bf16
+        const v16si low = (v16si)((v16su)f[0] >> 16), high = (v16si)((v16su)f[2] >> 16);
+        const v16si pair01 = (f[1] & (int)0xffff0000) | low;
+        const v16si pair23 = (f[3] & (int)0xffff0000) | high;
+        memcpy(tiles + (long)g * 32, &pair01, 64);
+        memcpy(tiles + (long)g * 32 + 16, &pair23, 64);
+    }
+}
+#pragma GCC pop_options
+
+void int8_wo_linear_avx512(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                           const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                           void *out, int out_bf16, int threads);
+
+// x [m, k] bf16 -> out [m, n]; fp32 activations, or k not a multiple of 32, take the AVX-512
+// weight-only twin. Only CPUs with AMX-BF16 may call it (Python checks), after
+// int8_amx_ready(). Rows run in tiles of 32 (the last padded with zero rows), channels in
+// pairs of packed blocks, parallel over the pairs.
+void int8_wo_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                        const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                        void *out, int out_bf16, int threads) {
+    if (!x_bf16 || k % AMX_BF16_K != 0) {
+        int8_wo_linear_avx512(x, x_bf16, m, k, packed, wsum, w_scale, bias, n, out, out_bf16,
+                              threads);
+        return;
+    }
+    const int mp = (m + 31) / 32 * 32, blocks = (n + LANES - 1) / LANES, k4 = k / 4;
+    const long block_bytes = (long)k * LANES, row_bytes = 2L * k;
+    uint16_t *xs = aligned_alloc(64, (size_t)mp * (size_t)row_bytes);
+    memcpy(xs, x, (size_t)m * (size_t)row_bytes);
+    memset(xs + (long)m * k, 0, (size_t)(mp - m) * (size_t)row_bytes);  // rows of zeros
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        amx_configure();
+        // a pair of blocks' B tiles: k / 32 tiles of 1 KB per block
+        uint32_t *tiles = aligned_alloc(64, 2 * (size_t)block_bytes * 2);
+        float acc[32 * NB_MAX * LANES] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int pair = 0; pair < (blocks + 1) / 2; ++pair) {
+            const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
+            uint32_t *t0 = tiles, *t1 = nb == 2 ? tiles + block_bytes / 2 : tiles;
+            widen_block_bf16(packed + b0 * block_bytes, k4, t0);
+            if (nb == 2) widen_block_bf16(packed + (b0 + 1) * block_bytes, k4, t1);
+            const int n0 = b0 * LANES, cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+            for (int r0 = 0; r0 < m; r0 += 32) {
+                const uint16_t *a0 = xs + (long)r0 * k, *a1 = a0 + 16L * k;
+                const int two = m - r0 > 16;  // the second row tile holds rows
+                TILE_ZERO(0);
+                TILE_ZERO(1);
+                TILE_ZERO(2);
+                TILE_ZERO(3);
+                for (int kk = 0; kk < k; kk += AMX_BF16_K) {
+                    TILE_LOADD(4, a0 + kk, row_bytes);
+                    TILE_LOADD(6, t0 + (long)kk * 8, 64);  // tile kk / 32: 256 words each
+                    TILE_LOADD(7, t1 + (long)kk * 8, 64);
+                    TILE_DPBF16PS(0, 4, 6);
+                    TILE_DPBF16PS(1, 4, 7);
+                    if (two) {
+                        TILE_LOADD(5, a1 + kk, row_bytes);
+                        TILE_DPBF16PS(2, 5, 6);
+                        TILE_DPBF16PS(3, 5, 7);
+                    }
+                }
+                const int stride = NB_MAX * LANES;  // acc's row stride, in floats
+                TILE_STORED(0, acc, stride * 4);
+                TILE_STORED(1, acc + LANES, stride * 4);
+                TILE_STORED(2, acc + 16 * stride, stride * 4);
+                TILE_STORED(3, acc + 16 * stride + LANES, stride * 4);
+                const int rows = m - r0 < 32 ? m - r0 : 32;
+                store_scaled(acc, stride, rows, r0, n0, cols, w_scale, bias, n, out, out_bf16);
+            }
+        }
+        free(tiles);
+        __asm__ volatile("tilerelease" ::);
+    }
+    free(xs);
+}
+
 typedef void (*wo_tile_fn)(const float *, long, const int8_t *, int, int, float *);
 
 // Weight-only: x is widened to fp32 rows padded to whole groups of 4 (the pads meet zero
@@ -364,15 +478,12 @@ static void int8_wo_linear(wo_tile_fn tile, const void *x, int x_bf16, int m, in
     }
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int b = 0; b < blocks; ++b) {
-        float acc[WO_MR * LANES], v[LANES];
+        float acc[WO_MR * LANES];
         const int n0 = b * LANES, cols = n - n0 < LANES ? n - n0 : LANES;
         for (int r0 = 0; r0 < m; r0 += WO_MR) {
             const int rows = m - r0 < WO_MR ? m - r0 : WO_MR;
             tile(xf + (long)r0 * kp, kp, packed + (long)b * k4 * 64, k4, rows, acc);
-            for (int r = 0; r < rows; ++r) {
-                for (int c = 0; c < cols; ++c) v[c] = acc[r * LANES + c] * w_scale[n0 + c];
-                store_row(v, n0, cols, bias, out, (long)(r0 + r) * n + n0, out_bf16);
-            }
+            store_scaled(acc, LANES, rows, r0, n0, cols, w_scale, bias, n, out, out_bf16);
         }
     }
     free(xf);
