@@ -389,9 +389,9 @@ static void widen_block_bf16(const int8_t *w, int k4, uint32_t *tiles) {
         for (int j = 0; j < 4; ++j)  // byte j of each lane, sign-extended, as fp32 bits
             f[j] = (v16si)__builtin_convertvector((quad << (24 - 8 * j)) >> 24, v16sf);
         // an fp32 of <= 8 significant bits: its top half is exactly its bf16
-        const v16si low = (v16si)((v16su)f[0] >> 16), high = (v16si)((v16su)f[2] >> 16);
-        const v16si pair01 = (f[1] & (int)0xffff0000) | low;
-        const v16si pair23 = (f[3] & (int)0xffff0000) | high;
+        const v16si even0 = (v16si)((v16su)f[0] >> 16), even2 = (v16si)((v16su)f[2] >> 16);
+        const v16si pair01 = (f[1] & (int)0xffff0000) | even0;
+        const v16si pair23 = (f[3] & (int)0xffff0000) | even2;
         memcpy(tiles + (long)g * 32, &pair01, 64);
         memcpy(tiles + (long)g * 32 + 16, &pair23, 64);
     }
