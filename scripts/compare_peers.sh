@@ -6,7 +6,7 @@
 # quantized peer), built once from the llama-cpp-python sdist's vendored tree into .llamacpp.
 #
 # HEAVY: takes both cores for ~30 minutes and installs vLLM (~3 GB) into .venv-vllm, or
-# builds llama-server (~6 minutes), on first use. Run it alone on the machine. Environment
+# builds llama-server (~10 minutes on two cores), on first use. Run it alone on the machine. Environment
 # knobs: PEER, PORT, OUT, SEED_BASE, GOODPUT_SLO, DTYPE (auto: each server's default,
 # float32: the same dtype for both; llama.cpp runs its GGUF as it is), QUICK=1 (only the c1
 # and c16 workloads, no disaggregated run: ~10 minutes) and DUET_ARGS (more flags for duet
@@ -92,7 +92,7 @@ bench() {  # bench NAME WORKLOAD SEED_OFFSET ARGS...
         --plot "$OUT/$name/$workload.png" "$@" | tee "$OUT/$name/$workload.txt"
 }
 
-saturation_rate() {  # 90% of vLLM's request throughput at concurrency 64
+saturation_rate() {  # 90% of the peer's request throughput at concurrency 64
     .venv/bin/python -c 'import json, sys
 print(round(0.9 * json.load(open(sys.argv[1]))["request_throughput"], 3))' "$OUT/$PEER/random-c64.json"
 }

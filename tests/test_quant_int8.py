@@ -195,7 +195,6 @@ def test_forced_avx2_layer_routes_through_the_avx2_twins(monkeypatch: pytest.Mon
         assert ((layer(x) - x @ w.T).abs() <= _weight_bound(x, w)).all()
 
 
-@_NATIVE
 def _check_bf16_route(rows_paths: dict[int, str]) -> None:
     w = _weights(48, 96, seed=6)
     layer = Int8Linear(w, None, w8a8_kernel(), torch.bfloat16)
