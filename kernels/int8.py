@@ -43,8 +43,6 @@ def _kernels() -> ctypes.CDLL | None:
     native.declare(lib, "int8_dequantize", [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
     ])  # fmt: skip
-    lib.int8_amx_ready.restype = ctypes.c_int
-    lib.int8_amx_ready.argtypes = []
     return lib
 
 
@@ -56,15 +54,10 @@ def native_available() -> bool:
 AMX_K_STEP = 64  # the AMX kernel's K per tile: in_features must be a multiple of it
 
 
-@functools.cache
-def _amx_permitted() -> bool:
-    return _kernels() is not None and _kernels().int8_amx_ready() == 0
-
-
 def amx_available() -> bool:
     """True when W8A8 can run on AMX tiles here: AMX-INT8 (unless DUET_CPU_ISA says
     otherwise) and Linux's permission for this process to use tile data."""
-    return cpu_features.has_amx_int8() and _amx_permitted()
+    return cpu_features.has_amx_int8() and native.amx_permitted()
 
 
 AMX_BF16_K_STEP = 32  # the AMX weight-only kernel's K per tile (others take the AVX-512 twin)
@@ -73,7 +66,7 @@ AMX_BF16_K_STEP = 32  # the AMX weight-only kernel's K per tile (others take the
 def amx_bf16_available() -> bool:
     """True when the weight-only kernel can run on AMX-BF16 tiles here (bf16 activations):
     AMX-BF16 (unless DUET_CPU_ISA says otherwise) and the permission to use tile data."""
-    return cpu_features.has_amx_bf16() and _amx_permitted()
+    return cpu_features.has_amx_bf16() and native.amx_permitted()
 
 
 def pack_weight(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

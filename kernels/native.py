@@ -126,7 +126,17 @@ def load() -> ctypes.CDLL | None:
             declare(lib, f"{base}_{twin}", argtypes)
     for base in FUSED_AVX512BF16_KERNELS:
         declare(lib, f"{base}_bf16_avx512bf16", FUSED_KERNELS[base])
+    lib.amx_ready.restype = _I
+    lib.amx_ready.argtypes = []
     return lib
+
+
+@functools.cache
+def amx_permitted() -> bool:
+    """True when the kernels built and Linux lets this process use AMX tile data (asked
+    once; without it the first tile instruction dies of SIGILL)."""
+    lib = load()
+    return lib is not None and lib.amx_ready() == 0
 
 
 def twin(dtype: torch.dtype) -> str:

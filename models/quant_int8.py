@@ -55,14 +55,15 @@ ROUTES: dict[tuple[str, torch.dtype], Route] = {
     ("torch", torch.float32): ((None, "dense"),),
 }
 # W8A8's own (paths as above, and `amx`: int8 x int8 on AMX tiles): VNNI or AVX2 at every
-# size, except on CPUs with AMX (docs/benchmarks.md, "int8 on the AMX machine"): AMX-INT8
-# tiles from 17 rows (0.78x of VNNI's time at 256 rows), and with bf16 activations oneDNN's
-# bf16 GEMM (AMX tiles) over the dequantized weight past 1024 rows; where the AMX-INT8
-# kernel cannot run (no permission, in_features not a multiple of 64) that GEMM from 385.
+# size, except on CPUs with AMX (docs/benchmarks.md, "int8 on the AMX machine" and "AMX
+# tiles at decode sizes"): AMX-INT8 tiles from 5 rows (0.66x of VNNI's time at 16 rows since
+# the kernel prefetches its weight tiles), and with bf16 activations oneDNN's bf16 GEMM (AMX
+# tiles) over the dequantized weight past 1024 rows; where the AMX-INT8 kernel cannot run
+# (no permission, in_features not a multiple of 64) that GEMM from 385.
 W8A8_ROUTE: Route = ((None, "w8a8"),)
 AMX_ROUTES: dict[torch.dtype, Route] = {
-    torch.bfloat16: ((16, "w8a8"), (1024, "amx"), (None, "dense")),
-    torch.float32: ((16, "w8a8"), (None, "amx")),
+    torch.bfloat16: ((4, "w8a8"), (1024, "amx"), (None, "dense")),
+    torch.float32: ((4, "w8a8"), (None, "amx")),
 }
 AMX_BF16_ROUTE: Route = ((384, "w8a8"), (None, "dense"))
 # Float (bf16) activations on CPUs with AMX-BF16 (down_proj by default): the weight-only

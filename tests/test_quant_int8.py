@@ -252,8 +252,13 @@ def test_w8a8_layers_route_every_size_through_w8a8(
 
 
 _AMX = pytest.mark.skipif(not int8.amx_available(), reason="no AMX-INT8 here")
-# (M, K, N) for the AMX kernel (K a multiple of 64): a row, a tile and a bit, odd blocks
-AMX_SHAPES = [(1, 64, 16), (5, 128, 40), (33, 576, 960), (17, 128, 49), (70, 192, 80)]
+# (M, K, N) for the AMX kernel (K a multiple of 64): a row, a tile and a bit, odd blocks, a
+# tile exactly (its second row tile skipped), and blocks whose weight tiles are prefetched
+# from past the weight's end
+AMX_SHAPES = [
+    (1, 64, 16), (5, 128, 40), (33, 576, 960), (17, 128, 49), (70, 192, 80), (16, 64, 32),
+    (3, 2048, 48),
+]  # fmt: skip
 
 
 @_AMX
@@ -283,13 +288,13 @@ def test_bf16_w8a8_routes_follow_the_cpus_amx(
     monkeypatch.setenv(cpu_features.ISA_ENV, isa)
     w = _weights(48, in_features, seed=7)
     layer = Int8Linear(w, None, w8a8_kernel(), torch.bfloat16, w8a8=True)
-    rows = (1, 16, 17, 384, 385, 1024, 1025)
+    rows = (1, 4, 5, 16, 384, 385, 1024, 1025)
     if not cpu_features.has_amx_bf16():
-        expected = ["w8a8"] * 7
+        expected = ["w8a8"] * 8
     elif int8.amx_available() and in_features % int8.AMX_K_STEP == 0:
-        expected = ["w8a8"] * 2 + ["amx"] * 4 + ["dense"]
+        expected = ["w8a8"] * 2 + ["amx"] * 5 + ["dense"]
     else:
-        expected = ["w8a8"] * 4 + ["dense"] * 3
+        expected = ["w8a8"] * 5 + ["dense"] * 3
     assert [layer.path_for(r) for r in rows] == expected
     for r in (5, 40, 1100):
         x = torch.randn(r, in_features).bfloat16()

@@ -67,9 +67,8 @@ def test_smoothing_shrinks_w8a8_error_where_a_few_channels_dominate(
     for calibration in (None, lambda: CALIBRATION):
         model = copy.deepcopy(reference)
         quantize_model(model, torch.float32, calibration)
-        assert {m.path_for(len(PROBE)) for m in model.modules() if isinstance(m, Int8Linear)} == {
-            "w8a8"
-        }
+        paths = {m.path_for(len(PROBE)) for m in model.modules() if isinstance(m, Int8Linear)}
+        assert paths <= {"w8a8", "amx"}  # int8 activations everywhere (amx: on AMX tiles)
         errors.append((_logits(model, PROBE) - expected).abs().mean().item())
     unsmoothed, smoothed = errors
     assert smoothed < 0.5 * unsmoothed, errors

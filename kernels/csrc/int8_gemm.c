@@ -23,6 +23,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "amx_tiles.h"
 #include "bf16.h"
 
 #define LANES 16   // output channels per packed block
@@ -277,36 +278,14 @@ void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *pac
 
 // ---- W8A8 on AMX tiles (`tdpbusd`: a 16 x 64 u8 tile times a 64 x 16 s8 one, 16 K MACs a
 // time). The packed layout above is already the B tile's: 16 rows of K4 groups, 64 bytes
-// each (16 channels x 4 bytes). Activations are stored as q + 128 (u8), as for VNNI.
-// Written as the instructions themselves (inline asm), so no target option is needed; only
-// CPUs with AMX-INT8 may call it (Python checks), after int8_amx_ready().
-#define TILE_LOADD(t, base, stride)                                                        \
-    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"((const void *)(base)),           \
-                     "r"((long)(stride))                                                   \
-                     : "memory")
-#define TILE_STORED(t, base, stride)                                                       \
-    __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"((void *)(base)),             \
-                     "r"((long)(stride))                                                   \
-                     : "memory")
-#define TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
-#define TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+// each (16 channels x 4 bytes). Activations are stored as q + 128 (u8), as for VNNI. Only
+// CPUs with AMX-INT8 may call it (Python checks), after amx_ready().
 
-// 0 when Linux lets this process use AMX tile data, else -1 (kernels/int8.py asks once)
-int int8_amx_ready(void) {
+// 0 when Linux lets this process use AMX tile data, else -1 (kernels/native.py asks once)
+int amx_ready(void) {
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */)
                ? -1
                : 0;
-}
-
-// Eight 16-row tiles of 64 bytes: C in tmm0-3 (2 row tiles x 2 channel blocks), A in tmm4-5,
-// B in tmm6-7
-static void amx_configure(void) {
-    unsigned char config[64] = {1};  // palette 1
-    for (int t = 0; t < 8; ++t) {
-        config[16 + 2 * t] = 64;  // bytes per row
-        config[48 + t] = 16;      // rows
-    }
-    __asm__ volatile("ldtilecfg %0" ::"m"(*(const unsigned char(*)[64])config));
 }
 
 // x [m, k] fp32 or bf16 -> out [m, n], k a multiple of 64; wsum as for VNNI. Rows run in
@@ -331,19 +310,26 @@ void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
             const int n0 = b0 * LANES, cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
             for (int r0 = 0; r0 < m; r0 += 32) {
                 const int8_t *a0 = q + (long)r0 * k, *a1 = a0 + 16L * k;
+                const int two = m - r0 > 16;  // the second row tile holds rows
                 TILE_ZERO(0);
                 TILE_ZERO(1);
                 TILE_ZERO(2);
                 TILE_ZERO(3);
                 for (int kk = 0; kk < k; kk += 64) {
+                    if (r0 == 0) {
+                        prefetch_tile_ahead(w0 + (long)kk * LANES);
+                        prefetch_tile_ahead(w1 + (long)kk * LANES);
+                    }
                     TILE_LOADD(4, a0 + kk, k);
-                    TILE_LOADD(5, a1 + kk, k);
                     TILE_LOADD(6, w0 + (long)kk * LANES, 64);
                     TILE_LOADD(7, w1 + (long)kk * LANES, 64);
                     TILE_DPBUSD(0, 4, 6);
                     TILE_DPBUSD(1, 4, 7);
-                    TILE_DPBUSD(2, 5, 6);
-                    TILE_DPBUSD(3, 5, 7);
+                    if (two) {
+                        TILE_LOADD(5, a1 + kk, k);
+                        TILE_DPBUSD(2, 5, 6);
+                        TILE_DPBUSD(3, 5, 7);
+                    }
                 }
                 const long row_bytes = NB_MAX * LANES * 4;  // the epilogue's row stride
                 TILE_STORED(0, acc, row_bytes);
@@ -371,7 +357,6 @@ void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
 // weight-only twins. Each pair of packed blocks is widened once into B tiles that every row
 // tile then reads, so the widening costs the same at 1 row as at 1,000; the float
 // activations stay as they are (no per-token rounding to int8).
-#define TILE_DPBF16PS(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
 #define AMX_BF16_K 32  // k per tile
 
 typedef float v16sf __attribute__((vector_size(64)));
@@ -404,7 +389,7 @@ void int8_wo_linear_avx512(const void *x, int x_bf16, int m, int k, const int8_t
 
 // x [m, k] bf16 -> out [m, n]; fp32 activations, or k not a multiple of 32, take the AVX-512
 // weight-only twin. Only CPUs with AMX-BF16 may call it (Python checks), after
-// int8_amx_ready(). Rows run in tiles of 32 (the last padded with zero rows), channels in
+// amx_ready(). Rows run in tiles of 32 (the last padded with zero rows), channels in
 // pairs of packed blocks, parallel over the pairs.
 void int8_wo_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *packed,
                         const int32_t *wsum, const float *w_scale, const float *bias, int n,

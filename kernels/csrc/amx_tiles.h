@@ -1,0 +1,36 @@
+// AMX tile instructions for the C kernels, written as the instructions themselves (inline
+// asm), so no target option is needed; only CPUs with AMX may run them, after the process
+// has Linux's permission to use tile data (amx_ready, kernels/native.py).
+#pragma once
+
+#define TILE_LOADD(t, base, stride)                                                        \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"((const void *)(base)),           \
+                     "r"((long)(stride))                                                   \
+                     : "memory")
+#define TILE_STORED(t, base, stride)                                                       \
+    __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"((void *)(base)),             \
+                     "r"((long)(stride))                                                   \
+                     : "memory")
+#define TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+#define TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+#define TILE_DPBF16PS(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+
+// Eight 16-row tiles of 64 bytes: C in tmm0-3 (2 row tiles x 2 channel blocks), A in tmm4-5,
+// B in tmm6-7
+static inline void amx_configure(void) {
+    unsigned char config[64] = {1};  // palette 1
+    for (int t = 0; t < 8; ++t) {
+        config[16 + 2 * t] = 64;  // bytes per row
+        config[48 + t] = 16;      // rows
+    }
+    __asm__ volatile("ldtilecfg %0" ::"m"(*(const unsigned char(*)[64])config));
+}
+
+// A B tile (1 KB) comes from memory at decode sizes, where the tiles' math is quick: the
+// hardware prefetcher does not run far enough ahead of tileloadd, so the kernels ask for the
+// tile four ahead of the one they load (past a block's end: the next block's, read next).
+#define AMX_PREFETCH_BYTES 4096
+static inline void prefetch_tile_ahead(const void *tile) {
+    const char *ahead = (const char *)tile + AMX_PREFETCH_BYTES;
+    for (int line = 0; line < 16; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
+}
