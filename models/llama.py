@@ -19,7 +19,7 @@ from kernels import AttentionBackend, fused, get_attention_backend
 from kernels.metadata import AttentionMetadata
 from models import switches
 from models.config import ModelConfig
-from models.packed import PackedLinear, pack_linears, packing_available
+from models.packed import pack_linears, packed_linear, packing_available
 
 
 class RMSNorm(nn.Module):
@@ -224,13 +224,13 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def pack_weights(self) -> int:
-        """Pack every linear (and a tied LM head) for oneDNN where that is faster for the
-        model's dtype; returns how many were packed. Call after load_weights."""
+        """Pack every linear (and a tied LM head) for oneDNN or AMX tiles where that is faster
+        for the model's dtype; returns how many were packed. Call after load_weights."""
         if not packing_available(self.embed_tokens.weight.dtype):
             return 0
         count = pack_linears(self)
         if self.lm_head is None:
-            self.lm_head = PackedLinear(self.embed_tokens.weight, None)
+            self.lm_head = packed_linear(self.embed_tokens.weight, None)
             count += 1
         return count
 

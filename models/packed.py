@@ -6,6 +6,8 @@ once per step with a handful of rows, so that copy is most of the cost. Packed o
 float32 is packed too (a decode step in 0.66x of the time at batch 1 and 16): oneDNN's packed
 kernel is not bit-equal to `F.linear` (it sums in another order), yet the real-model
 parity tests, greedy and logprobs, stay token-identical with Hugging Face's fp32.
+On CPUs with AMX-BF16, bf16 linears take duet's own tile kernel instead (TileLinear), which
+reads a decode step's weights faster than oneDNN's (kernels/bf16_gemm.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,29 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kernels import bf16_gemm
+
 logger = logging.getLogger(__name__)
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 DISABLE_ENV = "DUET_DISABLE_PACKED_LINEARS"  # "1": every linear on F.linear (A/B, bit-equality)
+
+
+class TileLinear(nn.Module):
+    """`x @ weight.T + bias` for bf16 on AMX-BF16 tiles, the weight packed once into the
+    kernel's tile layout (kernels/bf16_gemm.py)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = bf16_gemm.pack(weight)
+        self.bias = None if bias is None else bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = bf16_gemm.linear(
+            x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features
+        )
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class PackedLinear(nn.Module):
@@ -52,9 +73,27 @@ def packing_available(dtype: torch.dtype) -> bool:
     return True
 
 
+def tiles_available(dtype: torch.dtype) -> bool:
+    """True when `dtype` linears take AMX tiles (TileLinear) here rather than oneDNN: bf16
+    on a CPU with AMX-BF16, unless DUET_CPU_ISA hides it."""
+    return dtype == torch.bfloat16 and bf16_gemm.available()
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """The packed linear for `weight`: on AMX tiles where they take it, else oneDNN's."""
+    if tiles_available(weight.dtype) and bf16_gemm.supports(weight.shape[1]):
+        return TileLinear(weight, bias)
+    return PackedLinear(weight, bias)
+
+
+def packing_kind(dtype: torch.dtype) -> str:
+    """How `dtype` linears are packed here, for the start-up log."""
+    return "AMX-BF16 tiles" if tiles_available(dtype) else "oneDNN"
+
+
 def pack_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear inside `model` for a PackedLinear; returns how many."""
-    return swap_linears(model, lambda linear: PackedLinear(linear.weight, linear.bias))
+    """Swap every nn.Linear inside `model` for a packed one; returns how many."""
+    return swap_linears(model, lambda linear: packed_linear(linear.weight, linear.bias))
 
 
 def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:

@@ -19,6 +19,7 @@ from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.loader import ModelSource, load_config, resolve_model
 from models.lora import LoRAManager
+from models.packed import packing_kind
 from models.prompt_logprobs import step_prompt_logprobs
 from models.quant_int8 import check_quantization, quantize_model
 from models.rejection_sampler import verify
@@ -120,8 +121,9 @@ class ModelRunner:
             else None
         )  # fmt: skip
         logger.info(
-            "dtype %s (asked %s; CPU: %s), KV cache %s, %d linears prepacked",
+            "dtype %s (asked %s; CPU: %s), KV cache %s, %d linears prepacked (%s)",
             self.dtype, config.dtype, cpu_features.describe(), self.kv_dtype, packed,
+            packing_kind(self.dtype),
         )  # fmt: skip
         self.num_blocks = config.kv_cache_memory // kv_block_bytes(
             self.model_config, self.block_size, self.kv_dtype

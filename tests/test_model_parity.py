@@ -8,10 +8,10 @@ from parity import compare, hf_greedy
 from transformers import AutoModelForCausalLM
 
 from engine_core import LLM, SamplingParams
-from models.cpu_features import native_bf16
+from models.cpu_features import ISA_ENV, native_bf16
 from models.export import export_hf_folder
 from models.packed import DISABLE_ENV as DISABLE_PACKED_ENV
-from models.packed import PackedLinear, packing_available
+from models.packed import PackedLinear, TileLinear, packing_available, tiles_available
 
 PROMPTS = [
     "What is the capital of Japan?",
@@ -122,13 +122,21 @@ def test_tiny_checkpoints_match_hf(tiny_checkpoint, kind: dict) -> None:
     assert _check_batch(llm, hf, prompts, max_tokens=24) == 0
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("dtype", "packing"),
+    [("float32", PackedLinear), ("bfloat16", PackedLinear), ("bfloat16", TileLinear)],
+    ids=["fp32-onednn", "bf16-onednn", "bf16-amx-tiles"],
+)
 def test_packed_linears_and_their_fallback_agree(
-    tiny_checkpoint, dtype: str, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint, dtype: str, packing: type, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(DISABLE_PACKED_ENV, raising=False)
     if not packing_available(getattr(torch, dtype)):
         pytest.skip(f"oneDNN packs no {dtype} linears on this machine")
+    if packing is TileLinear and not tiles_available(torch.bfloat16):
+        pytest.skip("no AMX-BF16 tiles here")
+    if packing is PackedLinear:
+        monkeypatch.setenv(ISA_ENV, "avx512bf16")  # hides AMX, so bf16 takes oneDNN's packing
     folder = tiny_checkpoint(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3)
     prompts = [[5, 17, 300, 42], list(range(100, 140))]
@@ -138,7 +146,7 @@ def test_packed_linears_and_their_fallback_agree(
         llm = LLM(str(folder), kv_cache_memory="64MiB", block_size=4, dtype=dtype)
         model = llm.runner.model
         linears = [model.layers[0].mlp.down_proj, model.lm_head]
-        assert all(isinstance(m, PackedLinear) != (disabled == "1") for m in linears)
+        assert all(isinstance(m, packing) != (disabled == "1") for m in linears)
         runs[disabled] = [o.outputs[0] for o in llm.generate(prompts, params)]
     tolerance = 2e-2 if dtype == "bfloat16" else 1e-4
     for packed, plain in zip(runs["0"], runs["1"], strict=True):

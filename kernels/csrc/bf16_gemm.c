@@ -1,0 +1,102 @@
+// bf16 linear on AMX-BF16 tiles: out [m, n] = x [m, k] @ W^T + bias, fp32 sums rounded once
+// to bf16, for CPUs with AMX-BF16.
+//
+// The weight is packed once at load (kernels/bf16_amx.py) into `tdpbf16ps`'s B-tile layout:
+// blocks of 16 output channels, and in each block k in pairs,
+//   packed[nb][k / 2][lane][k % 2] = w[nb * 16 + lane][k]   (zero-padded to whole blocks)
+// so the tile for k0 .. k0 + 32 of a block is 1 KB of contiguous memory. At decode sizes a
+// linear reads its weight from memory once and does little math per byte, so what counts is
+// how close the reads come to the memory's speed: the tiles are asked for ahead of their
+// loads (amx_tiles.h), and a decode step's linears take 0.54-0.60x of oneDNN's time.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "amx_tiles.h"
+#include "bf16.h"
+
+#define LANES 16       // output channels per packed block
+#define K_STEP 32      // k per tile
+#define CHUNK_BYTES (512 * 1024)  // rows of x per pass over the weight: about half an L2
+
+// acc: rows x cols fp32 sums (a row every 2 * LANES floats) + bias -> bf16 rows of out
+static void store_rows(const float *acc, int rows, int r0, int n0, int cols, const float *bias,
+                       int n, uint16_t *out) {
+    for (int r = 0; r < rows; ++r) {
+        const float *a = acc + r * 2 * LANES;
+        uint16_t *dst = out + (long)(r0 + r) * n + n0;
+        if (bias)
+            for (int c = 0; c < cols; ++c) dst[c] = bf16_store(a[c] + bias[n0 + c]);
+        else
+            for (int c = 0; c < cols; ++c) dst[c] = bf16_store(a[c]);
+    }
+}
+
+// x [m, k] bf16 (k a multiple of 32) -> out [m, n] bf16; bias fp32 or NULL. Only CPUs with
+// AMX-BF16 may call it (Python checks), after amx_ready(). Rows pass in chunks that stay
+// in L2; within a chunk, threads split the pairs of blocks, and each pair meets every row in
+// tiles of 32 (two of 16 rows; a tile past the last row is skipped).
+void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
+                     const float *bias, int n, uint16_t *out, int threads) {
+    const int blocks = (n + LANES - 1) / LANES, pairs = (blocks + 1) / 2;
+    const long block_words = (long)k * LANES, row_bytes = 2L * k;
+    const uint16_t *xs = x;
+    uint16_t *padded = NULL;
+    if (m % 16) {  // a tile load reads 16 rows: give the last one zero rows to read
+        const int mp = (m + 15) / 16 * 16;
+        padded = aligned_alloc(64, (size_t)mp * (size_t)row_bytes);
+        memcpy(padded, x, (size_t)m * (size_t)row_bytes);
+        memset(padded + (long)m * k, 0, (size_t)(mp - m) * (size_t)row_bytes);
+        xs = padded;
+    }
+    int chunk = (int)(CHUNK_BYTES / row_bytes) / 32 * 32;
+    if (chunk < 32) chunk = 32;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        amx_configure();
+        float acc[32 * 2 * LANES] __attribute__((aligned(64)));
+        for (int c0 = 0; c0 < m; c0 += chunk) {
+            const int c1 = m - c0 < chunk ? m : c0 + chunk;
+#pragma omp for schedule(static) nowait
+            for (int pair = 0; pair < pairs; ++pair) {
+                const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
+                const uint16_t *w0 = packed + b0 * block_words;
+                const uint16_t *w1 = nb == 2 ? w0 + block_words : w0;
+                const int n0 = b0 * LANES, cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+                for (int r0 = c0; r0 < c1; r0 += 32) {
+                    const uint16_t *a0 = xs + (long)r0 * k, *a1 = a0 + 16L * k;
+                    const int two = c1 - r0 > 16;  // the second row tile holds rows
+                    TILE_ZERO(0);
+                    TILE_ZERO(1);
+                    TILE_ZERO(2);
+                    TILE_ZERO(3);
+                    for (int kk = 0; kk < k; kk += K_STEP) {
+                        if (r0 == c0) {  // the first pass brings the weight in
+                            prefetch_tile_ahead(w0 + (long)kk * LANES);
+                            prefetch_tile_ahead(w1 + (long)kk * LANES);
+                        }
+                        TILE_LOADD(4, a0 + kk, row_bytes);
+                        TILE_LOADD(6, w0 + (long)kk * LANES, 64);
+                        TILE_LOADD(7, w1 + (long)kk * LANES, 64);
+                        TILE_DPBF16PS(0, 4, 6);
+                        TILE_DPBF16PS(1, 4, 7);
+                        if (two) {
+                            TILE_LOADD(5, a1 + kk, row_bytes);
+                            TILE_DPBF16PS(2, 5, 6);
+                            TILE_DPBF16PS(3, 5, 7);
+                        }
+                    }
+                    const long stride = 2 * LANES * 4;  // acc's row, in bytes
+                    TILE_STORED(0, acc, stride);
+                    TILE_STORED(1, acc + LANES, stride);
+                    TILE_STORED(2, acc + 16 * 2 * LANES, stride);
+                    TILE_STORED(3, acc + 16 * 2 * LANES + LANES, stride);
+                    const int rows = c1 - r0 < 32 ? c1 - r0 : 32;
+                    store_rows(acc, rows, r0, n0, cols, bias, n, out);
+                }
+            }
+        }
+        __asm__ volatile("tilerelease" ::);
+    }
+    free(padded);
+}
