@@ -67,10 +67,12 @@ AMX_ROUTES: dict[torch.dtype, Route] = {
 }
 AMX_BF16_ROUTE: Route = ((384, "w8a8"), (None, "dense"))
 # Float (bf16) activations on CPUs with AMX-BF16 (down_proj by default): the weight-only
-# kernel on AMX tiles from 5 rows (0.42x of the AVX-512 weight-only kernel's time at 16 rows,
-# 0.45x of dequantize + oneDNN's at 64), and oneDNN's GEMM over the dequantized weight
-# beyond 256 (docs/benchmarks.md, "int8 weight-only on AMX tiles").
-AMX_WO_ROUTE: Route = ((4, "wo"), (256, "wo_amx"), (None, "dense"))
+# kernel on AMX tiles from 2 rows (0.42x of the AVX-512 weight-only kernel's time at 16 rows,
+# 0.45x of dequantize + oneDNN's at 64; since it widens the weight as it streams, 0.81x of
+# the AVX-512 kernel's at 4 rows and even at 1-2), and oneDNN's GEMM over the dequantized
+# weight beyond 256 (docs/benchmarks.md, "int8 weight-only on AMX tiles", "AMX tiles at
+# decode sizes").
+AMX_WO_ROUTE: Route = ((1, "wo"), (256, "wo_amx"), (None, "dense"))
 W8A8_ENV = "DUET_INT8_W8A8"  # "1": int8 activations in every linear, "0": in none
 FLOAT_ACTIVATIONS = ("down_proj",)  # linears (by name) that keep them float by default
 

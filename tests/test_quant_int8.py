@@ -26,7 +26,12 @@ _VNNI = pytest.mark.skipif(not cpu_features.has_vnni(), reason="no AVX512_VNNI h
 # how far a token's logprob under int8 may sit from fp32's while greedy still agrees
 # (measured: docs/benchmarks.md "int8"), about half a nat
 LOGPROB_SLACK = 0.5
-SHAPES = [(1, 64, 16), (3, 37, 33), (4, 576, 960), (17, 130, 49), (70, 96, 80)]
+# (M, K, N); 32 and 33 rows: the last that the AMX weight-only kernel widens as it streams,
+# and the first that it widens a pair of blocks for up front
+SHAPES = [
+    (1, 64, 16), (3, 37, 33), (4, 576, 960), (17, 130, 49), (70, 96, 80), (32, 64, 48),
+    (33, 96, 40),
+]  # fmt: skip
 
 
 def _weights(n: int, k: int, seed: int) -> torch.Tensor:
@@ -218,7 +223,9 @@ def test_bf16_layers_take_amx_tiles_between_the_crossovers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(W8A8_ENV, raising=False)
-    _check_bf16_route({1: "wo", 4: "wo", 5: "wo_amx", 256: "wo_amx", 257: "dense"})
+    _check_bf16_route(
+        {1: "wo", 2: "wo_amx", 32: "wo_amx", 33: "wo_amx", 256: "wo_amx", 257: "dense"}
+    )
 
 
 def test_without_native_kernels_layers_route_through_torch(

@@ -27,10 +27,11 @@ static inline void amx_configure(void) {
 }
 
 // A B tile (1 KB) comes from memory at decode sizes, where the tiles' math is quick: the
-// hardware prefetcher does not run far enough ahead of tileloadd, so the kernels ask for the
-// tile four ahead of the one they load (past a block's end: the next block's, read next).
+// hardware prefetcher does not run far enough ahead of tileloadd, so the kernels ask for
+// the weight AMX_PREFETCH_BYTES (four tiles) ahead of what they load (past a block's end:
+// the next block's, read next).
 #define AMX_PREFETCH_BYTES 4096
-static inline void prefetch_tile_ahead(const void *tile) {
-    const char *ahead = (const char *)tile + AMX_PREFETCH_BYTES;
-    for (int line = 0; line < 16; ++line) __builtin_prefetch(ahead + 64 * line, 0, 3);
+static inline void prefetch_ahead(const void *at, int bytes) {
+    const char *ahead = (const char *)at + AMX_PREFETCH_BYTES;
+    for (int line = 0; line < bytes; line += 64) __builtin_prefetch(ahead + line, 0, 3);
 }

@@ -72,8 +72,8 @@ void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
                     TILE_ZERO(3);
                     for (int kk = 0; kk < k; kk += K_STEP) {
                         if (r0 == c0) {  // the first pass brings the weight in
-                            prefetch_tile_ahead(w0 + (long)kk * LANES);
-                            prefetch_tile_ahead(w1 + (long)kk * LANES);
+                            prefetch_ahead(w0 + (long)kk * LANES, 1024);
+                            prefetch_ahead(w1 + (long)kk * LANES, 1024);
                         }
                         TILE_LOADD(4, a0 + kk, row_bytes);
                         TILE_LOADD(6, w0 + (long)kk * LANES, 64);

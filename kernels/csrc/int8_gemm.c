@@ -317,8 +317,8 @@ void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
                 TILE_ZERO(3);
                 for (int kk = 0; kk < k; kk += 64) {
                     if (r0 == 0) {
-                        prefetch_tile_ahead(w0 + (long)kk * LANES);
-                        prefetch_tile_ahead(w1 + (long)kk * LANES);
+                        prefetch_ahead(w0 + (long)kk * LANES, 1024);
+                        prefetch_ahead(w1 + (long)kk * LANES, 1024);
                     }
                     TILE_LOADD(4, a0 + kk, k);
                     TILE_LOADD(6, w0 + (long)kk * LANES, 64);
@@ -404,18 +404,24 @@ void int8_wo_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *p
     uint16_t *xs = aligned_alloc(64, (size_t)mp * (size_t)row_bytes);
     memcpy(xs, x, (size_t)m * (size_t)row_bytes);
     memset(xs + (long)m * k, 0, (size_t)(mp - m) * (size_t)row_bytes);  // rows of zeros
+    // One pass of the rows per pair (m <= 32): each 32 of k is widened right before its
+    // tiles load, into two slots of 2 KB that stay in L1 (0.81x of the time at 1-16 rows).
+    // Else a pair's whole k is widened first, once for every pass of the rows.
+    const int stream = m <= 32;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         amx_configure();
-        // a pair of blocks' B tiles: k / 32 tiles of 1 KB per block
-        uint32_t *tiles = aligned_alloc(64, 2 * (size_t)block_bytes * 2);
+        uint32_t *tiles = aligned_alloc(64, stream ? 4096 : 2 * (size_t)block_bytes * 2);
         float acc[32 * NB_MAX * LANES] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int pair = 0; pair < (blocks + 1) / 2; ++pair) {
             const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
+            const int8_t *w0 = packed + b0 * block_bytes, *w1 = w0 + block_bytes;
             uint32_t *t0 = tiles, *t1 = nb == 2 ? tiles + block_bytes / 2 : tiles;
-            widen_block_bf16(packed + b0 * block_bytes, k4, t0);
-            if (nb == 2) widen_block_bf16(packed + (b0 + 1) * block_bytes, k4, t1);
+            if (!stream) {
+                widen_block_bf16(w0, k4, t0);
+                if (nb == 2) widen_block_bf16(w1, k4, t1);
+            }
             const int n0 = b0 * LANES, cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
             for (int r0 = 0; r0 < m; r0 += 32) {
                 const uint16_t *a0 = xs + (long)r0 * k, *a1 = a0 + 16L * k;
@@ -425,9 +431,23 @@ void int8_wo_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *p
                 TILE_ZERO(2);
                 TILE_ZERO(3);
                 for (int kk = 0; kk < k; kk += AMX_BF16_K) {
+                    // tile kk / 32 of each block: 256 words
+                    const uint32_t *bt0 = t0 + (long)kk * 8, *bt1 = t1 + (long)kk * 8;
+                    if (stream) {
+                        const int8_t *q0 = w0 + (long)kk * LANES, *q1 = w1 + (long)kk * LANES;
+                        uint32_t *slot = tiles + (kk / AMX_BF16_K % 2) * 512;
+                        prefetch_ahead(q0, AMX_BF16_K * LANES);
+                        widen_block_bf16(q0, AMX_BF16_K / 4, slot);
+                        if (nb == 2) {
+                            prefetch_ahead(q1, AMX_BF16_K * LANES);
+                            widen_block_bf16(q1, AMX_BF16_K / 4, slot + 256);
+                        }
+                        bt0 = slot;
+                        bt1 = nb == 2 ? slot + 256 : slot;
+                    }
                     TILE_LOADD(4, a0 + kk, row_bytes);
-                    TILE_LOADD(6, t0 + (long)kk * 8, 64);  // tile kk / 32: 256 words each
-                    TILE_LOADD(7, t1 + (long)kk * 8, 64);
+                    TILE_LOADD(6, bt0, 64);
+                    TILE_LOADD(7, bt1, 64);
                     TILE_DPBF16PS(0, 4, 6);
                     TILE_DPBF16PS(1, 4, 7);
                     if (two) {
