@@ -3,9 +3,10 @@
 Decode is where CPUs lose time to copies: the torch path gathers every sequence's K/V into
 a padded copy before SDPA; the C kernel reads the blocks in place. Prefill chunks go through
 a tiled C kernel that also reads the cache in place and does the causal half only (SDPA
-there ran at a seventh of the linears' FLOP rate), except bf16 prefill on CPUs with AMX,
-where torch's SDPA multiplies bf16 tiles and wins. On CPUs with AVX512_BF16 the bf16 twins
-multiply bf16 pairs with `vdpbf16ps`.
+there ran at a seventh of the linears' FLOP rate). On CPUs with AVX512_BF16 the bf16 twins
+multiply bf16 pairs with `vdpbf16ps`; on CPUs with AMX-BF16, bf16 prefill takes a kernel on
+AMX tiles (paged_prefill_amx.c), or torch's SDPA, which also multiplies bf16 tiles there,
+for head sizes that kernel does not take.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ write_kv = attention.write_kv
 MAX_HEAD_DIM = 256  # paged_decode.c's MAX_BODY
 PREFILL_MAX_GROUP = 48  # paged_prefill_impl.h's ROWS: query heads per KV head at most
 PREFILL_HEAD_DIM_STEP = 8  # its DB: head sizes a multiple of this
+AMX_PREFILL_HEAD_DIM_STEP = 32  # paged_prefill_amx.c's KSTEP
 
 
 def _kernel_suffix(
@@ -105,12 +107,14 @@ def _prefill(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor,
+    twin: str,
 ) -> None:
-    """The prefill kernel over sequences [num_decodes, num_seqs), into their rows of out."""
+    """The prefill kernel's `twin` over sequences [num_decodes, num_seqs), into their rows of
+    out."""
     _, num_heads, head_dim = q.shape
     tables, seq_lens = _int32(meta.block_tables), _int32(meta.seq_lens)
     starts = _int32(meta.query_start_loc)
-    getattr(lib, f"paged_prefill_{suffix}_{native.twin(q.dtype)}")(
+    getattr(lib, f"paged_prefill_{suffix}_{twin}")(
         q.data_ptr(),
         key_cache.data_ptr(),
         value_cache.data_ptr(),
@@ -130,12 +134,15 @@ def _prefill(
     )
 
 
-def _sdpa_prefill(dtype: torch.dtype) -> bool:
-    """True where prefill chunks go through torch's SDPA instead of the native kernel: bf16 on
-    CPUs with AMX, whose flash attention runs on AMX tiles there (0.68-0.75x of the best
-    native twin's time on an Intel Emerald Rapids; the native kernels take 0.29-0.46x of
-    SDPA's on Zen 4, and fp32 ones 0.46-0.62x on both; docs/benchmarks.md)."""
-    return dtype == torch.bfloat16 and cpu_features.has_amx_bf16()
+def _amx_prefill(query: torch.Tensor) -> str | None:
+    """How bf16 prefill chunks run on CPUs with AMX-BF16: "amx" (the tile kernel; 0.3x of
+    SDPA's time at 256 tokens, docs/benchmarks.md), "sdpa" (torch's flash attention, also on
+    AMX tiles there, for head sizes the kernel does not take), or None elsewhere."""
+    if query.dtype != torch.bfloat16 or not cpu_features.has_amx_bf16():
+        return None
+    head_dim = query.shape[-1]
+    fits = head_dim % AMX_PREFILL_HEAD_DIM_STEP == 0 and head_dim <= MAX_HEAD_DIM
+    return "amx" if fits and native.amx_permitted() else "sdpa"
 
 
 def paged_attention(
@@ -156,8 +163,8 @@ def paged_attention(
         num_heads // key_cache.shape[2] <= PREFILL_MAX_GROUP
         and head_dim % PREFILL_HEAD_DIM_STEP == 0
     )
-    sdpa_prefill = meta.num_seqs > meta.num_decodes and _sdpa_prefill(query.dtype)
-    if suffix is None or not prefill_fits or sdpa_prefill:
+    amx_prefill = _amx_prefill(query) if meta.num_seqs > meta.num_decodes else None
+    if suffix is None or (not prefill_fits and amx_prefill != "amx") or amx_prefill == "sdpa":
         return attention.paged_attention(
             query, key_cache, value_cache, meta, scale, decode=native_decode
         )
@@ -167,5 +174,6 @@ def paged_attention(
         decodes = meta.num_decodes
         _decode(lib, suffix, q[:decodes], key_cache, value_cache, meta, scale, out[:decodes])
     if meta.num_seqs > meta.num_decodes:
-        _prefill(lib, suffix, q, key_cache, value_cache, meta, scale, out)
+        twin = amx_prefill or native.twin(q.dtype)
+        _prefill(lib, suffix, q, key_cache, value_cache, meta, scale, out, twin)
     return out

@@ -38,7 +38,7 @@ _TWINS = [f"{t}_{i}" for t in DTYPE_SUFFIX.values() for i in ("avx512", "avx2")]
 DECODE_KERNELS = [f"paged_decode_{twin}" for twin in [*_TWINS, "bf16_avx512bf16"]]
 # paged_prefill_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, query_start, out,
 # first_seq, num_seqs, Hq, Hkv, D, block_size, max_blocks, scale, threads)
-PREFILL_KERNELS = [f"paged_prefill_{twin}" for twin in [*_TWINS, "bf16_avx512bf16"]]
+PREFILL_KERNELS = [f"paged_prefill_{twin}" for twin in [*_TWINS, "bf16_avx512bf16", "bf16_amx"]]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # the fused per-layer ops (fused_ops.c), {name}_{dtype}_{isa}: their argument types
 FUSED_KERNELS = {

@@ -30,19 +30,47 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     return request.param
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "avx512bf16",
-            marks=pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16"),
-        ),
-        pytest.param("avx512", marks=pytest.mark.skipif(not _HAS_AVX512, reason="no AVX-512 here")),
-        "avx2",
-    ]
-)
+_TWINS = [
+    pytest.param(
+        "avx512bf16",
+        marks=pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16"),
+    ),
+    pytest.param("avx512", marks=pytest.mark.skipif(not _HAS_AVX512, reason="no AVX-512 here")),
+    "avx2",
+]
+
+
+def _force_twin(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(cpu_features.ISA_ENV, name)
+    assert cpu_features.has_avx512_bf16() == (name == "avx512bf16")
+    assert not cpu_features.has_amx_bf16()
+    return name
+
+
+@pytest.fixture(params=_TWINS)
 def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each kernel twin this CPU can run, forced by DUET_CPU_ISA: bf16 in hardware
     (avx512bf16: an AVX512_BF16 CPU's choices, AMX masked), plain AVX-512 and AVX2."""
+    return _force_twin(request.param, monkeypatch)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "amx",
+            marks=pytest.mark.skipif(not cpu_features.has_amx_bf16(), reason="no AMX-BF16 here"),
+        ),
+        *_TWINS,
+    ]
+)
+def prefill_twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The twins of `twin`, and first this CPU's own choices where it has AMX-BF16 (amx:
+    bf16 prefill chunks on AMX tiles)."""
+    if request.param != "amx":
+        return _force_twin(request.param, monkeypatch)
+    monkeypatch.delenv(cpu_features.ISA_ENV, raising=False)
+    assert cpu_features.has_amx_bf16()
+    return request.param
     monkeypatch.setenv(cpu_features.ISA_ENV, request.param)
     assert cpu_features.has_avx512_bf16() == (request.param == "avx512bf16")
     assert not cpu_features.has_amx_bf16()

@@ -140,7 +140,7 @@ def _assert_close_to_float64(got: torch.Tensor, expected: torch.Tensor, twin: st
     if got.dtype == torch.float32:
         torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
     else:
-        atol = 2**-8 if twin == "avx512bf16" else 1e-5
+        atol = 2**-8 if twin in ("avx512bf16", "amx") else 1e-5
         torch.testing.assert_close(got.double(), expected, atol=atol, rtol=2**-8)
 
 
@@ -155,37 +155,38 @@ def test_native_prefill_matches_float64(
     num_kv_heads: int,
     block_size: int,
     dtype: torch.dtype,
-    twin: str,
+    prefill_twin: str,
 ) -> None:
     batch = make_batch([(cached, new)], 0, num_heads, num_kv_heads, head_dim=64,
                        block_size=block_size, dtype=dtype)  # fmt: skip
     got, expected = _native_attention(batch)
-    _assert_close_to_float64(got, expected, twin)
+    _assert_close_to_float64(got, expected, prefill_twin)
 
 
 @pytest.mark.parametrize("head_dim", [8, 32, 128, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_mixed_batch_at_every_head_size(
-    head_dim: int, dtype: torch.dtype, twin: str
+    head_dim: int, dtype: torch.dtype, prefill_twin: str
 ) -> None:
     # decodes first, then prefill chunks of several sequences in one call
     seqs = [(0, 1), (15, 1), (99, 1), (0, 17), (15, 7), (33, 67), (16, 1)]
     batch = make_batch(seqs, 3, 9, 3, head_dim=head_dim, dtype=dtype)
     got, expected = _native_attention(batch)
-    _assert_close_to_float64(got, expected, twin)
+    _assert_close_to_float64(got, expected, prefill_twin)
 
 
 @pytest.mark.skipif(not cpu_features.has_amx_bf16(), reason="no AMX here")
-def test_bf16_prefill_on_an_amx_cpu_is_torchs_sdpa_path() -> None:
-    # bit for bit the torch path's output (SDPA on AMX tiles for the prefill chunks, the
-    # native kernel for the decodes), which no native prefill twin reproduces
+def test_bf16_prefill_on_an_amx_cpu_takes_sdpa_where_the_tile_kernel_cannot() -> None:
+    # a head size off the tile kernel's 32-wide steps: bit for bit the torch path's output
+    # (SDPA on AMX tiles for the prefill chunks, the native kernel for the decodes), which
+    # no native prefill twin reproduces
     batch = make_batch(
-        [(0, 1), (15, 1), (0, 40), (33, 67)], 2, 9, 3, head_dim=64, dtype=torch.bfloat16
+        [(0, 1), (15, 1), (0, 40), (33, 67)], 2, 9, 3, head_dim=40, dtype=torch.bfloat16
     )
     got, expected = _native_attention(batch)
     _assert_close_to_float64(got, expected, "avx512bf16")
     sdpa = attention.paged_attention(
-        batch.query, batch.key_cache, batch.value_cache, batch.meta, 0.125,
+        batch.query, batch.key_cache, batch.value_cache, batch.meta, 40**-0.5,
         decode=cpu_attention.native_decode,
     )  # fmt: skip
     assert torch.equal(got, sdpa)
@@ -202,7 +203,7 @@ def test_native_path_falls_back_where_the_prefill_kernel_cannot_run(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_prefill_reads_only_its_keys(dtype: torch.dtype, twin: str) -> None:
+def test_native_prefill_reads_only_its_keys(dtype: torch.dtype, prefill_twin: str) -> None:
     batch = make_batch([(9, 40)], 0, 9, 3, head_dim=64, dtype=dtype)
     expected, _ = _native_attention(batch)
     used = set(batch.meta.block_tables.flatten().tolist())
