@@ -31,6 +31,17 @@ def _kernel() -> ctypes._CFuncPtr:
     return lib.bf16_linear_amx
 
 
+@functools.cache
+def _silu_kernel() -> ctypes._CFuncPtr:
+    lib = native.load()
+    # (x, m, k, packed, inter, out, threads)
+    native.declare(lib, "bf16_silu_mul_amx", [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int,
+    ])  # fmt: skip
+    return lib.bf16_silu_mul_amx
+
+
 def available() -> bool:
     """True when bf16 linears can run on AMX tiles here: AMX-BF16 (unless DUET_CPU_ISA says
     otherwise) and Linux's permission for this process to use tile data."""
@@ -60,5 +71,31 @@ def linear(
     _kernel()(
         x.data_ptr(), m, k, packed.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
         out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def gate_up_supported(intermediate: int, in_features: int) -> bool:
+    """True when an MLP's gate_up projection can take SiLU(gate) * up in the kernel."""
+    return intermediate % LANES == 0 and supports(in_features)
+
+
+def pack_gate_up(weight: torch.Tensor) -> torch.Tensor:
+    """gate_up [2 * I, K] (gate rows, then up rows) -> `pack`'s layout with gate and up blocks
+    alternating, so that a pair of blocks holds both halves of 16 outputs."""
+    two_i, k = weight.shape
+    halves = weight.detach().view(2, two_i // 2 // LANES, LANES, k)  # [gate/up, block, lane, k]
+    return pack(halves.transpose(0, 1).reshape(two_i, k))
+
+
+def silu_mul(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """x [M, K] bf16 -> SiLU(x @ gate.T) * (x @ up.T) [M, I] bf16, the weight packed by
+    `pack_gate_up`; the same bits as `linear` followed by `kernels.fused.silu_mul`."""
+    x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, intermediate, dtype=torch.bfloat16)
+    _silu_kernel()(
+        x.data_ptr(), m, k, packed.data_ptr(), intermediate, out.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -15,11 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from kernels import AttentionBackend, fused, get_attention_backend
+from kernels import AttentionBackend, bf16_gemm, fused, get_attention_backend
 from kernels.metadata import AttentionMetadata
 from models import switches
 from models.config import ModelConfig
-from models.packed import pack_linears, packed_linear, packing_available
+from models.packed import (
+    TileGateUpSiLU,
+    pack_linears,
+    packed_linear,
+    packing_available,
+    tiles_available,
+)
 
 
 class RMSNorm(nn.Module):
@@ -145,9 +151,27 @@ class MLP(nn.Module):
             nn.Linear, config.hidden_size, 2 * self.intermediate, bias=False
         )
         self.down_proj = skip_init(nn.Linear, self.intermediate, config.hidden_size, bias=False)
+        self.silu_in_gate_up = False  # True once gate_up_proj applies SiLU(gate) * up itself
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+        hidden = self.gate_up_proj(x)
+        return self.down_proj(hidden if self.silu_in_gate_up else fused.silu_mul(hidden))
+
+    def fuse_activation(self) -> bool:
+        """Give gate_up_proj the activation where the bf16 tile kernel can apply it (a plain
+        bias-free linear, AMX-BF16 tiles here); returns whether it did. Call before packing."""
+        linear = self.gate_up_proj
+        weight = linear.weight if isinstance(linear, nn.Linear) else None
+        if (
+            weight is None
+            or linear.bias is not None
+            or not tiles_available(weight.dtype)
+            or not bf16_gemm.gate_up_supported(self.intermediate, weight.shape[1])
+        ):
+            return False
+        self.gate_up_proj = TileGateUpSiLU(weight)
+        self.silu_in_gate_up = True
+        return True
 
 
 class DecoderLayer(nn.Module):
@@ -223,12 +247,17 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def pack_weights(self) -> int:
+    def pack_weights(self, fuse_activation: bool = True) -> int:
         """Pack every linear (and a tied LM head) for oneDNN or AMX tiles where that is faster
-        for the model's dtype; returns how many were packed. Call after load_weights."""
+        for the model's dtype; returns how many were packed. Call after load_weights.
+        `fuse_activation`: the MLPs' gate_up projections apply SiLU(gate) * up themselves
+        where the tile kernel can (not with LoRA, whose deltas join the projection's output)."""
         if not packing_available(self.embed_tokens.weight.dtype):
             return 0
-        count = pack_linears(self)
+        fused_mlps = (
+            sum(layer.mlp.fuse_activation() for layer in self.layers) if fuse_activation else 0
+        )
+        count = fused_mlps + pack_linears(self)
         if self.lm_head is None:
             self.lm_head = packed_linear(self.embed_tokens.weight, None)
             count += 1

@@ -44,6 +44,20 @@ class TileLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class TileGateUpSiLU(nn.Module):
+    """An MLP's gate_up projection and its activation in one kernel on AMX tiles:
+    x -> SiLU(x @ gate.T) * (x @ up.T), from the fused [2 * I, K] gate_up weight."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape[0] // 2, weight.shape[1]
+        self.packed = bf16_gemm.pack_gate_up(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = bf16_gemm.silu_mul(x.reshape(-1, self.in_features), self.packed, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 class PackedLinear(nn.Module):
     """`x @ weight.T + bias` through oneDNN with the weight already in its blocked layout."""
 

@@ -113,7 +113,7 @@ class ModelRunner:
             calibration = None if config.enable_lora else lambda: calibration_ids(source)
             quantize_model(self.model, self.dtype, calibration)
         self.model.to(self.dtype).eval()
-        packed = self.model.pack_weights()
+        packed = self.model.pack_weights(fuse_activation=not config.enable_lora)
         self.lora = (
             LoRAManager(self.model, self.model_config, self.dtype, max_loras=config.max_loras,
                         max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import bf16_gemm
-from models.packed import TileLinear
+from engine_core import LLM, SamplingParams
+from kernels import bf16_gemm, fused
+from models.packed import TileGateUpSiLU, TileLinear
 
 pytestmark = pytest.mark.skipif(not bf16_gemm.available(), reason="no AMX-BF16 tiles here")
 
@@ -56,3 +57,31 @@ def test_tile_linear_reshapes_leading_dimensions() -> None:
     x = torch.randn(2, 3, 64).bfloat16()
     flat = bf16_gemm.linear(x.view(6, 64), bf16_gemm.pack(w), None, 48)
     assert torch.equal(layer(x), flat.view(2, 3, 48))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 40, 300])
+def test_gate_up_with_silu_is_the_linear_then_silu_mul_bit_for_bit(rows: int) -> None:
+    # the activation in the epilogue rounds as the unfused path does: the projection's output
+    # to bf16, then the fused silu_mul kernel's arithmetic
+    inter, k = 48, 2048
+    gen = torch.Generator().manual_seed(rows)
+    w = (torch.randn(2 * inter, k, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    unfused = fused.silu_mul(bf16_gemm.linear(x, bf16_gemm.pack(w), None, 2 * inter))
+    got = bf16_gemm.silu_mul(x, bf16_gemm.pack_gate_up(w), inter)
+    assert torch.equal(got, unfused)
+
+
+def test_mlps_take_the_activation_into_gate_up_unless_told_not_to(tiny_checkpoint) -> None:
+    folder = tiny_checkpoint(num_heads=4, num_kv_heads=2)
+    fused_llm = LLM(str(folder), kv_cache_memory="64MiB", block_size=4, dtype="bfloat16")
+    mlp = fused_llm.runner.model.layers[0].mlp
+    assert isinstance(mlp.gate_up_proj, TileGateUpSiLU) and mlp.silu_in_gate_up
+    lora_llm = LLM(
+        str(folder), kv_cache_memory="64MiB", block_size=4, dtype="bfloat16", enable_lora=True
+    )
+    assert not lora_llm.runner.model.layers[0].mlp.silu_in_gate_up  # deltas join gate_up's output
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    prompts = [[5, 17, 300, 42], list(range(100, 140))]
+    got = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in lora_llm.generate(prompts, params)]

@@ -19,7 +19,7 @@ from engine_core import LLM, LoRARequest, SamplingParams
 from engine_core.messages.lora import LoRARef
 from models.lora import LoRALinear
 from models.lora_files import LoRAError
-from models.packed import PackedLinear, packing_available
+from models.packed import PackedLinear, TileLinear, packing_available
 
 PROMPTS = [[1, 5, 7, 9, 100, 200, 300, 400, 500, 600, 700, 800, 900], [1, 42, 43], [1, 3000]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -142,7 +142,7 @@ def test_bf16_packed_linears_carry_the_adapter(base_folder: Path, adapters: list
     bf16 = LLM(str(base_folder), dtype="bfloat16", enable_lora=True, max_loras=4,
                kv_cache_memory="64MiB")  # fmt: skip
     linear = bf16.runner.model.layers[0].self_attn.qkv_proj
-    assert isinstance(linear, LoRALinear) and isinstance(linear.base, PackedLinear)
+    assert isinstance(linear, LoRALinear) and isinstance(linear.base, (PackedLinear, TileLinear))
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=5)
     outs = bf16.generate(PROMPTS, params, lora_request=lora(adapters[0]))
     refs = hf_greedy(hf_merged(base_folder, adapters[0]), PROMPTS, 8, None)

@@ -1,19 +1,30 @@
 // bf16 linear on AMX-BF16 tiles: out [m, n] = x [m, k] @ W^T + bias, fp32 sums rounded once
 // to bf16, for CPUs with AMX-BF16.
 //
-// The weight is packed once at load (kernels/bf16_amx.py) into `tdpbf16ps`'s B-tile layout:
+// The weight is packed once at load (kernels/bf16_gemm.py) into `tdpbf16ps`'s B-tile layout:
 // blocks of 16 output channels, and in each block k in pairs,
 //   packed[nb][k / 2][lane][k % 2] = w[nb * 16 + lane][k]   (zero-padded to whole blocks)
 // so the tile for k0 .. k0 + 32 of a block is 1 KB of contiguous memory. At decode sizes a
 // linear reads its weight from memory once and does little math per byte, so what counts is
 // how close the reads come to the memory's speed: the tiles are asked for ahead of their
 // loads (amx_tiles.h), and a decode step's linears take 0.54-0.60x of oneDNN's time.
+//
+// bf16_silu_mul_amx is the MLP's gate_up projection with SiLU(gate) * up in its epilogue:
+// its weight's blocks alternate gate and up channels, so a pair of blocks holds both halves
+// of 16 outputs, and the activation is applied to the sums in registers, with the roundings
+// of the unfused path (the projection's output to bf16, then fused_ops_avx512bf16.c's
+// silu_mul): the same bits, without writing and reading back the 2 x intermediate values.
+// Every CPU with AMX-BF16 has AVX512_BF16 (its rounding instruction) too.
+#pragma GCC optimize("fp-contract=off")  // silu_mul's roundings, as fused_ops_avx512bf16.c
+#pragma GCC target("arch=x86-64-v4,avx512bf16")
+#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "amx_tiles.h"
 #include "bf16.h"
+#include "exp16_avx512.h"
 
 #define LANES 16       // output channels per packed block
 #define K_STEP 32      // k per tile
@@ -32,13 +43,30 @@ static void store_rows(const float *acc, int rows, int r0, int n0, int cols, con
     }
 }
 
-// x [m, k] bf16 (k a multiple of 32) -> out [m, n] bf16; bias fp32 or NULL. Only CPUs with
-// AMX-BF16 may call it (Python checks), after amx_ready(). Rows pass in chunks that stay
-// in L2; within a chunk, threads split the pairs of blocks, and each pair meets every row in
-// tiles of 32 (two of 16 rows; a tile past the last row is skipped).
-void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
-                     const float *bias, int n, uint16_t *out, int threads) {
-    const int blocks = (n + LANES - 1) / LANES, pairs = (blocks + 1) / 2;
+static inline __m512 round_bf16(__m512 v) {  // to the nearest bf16, as fp32
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// acc: rows of 16 gate sums then 16 up sums -> SiLU(gate) * up, bf16, in columns n0 .. n0 + 16
+static void store_silu_rows(const float *acc, int rows, int r0, int n0, int n, uint16_t *out) {
+    for (int r = 0; r < rows; ++r) {
+        const __m512 g = round_bf16(_mm512_load_ps(acc + r * 2 * LANES));
+        const __m512 u = round_bf16(_mm512_load_ps(acc + r * 2 * LANES + LANES));
+        const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+        const __m512 silu = round_bf16(_mm512_div_ps(g, den));
+        _mm256_storeu_si256((__m256i *)(out + (long)(r0 + r) * n + n0),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, u)));
+    }
+}
+
+// x [m, k] bf16 (k a multiple of 32) against `blocks` packed blocks -> out [m, n] bf16: the
+// linear (bias fp32 or NULL), or with `silu` SiLU(gate) * up of block pairs (gate, up). Rows
+// pass in chunks that stay in L2; within a chunk, threads split the pairs of blocks, and each
+// pair meets every row in tiles of 32 (two of 16 rows; a tile past the last row is skipped).
+static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, int blocks,
+                      const float *bias, int silu, int n, uint16_t *out, int threads) {
+    const int pairs = (blocks + 1) / 2;
     const long block_words = (long)k * LANES, row_bytes = 2L * k;
     const uint16_t *xs = x;
     uint16_t *padded = NULL;
@@ -62,7 +90,8 @@ void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
                 const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
                 const uint16_t *w0 = packed + b0 * block_words;
                 const uint16_t *w1 = nb == 2 ? w0 + block_words : w0;
-                const int n0 = b0 * LANES, cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+                const int n0 = (silu ? pair : b0) * LANES;
+                const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
                 for (int r0 = c0; r0 < c1; r0 += 32) {
                     const uint16_t *a0 = xs + (long)r0 * k, *a1 = a0 + 16L * k;
                     const int two = c1 - r0 > 16;  // the second row tile holds rows
@@ -92,11 +121,28 @@ void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
                     TILE_STORED(2, acc + 16 * 2 * LANES, stride);
                     TILE_STORED(3, acc + 16 * 2 * LANES + LANES, stride);
                     const int rows = c1 - r0 < 32 ? c1 - r0 : 32;
-                    store_rows(acc, rows, r0, n0, cols, bias, n, out);
+                    if (silu)
+                        store_silu_rows(acc, rows, r0, n0, n, out);
+                    else
+                        store_rows(acc, rows, r0, n0, cols, bias, n, out);
                 }
             }
         }
         __asm__ volatile("tilerelease" ::);
     }
     free(padded);
+}
+
+// x [m, k] bf16 (k a multiple of 32) -> out [m, n] bf16 = x @ W^T + bias (fp32 or NULL). Only
+// CPUs with AMX-BF16 may call it (Python checks), after amx_ready().
+void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
+                     const float *bias, int n, uint16_t *out, int threads) {
+    tile_gemm(x, m, k, packed, (n + LANES - 1) / LANES, bias, 0, n, out, threads);
+}
+
+// x [m, k] -> out [m, inter] = SiLU(x @ gate^T) * (x @ up^T), the weight packed with gate and
+// up blocks alternating (inter a multiple of 16); as bf16_linear_amx otherwise.
+void bf16_silu_mul_amx(const uint16_t *x, int m, int k, const uint16_t *packed, int inter,
+                       uint16_t *out, int threads) {
+    tile_gemm(x, m, k, packed, 2 * (inter / LANES), NULL, 1, inter, out, threads);
 }
