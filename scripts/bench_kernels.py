@@ -5,7 +5,8 @@ Decode: B sequences with random context lengths in [--min-ctx, --max-ctx]. With
 --prefill N: B prompts of N new tokens each, nothing cached (the torch path is SDPA per
 sequence). SmolLM2's head shape (Hq=9, Hkv=3, D=64), block size 16, shuffled block ids,
 fp32 or bf16 (--dtype). The native kernels run as every twin this CPU can execute
-(AVX-512, AVX2 via DUET_CPU_ISA, and for bf16 AVX512_BF16). Prints best-of-N ms.
+(AVX-512, AVX2 via DUET_CPU_ISA, and for bf16 AVX512_BF16, and for bf16 prefill on CPUs with
+AMX-BF16 the AMX tile kernel). Prints best-of-N ms.
 With --layers L, a model step's worth instead: L layers' caches, each call after reading
 ~4.5 MB (a layer of SmolLM2's bf16 weights) as a step would, so the KV comes from memory
 rather than from a cache the previous repeat warmed; the time is the L calls' sum.
@@ -129,6 +130,8 @@ def main() -> None:
     print(f"{what}, best of {args.repeats}")
     print("| path | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |")
     paths: list[tuple[str, Callable, str | None]] = [("torch", ref, None)]
+    if args.prefill and dtype == torch.bfloat16 and cpu_features.has_amx_bf16():
+        paths.append(("native AMX tiles", ours, None))
     if dtype == torch.bfloat16 and cpu_features.has_avx512_bf16():
         paths.append(("native AVX512_BF16", ours, "avx512bf16"))
         paths.append(("native AVX-512", ours, "avx512"))
