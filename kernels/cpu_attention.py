@@ -135,8 +135,8 @@ def _prefill(
 
 
 def _amx_prefill(query: torch.Tensor) -> str | None:
-    """How bf16 prefill chunks run on CPUs with AMX-BF16: "amx" (the tile kernel; 0.3x of
-    SDPA's time at 256 tokens, docs/benchmarks.md), "sdpa" (torch's flash attention, also on
+    """How bf16 prefill chunks run on CPUs with AMX-BF16: "amx" (the tile kernel; 0.5-0.7x
+    of SDPA's time, docs/benchmarks.md), "sdpa" (torch's flash attention, also on
     AMX tiles there, for head sizes the kernel does not take), or None elsewhere."""
     if query.dtype != torch.bfloat16 or not cpu_features.has_amx_bf16():
         return None
