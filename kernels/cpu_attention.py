@@ -140,8 +140,7 @@ def _amx_prefill(query: torch.Tensor) -> str | None:
     AMX tiles there, for head sizes the kernel does not take), or None elsewhere."""
     if query.dtype != torch.bfloat16 or not cpu_features.has_amx_bf16():
         return None
-    head_dim = query.shape[-1]
-    fits = head_dim % AMX_PREFILL_HEAD_DIM_STEP == 0 and head_dim <= MAX_HEAD_DIM
+    fits = query.shape[-1] % AMX_PREFILL_HEAD_DIM_STEP == 0
     return "amx" if fits and native.amx_permitted() else "sdpa"
 
 

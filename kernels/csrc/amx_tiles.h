@@ -15,8 +15,8 @@
 #define TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
 #define TILE_DPBF16PS(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
 
-// Eight 16-row tiles of 64 bytes: C in tmm0-3 (2 row tiles x 2 channel blocks), A in tmm4-5,
-// B in tmm6-7
+// Eight 16-row tiles of 64 bytes, palette 1's most; each kernel gives them their roles (the
+// GEMMs: C in tmm0-3, 2 row tiles x 2 channel blocks, A in tmm4-5, B in tmm6-7)
 static inline void amx_configure(void) {
     unsigned char config[64] = {1};  // palette 1
     for (int t = 0; t < 8; ++t) {

@@ -53,7 +53,8 @@ static void store_silu_rows(const float *acc, int rows, int r0, int n0, int n, u
     for (int r = 0; r < rows; ++r) {
         const __m512 g = round_bf16(_mm512_load_ps(acc + r * 2 * LANES));
         const __m512 u = round_bf16(_mm512_load_ps(acc + r * 2 * LANES + LANES));
-        const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
         const __m512 silu = round_bf16(_mm512_div_ps(g, den));
         _mm256_storeu_si256((__m256i *)(out + (long)(r0 + r) * n + n0),
                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, u)));

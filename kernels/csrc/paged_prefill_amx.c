@@ -12,7 +12,7 @@
 //   probabilities before their rounding. The scores of a task are kept whole (no online
 //   rescaling): 16 rows x the sequence's length.
 // Only CPUs with AMX-BF16 may call it (Python checks), after amx_ready(); head_dim must be a
-// multiple of 32 and at most MAX_D.
+// multiple of 32.
 #pragma GCC target("arch=x86-64-v4,avx512bf16")  // every CPU with AMX-BF16 has both
 #include <immintrin.h>
 #include <math.h>
@@ -26,7 +26,6 @@
 
 #define TR 16        // tokens (rows) per task
 #define KSTEP 32     // keys (or dimensions) per tile step of the sums
-#define MAX_D 256    // head sizes up to this (kernels/cpu_attention.py: MAX_HEAD_DIM)
 #define DCHUNK 64    // output dimensions per pass over the keys: four C tiles of 16
 
 static inline uint32_t pair(uint16_t lo, uint16_t hi) { return (uint32_t)lo | (uint32_t)hi << 16; }
@@ -49,7 +48,8 @@ static void repack_head(const uint16_t *k_cache, const uint16_t *v_cache, const 
     }
     for (int j = 0; j < len; j += 2) {
         const uint16_t *v0 = cache_row(v_cache, table, j, block_size, h, hkv, d);
-        const uint16_t *v1 = j + 1 < len ? cache_row(v_cache, table, j + 1, block_size, h, hkv, d) : NULL;
+        const uint16_t *v1 =
+            j + 1 < len ? cache_row(v_cache, table, j + 1, block_size, h, hkv, d) : NULL;
         uint32_t *dst = vp + (long)(j / 2) * d;
         for (int c = 0; c < d; ++c) dst[c] = pair(v0[c], v1 ? v1[c] : 0);
     }
@@ -83,7 +83,8 @@ static void task(const uint16_t *q, long q_stride, int rows, int pos0, int t0, c
                  const uint32_t *vp, int lp, int d, float scale, uint16_t *out, long out_stride,
                  uint16_t *qbuf, float *s, uint16_t *p, float *o) {
     memset(qbuf, 0, sizeof(uint16_t) * TR * (size_t)d);  // rows past the chunk's end: zero
-    for (int r = 0; r < rows; ++r) memcpy(qbuf + r * d, q + (long)(t0 + r) * q_stride, 2 * (size_t)d);
+    for (int r = 0; r < rows; ++r)
+        memcpy(qbuf + r * d, q + (long)(t0 + r) * q_stride, 2 * (size_t)d);
     const int last_key = pos0 + t0 + rows - 1;
     const int kend = (last_key + KSTEP) / KSTEP * KSTEP;  // keys the tiles pass over
     // S in steps of 32 keys, two C tiles apart so that their sums overlap
