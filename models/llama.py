@@ -158,13 +158,13 @@ class MLP(nn.Module):
         return self.down_proj(hidden if self.silu_in_gate_up else fused.silu_mul(hidden))
 
     def fuse_activation(self) -> bool:
-        """Give gate_up_proj the activation where the bf16 tile kernel can apply it (a plain
-        bias-free linear, AMX-BF16 tiles here); returns whether it did. Call before packing."""
+        """Give gate_up_proj (built without a bias) the activation where the bf16 tile kernel
+        can apply it (still a plain linear, AMX-BF16 tiles here); returns whether it did.
+        Call before packing."""
         linear = self.gate_up_proj
         weight = linear.weight if isinstance(linear, nn.Linear) else None
         if (
             weight is None
-            or linear.bias is not None
             or not tiles_available(weight.dtype)
             or not bf16_gemm.gate_up_supported(self.intermediate, weight.shape[1])
         ):

@@ -27,7 +27,22 @@ PACKED_DTYPES = (torch.bfloat16, torch.float32)
 DISABLE_ENV = "DUET_DISABLE_PACKED_LINEARS"  # "1": every linear on F.linear (A/B, bit-equality)
 
 
-class TileLinear(nn.Module):
+class _TileModule(nn.Module):
+    """A module over the AMX tile kernels (kernels/bf16_gemm.py): `_rows` takes x as rows
+    [M, in_features]; `forward` any leading dimensions."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._rows(x.reshape(-1, self.in_features))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TileLinear(_TileModule):
     """`x @ weight.T + bias` for bf16 on AMX-BF16 tiles, the weight packed once into the
     kernel's tile layout (kernels/bf16_gemm.py)."""
 
@@ -37,25 +52,21 @@ class TileLinear(nn.Module):
         self.packed = bf16_gemm.pack(weight)
         self.bias = None if bias is None else bias.detach().float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = bf16_gemm.linear(
-            x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features
-        )
-        return y.view(*x.shape[:-1], self.out_features)
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return bf16_gemm.linear(x, self.packed, self.bias, self.out_features)
 
 
-class TileGateUpSiLU(nn.Module):
+class TileGateUpSiLU(_TileModule):
     """An MLP's gate_up projection and its activation in one kernel on AMX tiles:
-    x -> SiLU(x @ gate.T) * (x @ up.T), from the fused [2 * I, K] gate_up weight."""
+    x -> SiLU(x @ gate.T) * (x @ up.T), from the fused [2 * I, K] gate_up weight (no bias)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape[0] // 2, weight.shape[1]
         self.packed = bf16_gemm.pack_gate_up(weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = bf16_gemm.silu_mul(x.reshape(-1, self.in_features), self.packed, self.out_features)
-        return y.view(*x.shape[:-1], self.out_features)
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return bf16_gemm.silu_mul(x, self.packed, self.out_features)
 
 
 class PackedLinear(nn.Module):

@@ -26,6 +26,41 @@ static inline void amx_configure(void) {
     __asm__ volatile("ldtilecfg %0" ::"m"(*(const unsigned char(*)[64])config));
 }
 
+// The GEMM kernels' step over k: C, a 32-row x 2-block tile in tmm0-3, gains A (its row
+// tiles in tmm4, tmm5; lda bytes a row) times B (its blocks in tmm6, tmm7: 64-byte rows);
+// the second row tile only when it holds rows. DP: TILE_DPBUSD or TILE_DPBF16PS.
+#define AMX_GEMM_STEP(DP, a0, a1, lda, b0, b1, two) \
+    do {                                            \
+        TILE_LOADD(4, a0, lda);                     \
+        TILE_LOADD(6, b0, 64);                      \
+        TILE_LOADD(7, b1, 64);                      \
+        DP(0, 4, 6);                                \
+        DP(1, 4, 7);                                \
+        if (two) {                                  \
+            TILE_LOADD(5, a1, lda);                 \
+            DP(2, 5, 6);                            \
+            DP(3, 5, 7);                            \
+        }                                           \
+    } while (0)
+
+// tmm0-3, where the kernels keep their sums (C), to zero
+static inline void amx_zero_c(void) {
+    TILE_ZERO(0);
+    TILE_ZERO(1);
+    TILE_ZERO(2);
+    TILE_ZERO(3);
+}
+
+// The C tiles of AMX_GEMM_STEP into acc (4-byte sums), rows `row_bytes` apart: the first
+// block's 16 columns, then the second's; the second row tile 16 rows down
+static inline void amx_store_c(void *acc, long row_bytes) {
+    char *at = acc;
+    TILE_STORED(0, at, row_bytes);
+    TILE_STORED(1, at + 64, row_bytes);
+    TILE_STORED(2, at + 16 * row_bytes, row_bytes);
+    TILE_STORED(3, at + 16 * row_bytes + 64, row_bytes);
+}
+
 // A B tile (1 KB) comes from memory at decode sizes, where the tiles' math is quick: the
 // hardware prefetcher does not run far enough ahead of tileloadd, so the kernels ask for
 // the weight AMX_PREFETCH_BYTES (four tiles) ahead of what they load (past a block's end:

@@ -96,31 +96,16 @@ static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, i
                 for (int r0 = c0; r0 < c1; r0 += 32) {
                     const uint16_t *a0 = xs + (long)r0 * k, *a1 = a0 + 16L * k;
                     const int two = c1 - r0 > 16;  // the second row tile holds rows
-                    TILE_ZERO(0);
-                    TILE_ZERO(1);
-                    TILE_ZERO(2);
-                    TILE_ZERO(3);
+                    amx_zero_c();
                     for (int kk = 0; kk < k; kk += K_STEP) {
                         if (r0 == c0) {  // the first pass brings the weight in
                             prefetch_ahead(w0 + (long)kk * LANES, 1024);
                             prefetch_ahead(w1 + (long)kk * LANES, 1024);
                         }
-                        TILE_LOADD(4, a0 + kk, row_bytes);
-                        TILE_LOADD(6, w0 + (long)kk * LANES, 64);
-                        TILE_LOADD(7, w1 + (long)kk * LANES, 64);
-                        TILE_DPBF16PS(0, 4, 6);
-                        TILE_DPBF16PS(1, 4, 7);
-                        if (two) {
-                            TILE_LOADD(5, a1 + kk, row_bytes);
-                            TILE_DPBF16PS(2, 5, 6);
-                            TILE_DPBF16PS(3, 5, 7);
-                        }
+                        AMX_GEMM_STEP(TILE_DPBF16PS, a0 + kk, a1 + kk, row_bytes,
+                                      w0 + (long)kk * LANES, w1 + (long)kk * LANES, two);
                     }
-                    const long stride = 2 * LANES * 4;  // acc's row, in bytes
-                    TILE_STORED(0, acc, stride);
-                    TILE_STORED(1, acc + LANES, stride);
-                    TILE_STORED(2, acc + 16 * 2 * LANES, stride);
-                    TILE_STORED(3, acc + 16 * 2 * LANES + LANES, stride);
+                    amx_store_c(acc, 2 * LANES * 4);  // acc's row: 2 blocks of fp32 sums
                     const int rows = c1 - r0 < 32 ? c1 - r0 : 32;
                     if (silu)
                         store_silu_rows(acc, rows, r0, n0, n, out);

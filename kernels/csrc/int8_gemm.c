@@ -311,31 +311,16 @@ void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
             for (int r0 = 0; r0 < m; r0 += 32) {
                 const int8_t *a0 = q + (long)r0 * k, *a1 = a0 + 16L * k;
                 const int two = m - r0 > 16;  // the second row tile holds rows
-                TILE_ZERO(0);
-                TILE_ZERO(1);
-                TILE_ZERO(2);
-                TILE_ZERO(3);
+                amx_zero_c();
                 for (int kk = 0; kk < k; kk += 64) {
                     if (r0 == 0) {
                         prefetch_ahead(w0 + (long)kk * LANES, 1024);
                         prefetch_ahead(w1 + (long)kk * LANES, 1024);
                     }
-                    TILE_LOADD(4, a0 + kk, k);
-                    TILE_LOADD(6, w0 + (long)kk * LANES, 64);
-                    TILE_LOADD(7, w1 + (long)kk * LANES, 64);
-                    TILE_DPBUSD(0, 4, 6);
-                    TILE_DPBUSD(1, 4, 7);
-                    if (two) {
-                        TILE_LOADD(5, a1 + kk, k);
-                        TILE_DPBUSD(2, 5, 6);
-                        TILE_DPBUSD(3, 5, 7);
-                    }
+                    AMX_GEMM_STEP(TILE_DPBUSD, a0 + kk, a1 + kk, k, w0 + (long)kk * LANES,
+                                  w1 + (long)kk * LANES, two);
                 }
-                const long row_bytes = NB_MAX * LANES * 4;  // the epilogue's row stride
-                TILE_STORED(0, acc, row_bytes);
-                TILE_STORED(1, acc + LANES, row_bytes);
-                TILE_STORED(2, acc + 16 * NB_MAX * LANES, row_bytes);
-                TILE_STORED(3, acc + 16 * NB_MAX * LANES + LANES, row_bytes);
+                amx_store_c(acc, NB_MAX * LANES * 4);  // the epilogue's row stride
                 for (int half = 0; half < 2 && r0 + 16 * half < m; ++half) {
                     const int row = r0 + 16 * half, rows = m - row < 16 ? m - row : 16;
                     void *dst = out_bf16 ? (void *)((uint16_t *)out + (long)row * n)
@@ -426,10 +411,7 @@ void int8_wo_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *p
             for (int r0 = 0; r0 < m; r0 += 32) {
                 const uint16_t *a0 = xs + (long)r0 * k, *a1 = a0 + 16L * k;
                 const int two = m - r0 > 16;  // the second row tile holds rows
-                TILE_ZERO(0);
-                TILE_ZERO(1);
-                TILE_ZERO(2);
-                TILE_ZERO(3);
+                amx_zero_c();
                 for (int kk = 0; kk < k; kk += AMX_BF16_K) {
                     // tile kk / 32 of each block: 256 words
                     const uint32_t *bt0 = t0 + (long)kk * 8, *bt1 = t1 + (long)kk * 8;
@@ -445,22 +427,10 @@ void int8_wo_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *p
                         bt0 = slot;
                         bt1 = nb == 2 ? slot + 256 : slot;
                     }
-                    TILE_LOADD(4, a0 + kk, row_bytes);
-                    TILE_LOADD(6, bt0, 64);
-                    TILE_LOADD(7, bt1, 64);
-                    TILE_DPBF16PS(0, 4, 6);
-                    TILE_DPBF16PS(1, 4, 7);
-                    if (two) {
-                        TILE_LOADD(5, a1 + kk, row_bytes);
-                        TILE_DPBF16PS(2, 5, 6);
-                        TILE_DPBF16PS(3, 5, 7);
-                    }
+                    AMX_GEMM_STEP(TILE_DPBF16PS, a0 + kk, a1 + kk, row_bytes, bt0, bt1, two);
                 }
                 const int stride = NB_MAX * LANES;  // acc's row stride, in floats
-                TILE_STORED(0, acc, stride * 4);
-                TILE_STORED(1, acc + LANES, stride * 4);
-                TILE_STORED(2, acc + 16 * stride, stride * 4);
-                TILE_STORED(3, acc + 16 * stride + LANES, stride * 4);
+                amx_store_c(acc, stride * 4);
                 const int rows = m - r0 < 32 ? m - r0 : 32;
                 store_scaled(acc, stride, rows, r0, n0, cols, w_scale, bias, n, out, out_bf16);
             }

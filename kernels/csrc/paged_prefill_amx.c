@@ -111,10 +111,7 @@ static void task(const uint16_t *q, long q_stride, int rows, int pos0, int t0, c
     }
     for (int d0 = 0; d0 < d; d0 += DCHUNK) {
         const int blocks = (d - d0 < DCHUNK ? d - d0 : DCHUNK) / 16;
-        TILE_ZERO(0);
-        TILE_ZERO(1);
-        TILE_ZERO(2);
-        TILE_ZERO(3);
+        amx_zero_c();
         for (int jc = 0; jc < kend; jc += KSTEP) {
             const uint32_t *v = vp + (long)(jc / 2) * d + d0;
             TILE_LOADD(4, p + jc, 2L * lp);
