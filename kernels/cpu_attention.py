@@ -48,10 +48,12 @@ def native_decode(
     value_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, D] -> [B, Hq, D] with the C kernel (fp32 or bf16, AVX-512 or AVX2 per
-    `cpu_features.isa()`), or the torch path where it can't run."""
-    lib = native.load()
+    `cpu_features.isa()`), or the torch path where it can't run. `lib`: another build of the
+    kernel library (a benchmark's baseline) instead of this one's."""
+    lib = lib or native.load()
     suffix = _kernel_suffix(lib, query, key_cache, value_cache)
     if suffix is None:
         return attention.decode_attention(query, key_cache, value_cache, meta, scale)

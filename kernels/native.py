@@ -34,12 +34,15 @@ _HEADERS = sorted(_CSRC.glob("*.h"))
 # the dtypes the kernels take, as their names spell them: {base}_{dtype}_{isa}
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _TWINS = [f"{t}_{i}" for t in DTYPE_SUFFIX.values() for i in ("avx512", "avx2")]
-# paged_decode_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, out, 6 ints, scale, threads)
+# paged_decode_{dtype}_{isa}, whose arguments are DECODE_ARGTYPES
 DECODE_KERNELS = [f"paged_decode_{twin}" for twin in [*_TWINS, "bf16_avx512bf16"]]
 # paged_prefill_{dtype}_{isa}: (q, k_cache, v_cache, tables, seq_lens, query_start, out,
 # first_seq, num_seqs, Hq, Hkv, D, block_size, max_blocks, scale, threads)
 PREFILL_KERNELS = [f"paged_prefill_{twin}" for twin in [*_TWINS, "bf16_avx512bf16", "bf16_amx"]]
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# (q, k_cache, v_cache, block_tables, seq_lens, out, B, Hq, Hkv, D, block_size, max_blocks,
+# scale, threads)
+DECODE_ARGTYPES = [_P] * 6 + [_I] * 6 + [_F, _I]
 # the fused per-layer ops (fused_ops.c), {name}_{dtype}_{isa}: their argument types
 FUSED_KERNELS = {
     # (x, residual or NULL, weight, out, rows, hidden, eps, threads)
@@ -76,6 +79,12 @@ def _build_key() -> str:
     return digest.hexdigest()[:16]
 
 
+def library_path() -> Path:
+    """Where this build of the kernels lives (or will, once compiled): one file per source
+    tree, flags and CPU, so a benchmark can keep an earlier build as its baseline."""
+    return cache_dir() / "kernels" / f"duet_kernels_{_build_key()}.so"
+
+
 def _compile(target: Path) -> None:
     torch_lib = Path(torch.__file__).parent / "lib"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +111,7 @@ def load() -> ctypes.CDLL | None:
     if "avx2" not in cpu_flags():  # the kernels' oldest twin is AVX2
         logger.info("no AVX2 on this CPU: using the torch attention path")
         return None
-    target = cache_dir() / "kernels" / f"duet_kernels_{_build_key()}.so"
+    target = library_path()
     try:
         if not target.exists():
             if shutil.which(os.environ.get("CC", "cc")) is None:
@@ -118,7 +127,7 @@ def load() -> ctypes.CDLL | None:
         )
         return None
     for name in DECODE_KERNELS:
-        declare(lib, name, [_P] * 6 + [_I] * 6 + [_F, _I])
+        declare(lib, name, DECODE_ARGTYPES)
     for name in PREFILL_KERNELS:
         declare(lib, name, [_P] * 7 + [_I] * 7 + [_F, _I])
     for base, argtypes in FUSED_KERNELS.items():

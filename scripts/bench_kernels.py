@@ -10,16 +10,24 @@ AMX-BF16 the AMX tile kernel). Prints best-of-N ms.
 With --layers L, a model step's worth instead: L layers' caches, each call after reading
 ~4.5 MB (a layer of SmolLM2's bf16 weights) as a step would, so the KV comes from memory
 rather than from a cache the previous repeat warmed; the time is the L calls' sum.
+With --against-library PATH (decode), this build's kernel against another build of the
+library (e.g. ~/.cache/duet/kernels/duet_kernels_*.so of an earlier commit), the two in
+turn for --repeats rounds in one process: medians and the median ratio, which the host's
+slow and fast phases move far less than they move absolute times.
 
     .venv/bin/python scripts/bench_kernels.py --dtype bfloat16
     .venv/bin/python scripts/bench_kernels.py --dtype bfloat16 --batch 1 --prefill 256
     .venv/bin/python scripts/bench_kernels.py --dtype bfloat16 --batch 16 --layers 30
+    .venv/bin/python scripts/bench_kernels.py --dtype bfloat16 --batch 64 --layers 30 \
+        --threads 2 --against-library old.so
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from kernels import attention, cpu_attention
+from kernels import attention, cpu_attention, native
 from kernels.metadata import AttentionMetadata
 from models import cpu_features
 
@@ -97,6 +105,26 @@ def step_ms(fn, layer_args: list[tuple], repeats: int) -> float:
     return best * 1000
 
 
+def against_library(path: str, calls: list[tuple], layers: int, repeats: int) -> None:
+    """This build's decode kernel and the one in the library at `path`, in turn."""
+    other = ctypes.CDLL(path)
+    for name in native.DECODE_KERNELS:
+        native.declare(other, name, native.DECODE_ARGTYPES)
+    builds: dict[str, Callable] = {
+        "this build": cpu_attention.native_decode,
+        "other": lambda *call: cpu_attention.native_decode(*call, lib=other),
+    }
+    times: dict[str, list[float]] = {name: [] for name in builds}
+    for round_ in range(repeats):
+        for name in list(builds)[:: 1 if round_ % 2 == 0 else -1]:
+            fn = builds[name]
+            times[name].append(step_ms(fn, calls, 1) if layers else best_ms(fn, calls[0], 1))
+    ratios = [ours / theirs for ours, theirs in zip(*times.values(), strict=True)]
+    medians = " | ".join(f"{statistics.median(t):.2f} ms" for t in times.values())
+    print("| this build | other | this / other (median, range) |")
+    print(f"| {medians} | {statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=64)
@@ -107,7 +135,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--prefill", type=int, default=0, help="new tokens per prompt")
     parser.add_argument("--layers", type=int, default=0, help="a step over this many layers")
+    parser.add_argument("--against-library", help="another build of the kernels (decode)")
     args = parser.parse_args()
+    if args.against_library and args.prefill:
+        parser.error("--against-library times the decode kernel: drop --prefill")
     dtype = getattr(torch, args.dtype)
     if args.prefill:
         lengths = [args.prefill] * args.batch
@@ -127,6 +158,11 @@ def main() -> None:
         )
     if args.layers:
         what += f", {args.layers} layers per step (ms per step)"
+    if args.against_library:
+        torch.set_num_threads(args.threads[-1])
+        print(f"{what}, {args.threads[-1]} thread(s), {args.repeats} rounds")
+        against_library(args.against_library, calls, args.layers, args.repeats)
+        return
     print(f"{what}, best of {args.repeats}")
     print("| path | " + " | ".join(f"{t} thread(s)" for t in args.threads) + " |")
     paths: list[tuple[str, Callable, str | None]] = [("torch", ref, None)]

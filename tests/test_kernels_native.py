@@ -3,6 +3,10 @@ at block edges."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_kernels import CACHED_CHUNKS, HEADS, PagedBatch, dense_attention, make_batch
@@ -226,3 +230,20 @@ def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:
     tiny = torch.tensor([1e-40], dtype=torch.float32)  # subnormal in fp32
     assert (tiny * 1.0).item() > 0
     assert 2.2250738585072014e-308 / 2 > 0  # a subnormal double, in Python itself
+
+
+def test_bench_times_this_build_against_another_library() -> None:
+    """scripts/bench_kernels.py --against-library, here against this very build: one row of
+    medians and their ratio."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_kernels.py"
+    args = ["--batch", "2", "--layers", "2", "--threads", "1", "--repeats", "2"]
+    args += ["--dtype", "bfloat16", "--against-library", str(native.library_path())]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    header, row = done.stdout.strip().splitlines()[-2:]
+    assert header == "| this build | other | this / other (median, range) |"
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert len(cells) == 3 and cells[0].endswith(" ms") and cells[1].endswith(" ms")
+    assert float(cells[2].split()[0]) > 0

@@ -43,19 +43,21 @@ static inline VF NAME(reduce_)(const VF *d) {
     return __builtin_shuffle(s, (VI){LANE_LIST(BIT_REVERSED, 0)});
 }
 
-// Asks for the rows of the block after the current one (this KV head's part of each,
-// `dim` elements) while the current one is worked on: the block table sends reads to
-// scattered blocks, which the hardware prefetcher only picks up a few lines in.
-static inline void NAME(prefetch_next_)(const ELEM *cache, const int32_t *table, int start,
-                                        int len, int block_size, long token_stride, int dim) {
+// The start of this KV head's rows in the block after the one at `start`, or NULL at the
+// last block. The block table sends reads to scattered blocks, which the hardware prefetcher
+// only picks up a few lines in: each row of the current block asks for the same row of the
+// next one (`prefetch_row_`), spread over the work instead of a burst per block, which
+// filled the line-fill buffers and stalled the core on the prefetches themselves.
+static inline const ELEM *NAME(next_block_)(const ELEM *cache, const int32_t *table, int start,
+                                            int len, int block_size, long token_stride) {
     const int next = start + block_size;
-    if (next >= len) return;
-    const int rows = len - next < block_size ? len - next : block_size;
-    const char *base =
-        (const char *)(cache + (long)table[next / block_size] * block_size * token_stride);
-    const long row_bytes = (long)dim * (long)sizeof(ELEM), stride = token_stride * sizeof(ELEM);
-    for (int r = 0; r < rows; ++r)
-        for (long b = 0; b < row_bytes; b += 64) __builtin_prefetch(base + r * stride + b);
+    return next < len ? cache + (long)table[next / block_size] * block_size * token_stride
+                      : NULL;
+}
+
+static inline void NAME(prefetch_row_)(const ELEM *row, int dim) {
+    const char *at = (const char *)row;
+    for (long b = 0; b < (long)dim * (long)sizeof(ELEM); b += 64) __builtin_prefetch(at + b);
 }
 
 // Scores of `heads` query heads (q: [heads][D]) against the `len` keys, scaled, into
@@ -88,11 +90,12 @@ static inline __attribute__((always_inline)) void NAME(scores_)(
     for (int start = 0; start < len; start += block_size) {
         const int rows = len - start < block_size ? len - start : block_size;
         const ELEM *k = k_cache + (long)table[start / block_size] * block_size * token_stride;
-        NAME(prefetch_next_)(k_cache, table, start, len, block_size, token_stride, dim);
+        const ELEM *ahead = NAME(next_block_)(k_cache, table, start, len, block_size, token_stride);
         for (int r0 = 0; r0 < rows; r0 += LANES) {
             const int n = rows - r0 < LANES ? rows - r0 : LANES;
             for (int r = 0; r < n; ++r) {
                 const ELEM *kr = k + (long)(r0 + r) * token_stride;
+                if (ahead) NAME(prefetch_row_)(ahead + (long)(r0 + r) * token_stride, dim);
 #if DPBF16
                 VU kv[MAX_BODY / (2 * LANES)];
                 for (int c = 0; c < pairs; ++c) kv[c] = *(const VU *)(kr + 2 * LANES * c);
@@ -156,8 +159,9 @@ static inline __attribute__((always_inline)) void NAME(values_)(
     for (int start = 0; start < len; start += block_size) {
         const int rows = len - start < block_size ? len - start : block_size;
         const ELEM *v = v_cache + (long)table[start / block_size] * block_size * token_stride;
-        NAME(prefetch_next_)(v_cache, table, start, len, block_size, token_stride, dim);
+        const ELEM *ahead = NAME(next_block_)(v_cache, table, start, len, block_size, token_stride);
         for (int r = 0; r < rows; ++r, v += token_stride) {
+            if (ahead) NAME(prefetch_row_)(ahead + (long)r * token_stride, dim);
             VF vv[MAX_BODY / LANES];
             for (int c = 0; c < pairs; ++c) NAME(load_pair_)(v + 2 * LANES * c, &vv[2 * c], &vv[2 * c + 1]);
             for (int h = 0; h < heads; ++h) {
