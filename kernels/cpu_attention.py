@@ -63,7 +63,7 @@ def native_decode(
     return out
 
 
-def _int32(t: torch.Tensor) -> torch.Tensor:
+def int32_contiguous(t: torch.Tensor) -> torch.Tensor:
     """t as contiguous int32, itself when it already is (as the runner's metadata is): a
     `.to().contiguous()` costs ~2 us per tensor even when it copies nothing, per layer."""
     return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
@@ -81,7 +81,7 @@ def _decode(
 ) -> None:
     """The decode kernel over the first q.shape[0] sequences, into out (both contiguous)."""
     batch, num_heads, head_dim = q.shape
-    tables, seq_lens = _int32(meta.block_tables), _int32(meta.seq_lens)
+    tables, seq_lens = int32_contiguous(meta.block_tables), int32_contiguous(meta.seq_lens)
     getattr(lib, f"paged_decode_{suffix}_{native.twin(q.dtype)}")(
         q.data_ptr(),
         key_cache.data_ptr(),
@@ -114,8 +114,8 @@ def _prefill(
     """The prefill kernel's `twin` over sequences [num_decodes, num_seqs), into their rows of
     out."""
     _, num_heads, head_dim = q.shape
-    tables, seq_lens = _int32(meta.block_tables), _int32(meta.seq_lens)
-    starts = _int32(meta.query_start_loc)
+    tables, seq_lens = int32_contiguous(meta.block_tables), int32_contiguous(meta.seq_lens)
+    starts = int32_contiguous(meta.query_start_loc)
     getattr(lib, f"paged_prefill_{suffix}_{twin}")(
         q.data_ptr(),
         key_cache.data_ptr(),

@@ -13,7 +13,11 @@ of base rows only (the same model, LoRA wrapped) so the ratio comes from one run
 --compare-unfused alternates, in this one process, --rounds runs with the fused C ops
 (kernels/fused.py) and runs with their torch ops (DUET_DISABLE_FUSED_OPS=1), and prints
 both medians and their ratio. (A bf16 model on a CPU with AMX-BF16 applies SiLU x up inside
-its gate_up kernel, models/packed.py: TileGateUpSiLU, in both.)
+its gate_up kernel, models/packed.py: TileGateUpSiLU, in both.) --compare-python-layers
+does the same with the decode stack (a bf16 model's layers in one native call on CPUs with
+AMX-BF16, models/decode_stack.py) and the Python forward (DUET_DISABLE_DECODE_STACK=1).
+The default side of --compare-unfused takes the stack where it runs: add
+DUET_DISABLE_DECODE_STACK=1 to compare the fused ops alone.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from engine_core.messages.config import EngineConfig
 from engine_core.messages.lora import LoRARef
 from kernels import fused
 from kernels.metadata import AttentionMetadata
+from models import decode_stack
 from models.lora_files import module_shapes
 from models.runner import ModelRunner
 
@@ -100,16 +105,17 @@ def random_adapters(runner: ModelRunner, count: int, folder: Path) -> list[LoRAR
     return refs
 
 
-def compare_unfused(runner: ModelRunner, batch: int, args: argparse.Namespace) -> str:
-    """Fused and torch ops alternately, --rounds times each: both medians and the ratio."""
-    times: dict[str, list[float]] = {"fused": [], "torch": []}
+def compare_switch(runner: ModelRunner, batch: int, args: argparse.Namespace, env: str) -> str:
+    """The default path and the one the switch `env`=1 forces, alternately, --rounds times
+    each: both medians and the ratio."""
+    times: dict[str, list[float]] = {"0": [], "1": []}
     for _ in range(args.rounds):
-        for label in times:
-            os.environ[fused.DISABLE_ENV] = "1" if label == "torch" else "0"
-            times[label].append(step_ms(runner, batch, args.context, args.steps, args.warmup)[0])
-    os.environ.pop(fused.DISABLE_ENV)
-    ours, ref = (statistics.median(times[k]) for k in ("fused", "torch"))
-    return f"fused {ours:.1f} ms/step, torch ops {ref:.1f} ms/step, ratio {ours / ref:.2f}"
+        for value in times:
+            os.environ[env] = value
+            times[value].append(step_ms(runner, batch, args.context, args.steps, args.warmup)[0])
+    os.environ.pop(env)
+    ours, ref = (statistics.median(times[k]) for k in ("0", "1"))
+    return f"default {ours:.1f} ms/step, {env}=1 {ref:.1f} ms/step, ratio {ours / ref:.2f}"
 
 
 def main() -> None:
@@ -123,8 +129,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--lora", type=int, default=0, help="adapters mixed (vs base rows)")
-    parser.add_argument("--compare-unfused", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (--compare-unfused)")
+    parser.add_argument("--compare-unfused", action="store_true", help="A/B: torch's small ops")
+    parser.add_argument(
+        "--compare-python-layers", action="store_true", help="A/B: no decode stack (bf16, AMX)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (--compare-*)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = EngineConfig(
@@ -141,8 +150,9 @@ def main() -> None:
         adapters = [None] + ([random_adapters(runner, args.lora, Path(tmp))] if args.lora else [])
         for batch in args.batch_sizes:
             head = f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}"
-            if args.compare_unfused:
-                print(f"{head}: {compare_unfused(runner, batch, args)}", flush=True)
+            if args.compare_unfused or args.compare_python_layers:
+                env = fused.DISABLE_ENV if args.compare_unfused else decode_stack.DISABLE_ENV
+                print(f"{head}: {compare_switch(runner, batch, args, env)}", flush=True)
                 continue
             ms = step_ms(runner, batch, args.context, args.steps, args.warmup, adapters)
             if args.lora:

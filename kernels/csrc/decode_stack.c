@@ -1,0 +1,105 @@
+// A bf16 decode step's decoder layers in one call, for CPUs with AMX-BF16.
+//
+// It strings together the very kernels the Python forward (models/llama.py) calls for such a
+// model, in the same order, on the same kinds of buffers: RMSNorm (+ residual), the qkv
+// linear on tiles, RoPE with the KV write, decode attention, o_proj, RMSNorm (+ residual),
+// gate_up with SiLU x up, down_proj, and the final norm. So its output has the same bits.
+// What it saves is the Python around them: ~8 calls per layer, each some 15-20 us of
+// interpreter, ctypes and tensor allocation, about a third of a batch-1 step.
+// models/decode_stack.py decides when it runs and falls back to the Python forward otherwise.
+#include <stdint.h>
+#include <stdlib.h>
+
+// the kernels it calls, defined in the library's other files
+void rms_norm_bf16_avx512bf16(const uint16_t *x, uint16_t *residual, const uint16_t *weight,
+                              uint16_t *out, int rows, int hidden, float eps, int num_threads);
+void rope_kv_bf16_avx512(const uint16_t *qkv, const int64_t *positions,
+                         const uint16_t *cos_table, const uint16_t *sin_table,
+                         const int64_t *slots, void *q_out, void *k_cache, void *v_cache,
+                         int cache_bf16, int tokens, int num_heads, int num_kv_heads,
+                         int head_dim, int num_threads);
+void paged_decode_bf16_avx512bf16(const uint16_t *q, const uint16_t *k_cache,
+                                  const uint16_t *v_cache, const int32_t *block_tables,
+                                  const int32_t *seq_lens, uint16_t *out, int batch,
+                                  int num_heads, int num_kv_heads, int head_dim,
+                                  int block_size, int max_blocks, float scale,
+                                  int num_threads);
+void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
+                     const float *bias, int n, uint16_t *out, int threads);
+void bf16_silu_mul_amx(const uint16_t *x, int m, int k, const uint16_t *packed, int inter,
+                       uint16_t *out, int threads);
+
+// One layer's weights (models/decode_stack.py: StackLayer): norms as bf16 [hidden], linears
+// packed for the tiles (kernels/bf16_gemm.py), gate_up with its gate and up blocks paired
+typedef struct {
+    const uint16_t *input_norm, *post_norm;
+    const uint16_t *qkv, *o_proj, *gate_up, *down_proj;
+    const float *qkv_bias;  // or NULL
+} StackLayer;
+
+// The model's shapes (models/decode_stack.py: StackShape)
+typedef struct {
+    int layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
+    float eps, scale;
+} StackShape;
+
+// The fused ops run on one thread below this many elements (kernels/fused.py: _PARALLEL_MIN)
+static int small_op_threads(long numel, int threads) { return numel >= (1 << 16) ? threads : 1; }
+
+static uint16_t *scratch(long elements) {
+    return aligned_alloc(64, (size_t)((elements * 2 + 63) / 64 * 64));
+}
+
+// x: the embeddings of the batch's B tokens [B, hidden], used as the residual stream (so
+// overwritten); kv_cache: [layers, 2, blocks, block_size, Hkv, D] bf16 with `blocks` blocks;
+// cos, sin: [positions, D / 2] bf16; positions, slots: [B] int64; block_tables: [B,
+// max_blocks] and seq_lens: [B] int32 (one new token per sequence); final_norm: [hidden].
+// out: [B, hidden], the final norm's output. Returns 0, or -1 when out of memory (nothing
+// written then).
+int decode_stack_bf16_amx(const StackLayer *layers, const StackShape *shape,
+                          const uint16_t *final_norm, uint16_t *x, uint16_t *kv_cache,
+                          long blocks, const uint16_t *cos, const uint16_t *sin,
+                          const int64_t *positions, const int64_t *slots,
+                          const int32_t *block_tables, const int32_t *seq_lens, int batch,
+                          int max_blocks, uint16_t *out, int threads) {
+    const int hidden = shape->hidden, heads = shape->num_heads, kv_heads = shape->num_kv_heads;
+    const int dim = shape->head_dim, q_size = heads * dim, qkv_size = q_size + 2 * kv_heads * dim;
+    const long cache_part = blocks * shape->block_size * kv_heads * dim;  // K or V of a layer
+    uint16_t *h = scratch((long)batch * hidden), *qkv = scratch((long)batch * qkv_size);
+    uint16_t *q = scratch((long)batch * q_size), *attn = scratch((long)batch * q_size);
+    uint16_t *act = scratch((long)batch * shape->intermediate);
+    uint16_t *mlp = scratch((long)batch * hidden);
+    int status = -1;
+    if (!h || !qkv || !q || !attn || !act || !mlp) goto done;
+    const int norm_threads = small_op_threads((long)batch * hidden, threads);
+    const int rope_threads = small_op_threads((long)batch * qkv_size, threads);
+    for (int l = 0; l < shape->layers; ++l) {
+        const StackLayer *w = layers + l;
+        uint16_t *k_cache = kv_cache + 2L * l * cache_part, *v_cache = k_cache + cache_part;
+        // the first layer normalizes the embeddings; each later one adds the MLP's output
+        // to the residual stream first, as models/llama.py's DecoderLayer
+        rms_norm_bf16_avx512bf16(l == 0 ? x : mlp, l == 0 ? NULL : x, w->input_norm, h, batch,
+                                 hidden, shape->eps, norm_threads);
+        bf16_linear_amx(h, batch, hidden, w->qkv, w->qkv_bias, qkv_size, qkv, threads);
+        rope_kv_bf16_avx512(qkv, positions, cos, sin, slots, q, k_cache, v_cache, 1, batch, heads,
+                            kv_heads, dim, rope_threads);
+        paged_decode_bf16_avx512bf16(q, k_cache, v_cache, block_tables, seq_lens, attn, batch,
+                                     heads, kv_heads, dim, shape->block_size, max_blocks,
+                                     shape->scale, threads);
+        bf16_linear_amx(attn, batch, q_size, w->o_proj, NULL, hidden, h, threads);
+        rms_norm_bf16_avx512bf16(h, x, w->post_norm, mlp, batch, hidden, shape->eps, norm_threads);
+        bf16_silu_mul_amx(mlp, batch, hidden, w->gate_up, shape->intermediate, act, threads);
+        bf16_linear_amx(act, batch, shape->intermediate, w->down_proj, NULL, hidden, mlp,
+                        threads);
+    }
+    rms_norm_bf16_avx512bf16(mlp, x, final_norm, out, batch, hidden, shape->eps, norm_threads);
+    status = 0;
+done:
+    free(h);
+    free(qkv);
+    free(q);
+    free(attn);
+    free(act);
+    free(mlp);
+    return status;
+}

@@ -1,0 +1,152 @@
+"""The decode stack (a bf16 decode step's layers in one native call, models/decode_stack.py)
+against the Python forward it stands for: the same bits, and only where that forward would
+take the stack's kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_core import LLM, SamplingParams
+from engine_core.messages.config import EngineConfig
+from kernels import bf16_gemm, fused
+from kernels.metadata import AttentionMetadata
+from models import cpu_features, decode_stack
+from models.runner import ModelRunner
+
+pytestmark = pytest.mark.skipif(not bf16_gemm.available(), reason="no AMX-BF16 tiles here")
+
+
+def _runner(**overrides: object) -> ModelRunner:
+    fields = {"dtype": "bfloat16", "kv_cache_memory": 128 << 20, "max_model_len": 1024}
+    return ModelRunner(EngineConfig(**(fields | overrides)))
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return _runner()
+
+
+def _decodes(lengths: list[int], block_size: int, num_blocks: int, seed: int):
+    """One new token per sequence of `lengths` tokens (the new one included), their blocks
+    scattered over the pool: (ids, positions, meta)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // block_size) for n in lengths]
+    order = torch.randperm(num_blocks, generator=gen)[: sum(per_seq)].to(torch.int32)
+    tables = torch.zeros(len(lengths), max(per_seq), dtype=torch.int32)
+    used = 0
+    for row, count in enumerate(per_seq):
+        tables[row, :count] = order[used : used + count]
+        used += count
+    last = torch.tensor([n - 1 for n in lengths])
+    slots = tables[torch.arange(len(lengths)), last // block_size].long() * block_size
+    starts = list(range(len(lengths) + 1))
+    meta = AttentionMetadata(
+        slot_mapping=slots + last % block_size,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(lengths, dtype=torch.int32),
+        block_tables=tables,
+        num_decodes=len(lengths),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=lengths,
+    )
+    ids = torch.randint(3, 40000, (len(lengths),), generator=gen)
+    return ids, last, meta
+
+
+def _both(runner: ModelRunner, ids, positions, meta, monkeypatch: pytest.MonkeyPatch):
+    """(hidden, KV cache) of the step through the stack, then through the Python forward,
+    each from the same random cache."""
+    torch.manual_seed(1)
+    start = torch.randn(runner.kv_cache.shape).to(runner.kv_cache.dtype)
+    results = []
+    for disabled in ("0", "1"):
+        monkeypatch.setenv(decode_stack.DISABLE_ENV, disabled)
+        runner.kv_cache.copy_(start)
+        hidden = runner.model(ids, positions, runner.kv_cache, meta)
+        results.append((hidden, runner.kv_cache.clone()))
+    return results
+
+
+# batch sizes: one row, a row tile but one, a tile, a tile and one; contexts across blocks
+@pytest.mark.parametrize("batch", [1, 15, 16, 17])
+def test_the_stack_gives_the_python_forwards_bits(
+    runner: ModelRunner, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert runner.model.decode_stack is not None
+    gen = torch.Generator().manual_seed(batch)
+    lengths = torch.randint(1, 200, (batch,), generator=gen).tolist()
+    ids, positions, meta = _decodes(lengths, runner.block_size, runner.num_blocks, batch)
+    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
+        runner, ids, positions, meta, monkeypatch
+    )
+    assert torch.equal(stack_hidden, python_hidden)
+    assert torch.equal(stack_cache, python_cache)  # the same K and V written at the slots
+
+
+def test_a_biased_qkv_and_small_heads_match_too(
+    tiny_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen2's qkv bias, grouped heads of 16, 3 layers."""
+    folder: Path = tiny_checkpoint(architecture="qwen2", num_kv_heads=2, layers=3)
+    tiny = _runner(model=str(folder))
+    assert tiny.model.decode_stack is not None
+    ids, positions, meta = _decodes([5, 40, 33], tiny.block_size, tiny.num_blocks, 0)
+    ids = ids % tiny.model_config.vocab_size
+    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
+        tiny, ids, positions, meta, monkeypatch
+    )
+    assert torch.equal(stack_hidden, python_hidden)
+    assert torch.equal(stack_cache, python_cache)
+
+
+def test_greedy_generation_is_the_same_with_and_without_the_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    llm = LLM(dtype="bfloat16", max_model_len=512)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for disabled in ("0", "1"):
+        monkeypatch.setenv(decode_stack.DISABLE_ENV, disabled)
+        outputs[disabled] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outputs["0"] == outputs["1"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"enable_lora": True}, {"quantization": "int8"}, {"dtype": "float32"}],
+    ids=["lora", "int8", "fp32"],
+)
+def test_models_off_the_stacks_kernels_keep_the_python_forward(overrides: dict) -> None:
+    assert _runner(**overrides).model.decode_stack is None
+
+
+def test_tiles_hidden_by_the_isa_switch_keep_the_python_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
+    assert _runner().model.decode_stack is None
+
+
+def test_steps_the_stack_does_not_take(runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = runner.model.decode_stack
+    ids, _, meta = _decodes([10, 20], runner.block_size, runner.num_blocks, 0)
+    x = runner.model.embed_tokens(ids)
+    assert stack.takes(x, runner.kv_cache, meta)
+    prefill = AttentionMetadata(
+        meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables, 1,
+        meta.query_start_loc_cpu, meta.seq_lens_cpu,
+    )  # fmt: skip
+    assert not stack.takes(x, runner.kv_cache, prefill)  # the second sequence prefills
+    assert not stack.takes(x, runner.kv_cache.float(), meta)  # another cache dtype
+    for env, value in [
+        (decode_stack.DISABLE_ENV, "1"),
+        (fused.DISABLE_ENV, "1"),  # torch's small ops
+        (cpu_features.ISA_ENV, "avx2"),  # other kernel twins
+    ]:
+        with monkeypatch.context() as patch:
+            patch.setenv(env, value)
+            assert not stack.takes(x, runner.kv_cache, meta)
