@@ -46,6 +46,12 @@ def _kernels() -> ctypes.CDLL | None:
     return lib
 
 
+def kernel_address(kernel: str) -> int:
+    """The address of the C function for `kernel` (a NATIVE_KERNELS key), for native callers
+    (models/decode_stack.py)."""
+    return ctypes.cast(getattr(_kernels(), NATIVE_KERNELS[kernel]), ctypes.c_void_p).value
+
+
 def native_available() -> bool:
     """True when the C kernels built (a compiler and AVX2 on this machine)."""
     return _kernels() is not None

@@ -182,6 +182,14 @@ class Int8Linear(nn.Module):
                 return path
         return self.route[-1][1]  # every route ends with the path that takes the rest
 
+    def native_kernel_for(self, rows: int) -> str | None:
+        """The native kernel (a kernels.int8.NATIVE_KERNELS key) a call with `rows` rows
+        runs, None where that call takes torch's kernels or a dense GEMM."""
+        if self.kernel == "torch":
+            return None
+        kernels = {"wo": self.wo_kernel, "w8a8": self.kernel, "amx": "amx", "wo_amx": "wo-amx"}
+        return kernels.get(self.path_for(rows))
+
     def _wo(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "torch":
             return int8.weight_only(x, self.qweight, self.scale, self.bias)

@@ -1,6 +1,7 @@
 """The decode stack (a bf16 decode step's layers in one native call, models/decode_stack.py)
-against the Python forward it stands for: the same bits, and only where that forward would
-take the stack's kernels."""
+against the Python forward it stands for: the same bits, with bf16 linears on tiles and with
+int8 ones on each of their kernels, and only where that forward would take the stack's
+kernels."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def _runner(**overrides: object) -> ModelRunner:
 @pytest.fixture(scope="module")
 def runner() -> ModelRunner:
     return _runner()
+
+
+@pytest.fixture(scope="module")
+def int8_runner() -> ModelRunner:
+    return _runner(quantization="int8")
 
 
 def _decodes(lengths: list[int], block_size: int, num_blocks: int, seed: int):
@@ -117,8 +123,8 @@ def test_greedy_generation_is_the_same_with_and_without_the_stack(
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"enable_lora": True}, {"quantization": "int8"}, {"dtype": "float32"}],
-    ids=["lora", "int8", "fp32"],
+    [{"enable_lora": True}, {"enable_lora": True, "quantization": "int8"}, {"dtype": "float32"}],
+    ids=["lora", "int8-lora", "fp32"],
 )
 def test_models_off_the_stacks_kernels_keep_the_python_forward(overrides: dict) -> None:
     assert _runner(**overrides).model.decode_stack is None
@@ -131,7 +137,9 @@ def test_tiles_hidden_by_the_isa_switch_keep_the_python_forward(
     assert _runner().model.decode_stack is None
 
 
-def test_steps_the_stack_does_not_take(runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_steps_the_stack_does_not_take(
+    runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stack = runner.model.decode_stack
     ids, _, meta = _decodes([10, 20], runner.block_size, runner.num_blocks, 0)
     x = runner.model.embed_tokens(ids)
@@ -150,3 +158,44 @@ def test_steps_the_stack_does_not_take(runner: ModelRunner, monkeypatch: pytest.
         with monkeypatch.context() as patch:
             patch.setenv(env, value)
             assert not stack.takes(x, runner.kv_cache, meta)
+
+
+# int8 routes by rows: W8A8 on VNNI up to 4 rows and AMX beyond, down_proj weight-only (the
+# AVX-512 kernel at 1 row, AMX tiles beyond)
+@pytest.mark.parametrize("batch", [1, 2, 4, 5, 16])
+def test_int8_linears_give_the_python_forwards_bits(
+    int8_runner: ModelRunner, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert int8_runner.model.decode_stack is not None
+    gen = torch.Generator().manual_seed(batch)
+    lengths = torch.randint(1, 200, (batch,), generator=gen).tolist()
+    ids, positions, meta = _decodes(lengths, int8_runner.block_size, int8_runner.num_blocks, batch)
+    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
+        int8_runner, ids, positions, meta, monkeypatch
+    )
+    assert torch.equal(stack_hidden, python_hidden)
+    assert torch.equal(stack_cache, python_cache)
+
+
+def test_int8_without_amx_takes_the_stack_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Zen 4's choices (VNNI and the AVX-512 weight-only kernel, no tiles)."""
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
+    runner = _runner(quantization="int8")
+    assert runner.model.decode_stack is not None
+    ids, positions, meta = _decodes([7, 100, 64], runner.block_size, runner.num_blocks, 3)
+    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
+        runner, ids, positions, meta, monkeypatch
+    )
+    assert torch.equal(stack_hidden, python_hidden)
+    assert torch.equal(stack_cache, python_cache)
+
+
+def test_a_batch_whose_int8_route_leaves_the_native_kernels_keeps_the_python_forward(
+    int8_runner: ModelRunner, runner: ModelRunner
+) -> None:
+    """down_proj dequantizes for a dense GEMM beyond 256 rows (models/quant_int8.py)."""
+    down = int8_runner.model.layers[0].mlp.down_proj
+    assert down.native_kernel_for(256) is not None and down.native_kernel_for(257) is None
+    assert int8_runner.model.decode_stack._layers(256) is not None
+    assert int8_runner.model.decode_stack._layers(257) is None
+    assert runner.model.decode_stack._layers(257) is not None  # tiles take any size

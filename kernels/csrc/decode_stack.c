@@ -1,9 +1,12 @@
-// A bf16 decode step's decoder layers in one call, for CPUs with AMX-BF16.
+// A bf16 decode step's decoder layers in one call, for CPUs with AVX512_BF16 whose linears are
+// on AMX-BF16 tiles or int8 kernels.
 //
 // It strings together the very kernels the Python forward (models/llama.py) calls for such a
 // model, in the same order, on the same kinds of buffers: RMSNorm (+ residual), the qkv
-// linear on tiles, RoPE with the KV write, decode attention, o_proj, RMSNorm (+ residual),
-// gate_up with SiLU x up, down_proj, and the final norm. So its output has the same bits.
+// linear, RoPE with the KV write, decode attention, o_proj, RMSNorm (+ residual), gate_up
+// and SiLU x up (one kernel on bf16 tiles), down_proj, and the final norm. So its output has
+// the same bits. Each linear is either on bf16 tiles or one of the int8 kernels (the one the
+// linear's route picks for this many rows, models/quant_int8.py).
 // What it saves is the Python around them: ~8 calls per layer, each some 15-20 us of
 // interpreter, ctypes and tensor allocation, about a third of a batch-1 step.
 // models/decode_stack.py decides when it runs and falls back to the Python forward otherwise.
@@ -28,13 +31,30 @@ void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
                      const float *bias, int n, uint16_t *out, int threads);
 void bf16_silu_mul_amx(const uint16_t *x, int m, int k, const uint16_t *packed, int inter,
                        uint16_t *out, int threads);
+void silu_mul_bf16_avx512bf16(const uint16_t *gate_up, uint16_t *out, int rows, int inter,
+                              int num_threads);
 
-// One layer's weights (models/decode_stack.py: StackLayer): norms as bf16 [hidden], linears
-// packed for the tiles (kernels/bf16_gemm.py), gate_up with its gate and up blocks paired
+// int8_gemm.c's kernels, all of one signature (kernels/int8.py: native_linear)
+typedef void (*Int8Kernel)(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                           const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                           void *out, int out_bf16, int threads);
+
+// One linear (models/decode_stack.py: StackLinear): packed for bf16 tiles (kernels/bf16_gemm.py)
+// when `int8` is NULL, else int8 blocks (kernels/int8.py) for that kernel
+typedef struct {
+    const void *weight;
+    const float *bias;  // or NULL
+    Int8Kernel int8;
+    const int32_t *wsum;
+    const float *scale;
+} StackLinear;
+
+// One layer (models/decode_stack.py: StackLayer): norms as bf16 [hidden], and with
+// `silu_in_gate_up` a gate_up packed with gate and up blocks paired for bf16_silu_mul_amx
 typedef struct {
     const uint16_t *input_norm, *post_norm;
-    const uint16_t *qkv, *o_proj, *gate_up, *down_proj;
-    const float *qkv_bias;  // or NULL
+    StackLinear qkv, o_proj, gate_up, down_proj;
+    int silu_in_gate_up;
 } StackLayer;
 
 // The model's shapes (models/decode_stack.py: StackShape)
@@ -46,6 +66,15 @@ typedef struct {
 // The fused ops run on one thread below this many elements (kernels/fused.py: _PARALLEL_MIN)
 static int small_op_threads(long numel, int threads) { return numel >= (1 << 16) ? threads : 1; }
 
+// x [m, k] bf16 -> out [m, n] bf16 through `w`
+static void linear(const StackLinear *w, const uint16_t *x, int m, int k, int n, uint16_t *out,
+                   int threads) {
+    if (w->int8)
+        w->int8(x, 1, m, k, w->weight, w->wsum, w->scale, w->bias, n, out, 1, threads);
+    else
+        bf16_linear_amx(x, m, k, w->weight, w->bias, n, out, threads);
+}
+
 static uint16_t *scratch(long elements) {
     return aligned_alloc(64, (size_t)((elements * 2 + 63) / 64 * 64));
 }
@@ -56,7 +85,7 @@ static uint16_t *scratch(long elements) {
 // max_blocks] and seq_lens: [B] int32 (one new token per sequence); final_norm: [hidden].
 // out: [B, hidden], the final norm's output. Returns 0, or -1 when out of memory (nothing
 // written then).
-int decode_stack_bf16_amx(const StackLayer *layers, const StackShape *shape,
+int decode_stack_bf16(const StackLayer *layers, const StackShape *shape,
                           const uint16_t *final_norm, uint16_t *x, uint16_t *kv_cache,
                           long blocks, const uint16_t *cos, const uint16_t *sin,
                           const int64_t *positions, const int64_t *slots,
@@ -67,12 +96,14 @@ int decode_stack_bf16_amx(const StackLayer *layers, const StackShape *shape,
     const long cache_part = blocks * shape->block_size * kv_heads * dim;  // K or V of a layer
     uint16_t *h = scratch((long)batch * hidden), *qkv = scratch((long)batch * qkv_size);
     uint16_t *q = scratch((long)batch * q_size), *attn = scratch((long)batch * q_size);
-    uint16_t *act = scratch((long)batch * shape->intermediate);
+    const int inter = shape->intermediate;
+    uint16_t *act = scratch((long)batch * inter), *gate_up = scratch(2L * batch * inter);
     uint16_t *mlp = scratch((long)batch * hidden);
     int status = -1;
-    if (!h || !qkv || !q || !attn || !act || !mlp) goto done;
+    if (!h || !qkv || !q || !attn || !act || !gate_up || !mlp) goto done;
     const int norm_threads = small_op_threads((long)batch * hidden, threads);
     const int rope_threads = small_op_threads((long)batch * qkv_size, threads);
+    const int silu_threads = small_op_threads(2L * batch * inter, threads);
     for (int l = 0; l < shape->layers; ++l) {
         const StackLayer *w = layers + l;
         uint16_t *k_cache = kv_cache + 2L * l * cache_part, *v_cache = k_cache + cache_part;
@@ -80,17 +111,21 @@ int decode_stack_bf16_amx(const StackLayer *layers, const StackShape *shape,
         // to the residual stream first, as models/llama.py's DecoderLayer
         rms_norm_bf16_avx512bf16(l == 0 ? x : mlp, l == 0 ? NULL : x, w->input_norm, h, batch,
                                  hidden, shape->eps, norm_threads);
-        bf16_linear_amx(h, batch, hidden, w->qkv, w->qkv_bias, qkv_size, qkv, threads);
+        linear(&w->qkv, h, batch, hidden, qkv_size, qkv, threads);
         rope_kv_bf16_avx512(qkv, positions, cos, sin, slots, q, k_cache, v_cache, 1, batch, heads,
                             kv_heads, dim, rope_threads);
         paged_decode_bf16_avx512bf16(q, k_cache, v_cache, block_tables, seq_lens, attn, batch,
                                      heads, kv_heads, dim, shape->block_size, max_blocks,
                                      shape->scale, threads);
-        bf16_linear_amx(attn, batch, q_size, w->o_proj, NULL, hidden, h, threads);
+        linear(&w->o_proj, attn, batch, q_size, hidden, h, threads);
         rms_norm_bf16_avx512bf16(h, x, w->post_norm, mlp, batch, hidden, shape->eps, norm_threads);
-        bf16_silu_mul_amx(mlp, batch, hidden, w->gate_up, shape->intermediate, act, threads);
-        bf16_linear_amx(act, batch, shape->intermediate, w->down_proj, NULL, hidden, mlp,
-                        threads);
+        if (w->silu_in_gate_up) {
+            bf16_silu_mul_amx(mlp, batch, hidden, w->gate_up.weight, inter, act, threads);
+        } else {
+            linear(&w->gate_up, mlp, batch, hidden, 2 * inter, gate_up, threads);
+            silu_mul_bf16_avx512bf16(gate_up, act, batch, inter, silu_threads);
+        }
+        linear(&w->down_proj, act, batch, inter, hidden, mlp, threads);
     }
     rms_norm_bf16_avx512bf16(mlp, x, final_norm, out, batch, hidden, shape->eps, norm_threads);
     status = 0;
@@ -100,6 +135,7 @@ done:
     free(q);
     free(attn);
     free(act);
+    free(gate_up);
     free(mlp);
     return status;
 }
