@@ -55,16 +55,14 @@ ROUTES: dict[tuple[str, torch.dtype], Route] = {
     ("torch", torch.float32): ((None, "dense"),),
 }
 # W8A8's own (paths as above, and `amx`: int8 x int8 on AMX tiles): VNNI or AVX2 at every
-# size, except on CPUs with AMX (docs/benchmarks.md, "int8 on the AMX machine" and "AMX
-# tiles at decode sizes"): AMX-INT8 tiles from 5 rows (0.66x of VNNI's time at 16 rows since
-# the kernel prefetches its weight tiles), and with bf16 activations oneDNN's bf16 GEMM (AMX
-# tiles) over the dequantized weight past 1024 rows; where the AMX-INT8 kernel cannot run
-# (no permission, in_features not a multiple of 64) that GEMM from 385.
+# size, except on CPUs with AMX (docs/benchmarks.md, "int8 on the AMX machine", "AMX tiles at
+# decode sizes" and "The AMX W8A8 epilogue in vectors"): AMX-INT8 tiles from 5 rows (0.66x of
+# VNNI's time at 16 rows since the kernel prefetches its weight tiles) and, since its
+# epilogue is vectorized, at prefill sizes too (0.58-0.86x of dequantize + oneDNN's bf16
+# GEMM at 1024-2048 rows, even at 4096); where the AMX-INT8 kernel cannot run (no
+# permission, in_features not a multiple of 64) that bf16 GEMM from 385 rows.
 W8A8_ROUTE: Route = ((None, "w8a8"),)
-AMX_ROUTES: dict[torch.dtype, Route] = {
-    torch.bfloat16: ((4, "w8a8"), (1024, "amx"), (None, "dense")),
-    torch.float32: ((4, "w8a8"), (None, "amx")),
-}
+AMX_ROUTE: Route = ((4, "w8a8"), (None, "amx"))
 AMX_BF16_ROUTE: Route = ((384, "w8a8"), (None, "dense"))
 # Float (bf16) activations on CPUs with AMX-BF16 (down_proj by default): the weight-only
 # kernel on AMX tiles from 2 rows (0.42x of the AVX-512 weight-only kernel's time at 16 rows,
@@ -127,7 +125,7 @@ def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype, w8a8: bool) -
     dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
     if w8a8:
         if kernel != "torch" and int8.amx_available() and shape[1] % int8.AMX_K_STEP == 0:
-            return AMX_ROUTES[dtype]
+            return AMX_ROUTE
         amx_bf16 = dtype == torch.bfloat16 and cpu_features.has_amx_bf16()
         return AMX_BF16_ROUTE if amx_bf16 else W8A8_ROUTE
     if kernel != "torch":
@@ -142,8 +140,9 @@ def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype, w8a8: bool) -
 class Int8Linear(nn.Module):
     """`x @ W.T + bias` with W held as int8 plus an fp32 scale per output channel.
 
-    `w8a8`: activations quantized per token (W8A8's route; on CPUs with AMX the largest
-    bf16 calls take a bf16 GEMM over the dequantized weight), else float activations. With
+    `w8a8`: activations quantized per token (W8A8's route; on CPUs with AMX-BF16 but
+    without the AMX-INT8 kernel, the larger bf16 calls take a bf16 GEMM over the dequantized
+    weight), else float activations. With
     native kernels only the packed int8 weight is kept (every path reads it), else the
     plain one. The tensors are plain attributes, not buffers, so `model.to(dtype)` leaves
     the int8 weight and its fp32 scales alone.

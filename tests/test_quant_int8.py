@@ -299,7 +299,7 @@ def test_bf16_w8a8_routes_follow_the_cpus_amx(
     if not cpu_features.has_amx_bf16():
         expected = ["w8a8"] * 8
     elif int8.amx_available() and in_features % int8.AMX_K_STEP == 0:
-        expected = ["w8a8"] * 2 + ["amx"] * 5 + ["dense"]
+        expected = ["w8a8"] * 2 + ["amx"] * 6
     else:
         expected = ["w8a8"] * 5 + ["dense"] * 3
     assert [layer.path_for(r) for r in rows] == expected
