@@ -39,6 +39,7 @@ from engine_core.messages.worker import (
 )
 from engine_core.supervision import die_with_parent, multiprocessing_parent, parent_gone
 from models.runner import KVAllocator, ModelRunner, zeros_allocator
+from models.warm_up import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def run_worker(
     pin_threads(config.torch_threads, cores)
     hand_off = make_hand_off(config, role, worker_id, kv_host, keys)
     runner = ModelRunner(config, hand_off.allocator if hand_off else zeros_allocator)
+    tokens, seconds = warm_up(runner, config.max_num_batched_tokens)
+    logger.info("warm-up: a %d-token prefill step and a decode step in %.2f s", tokens, seconds)
     ctx = zmq.Context()
     authenticator = authenticate(ctx, keys)  # for a decode worker's KV receiver
     channel = Channel(ctx, WORKER, worker_id.encode(), keys)

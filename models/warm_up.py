@@ -1,0 +1,75 @@
+"""A worker's warm-up at start: one full prefill step and one decode step on dummy tokens.
+
+The first steps of a fresh process run slower than later ones of the same size: their large
+buffers are touched for the first time (page faults), and where oneDNN runs a GEMM it
+generates its kernels for each new shape. Served, that fell on the first wave of real prompts: at c16, its 1,792- and
+2,048-token prefill steps took ~0.5 s longer than the next wave's (docs/benchmarks.md).
+vLLM likewise runs a dummy batch of `max_num_batched_tokens` before it serves.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kernels.metadata import AttentionMetadata
+from models.runner import ModelRunner
+
+PROMPT_TOKENS = 256  # per dummy sequence: a typical prompt, so attention sees typical shapes
+
+
+@torch.inference_mode()
+def warm_up(runner: ModelRunner, max_tokens: int) -> tuple[int, float]:
+    """Run a prefill step of up to `max_tokens` tokens (sequences of PROMPT_TOKENS) and a
+    decode step over the same sequences in the pool's first blocks, which hold no request
+    yet, then zero those blocks again (the pool starts as zeros: the torch attention path
+    relies on it). Returns (tokens prefilled, seconds); (0, 0.0) when the pool cannot hold
+    one sequence."""
+    start = time.perf_counter()
+    length = max(1, min(PROMPT_TOKENS, runner.max_model_len - 1, max_tokens))
+    blocks_each = -(-(length + 1) // runner.block_size)
+    count = min(max(1, max_tokens // length), runner.num_blocks // blocks_each)
+    if count == 0:
+        return 0, 0.0
+    size = runner.block_size
+    tables = torch.arange(count * blocks_each, dtype=torch.int32).view(count, blocks_each)
+    slots = (tables.long()[:, :, None] * size + torch.arange(size)).view(count, -1)
+    ids = torch.arange(count * length) % runner.model_config.vocab_size
+    starts = [i * length for i in range(count + 1)]
+    prefill = AttentionMetadata(
+        slot_mapping=slots[:, :length].reshape(-1),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.full((count,), length, dtype=torch.int32),
+        block_tables=tables,
+        num_decodes=0,
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=[length] * count,
+    )
+    _step(runner, ids, torch.arange(length).repeat(count), prefill, length)
+    decode = AttentionMetadata(
+        slot_mapping=slots[:, length].contiguous(),
+        query_start_loc=torch.arange(count + 1, dtype=torch.int32),
+        seq_lens=torch.full((count,), length + 1, dtype=torch.int32),
+        block_tables=tables,
+        num_decodes=count,
+        query_start_loc_cpu=list(range(count + 1)),
+        seq_lens_cpu=[length + 1] * count,
+    )
+    _step(runner, ids[:count], torch.full((count,), length), decode, 1)
+    runner.kv_cache[:, :, : count * blocks_each].zero_()
+    return count * length, time.perf_counter() - start
+
+
+def _step(
+    runner: ModelRunner,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+    tokens_each: int,
+) -> None:
+    """One forward and the LM head over each sequence's last token, base weights only."""
+    if runner.lora is not None:
+        runner.lora.set_batch([(None, tokens_each)] * meta.num_seqs)
+    hidden = runner.model(ids, positions, runner.kv_cache, meta)
+    runner.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
