@@ -136,14 +136,28 @@ def _prefill(
     )
 
 
-def _amx_prefill(query: torch.Tensor) -> str | None:
+def _amx_prefill(dtype: torch.dtype, head_dim: int) -> str | None:
     """How bf16 prefill chunks run on CPUs with AMX-BF16: "amx" (the tile kernel; 0.5-0.7x
     of SDPA's time, docs/benchmarks.md), "sdpa" (torch's flash attention, also on
     AMX tiles there, for head sizes the kernel does not take), or None elsewhere."""
-    if query.dtype != torch.bfloat16 or not cpu_features.has_amx_bf16():
+    if dtype != torch.bfloat16 or not cpu_features.has_amx_bf16():
         return None
-    fits = query.shape[-1] % AMX_PREFILL_HEAD_DIM_STEP == 0
+    fits = head_dim % AMX_PREFILL_HEAD_DIM_STEP == 0
     return "amx" if fits and native.amx_permitted() else "sdpa"
+
+
+def prefill_twin(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> str | None:
+    """The twin of the prefill kernel (paged_prefill_{dtype}_{twin}) that chunks of this
+    shape take here: "amx" for bf16 on AMX tiles, else the ISA twin for `dtype`; None where
+    they take the torch path (SDPA for the head sizes the AMX kernel does not take, group
+    or head sizes the other kernels do not)."""
+    amx = _amx_prefill(dtype, head_dim)
+    if amx is not None:
+        return "amx" if amx == "amx" else None
+    fits = num_heads // num_kv_heads <= PREFILL_MAX_GROUP and head_dim % PREFILL_HEAD_DIM_STEP == 0
+    return native.twin(dtype) if fits else None
 
 
 def paged_attention(
@@ -160,12 +174,9 @@ def paged_attention(
     lib = native.load()
     suffix = _kernel_suffix(lib, query, key_cache, value_cache)
     num_heads, head_dim = query.shape[1], query.shape[2]
-    prefill_fits = (
-        num_heads // key_cache.shape[2] <= PREFILL_MAX_GROUP
-        and head_dim % PREFILL_HEAD_DIM_STEP == 0
-    )
-    amx_prefill = _amx_prefill(query) if meta.num_seqs > meta.num_decodes else None
-    if suffix is None or (not prefill_fits and amx_prefill != "amx") or amx_prefill == "sdpa":
+    prefills = meta.num_seqs > meta.num_decodes
+    twin = prefill_twin(query.dtype, num_heads, key_cache.shape[2], head_dim) if prefills else ""
+    if suffix is None or twin is None:
         return attention.paged_attention(
             query, key_cache, value_cache, meta, scale, decode=native_decode
         )
@@ -174,7 +185,6 @@ def paged_attention(
     if meta.num_decodes > 0:
         decodes = meta.num_decodes
         _decode(lib, suffix, q[:decodes], key_cache, value_cache, meta, scale, out[:decodes])
-    if meta.num_seqs > meta.num_decodes:
-        twin = amx_prefill or native.twin(q.dtype)
+    if prefills:
         _prefill(lib, suffix, q, key_cache, value_cache, meta, scale, out, twin)
     return out

@@ -48,7 +48,7 @@ def _kernels() -> ctypes.CDLL | None:
 
 def kernel_address(kernel: str) -> int:
     """The address of the C function for `kernel` (a NATIVE_KERNELS key), for native callers
-    (models/decode_stack.py)."""
+    (models/layer_stack.py)."""
     return ctypes.cast(getattr(_kernels(), NATIVE_KERNELS[kernel]), ctypes.c_void_p).value
 
 

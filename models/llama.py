@@ -19,7 +19,7 @@ from kernels import AttentionBackend, bf16_gemm, fused, get_attention_backend
 from kernels.metadata import AttentionMetadata
 from models import switches
 from models.config import ModelConfig
-from models.decode_stack import DecodeStack
+from models.layer_stack import LayerStack
 from models.packed import (
     TileGateUpSiLU,
     pack_linears,
@@ -220,7 +220,7 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(config, rope, attn) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.decode_stack: DecodeStack | None = None  # set by enable_decode_stack
+        self.layer_stack: LayerStack | None = None  # set by enable_layer_stack
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -238,8 +238,8 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T]; kv_cache: [L, 2, blocks, block_size, Hkv, D] -> [T, hidden]."""
         with switches.held():  # the kernels' switches, read once for the whole step
             x, residual = self.embed_tokens(input_ids), None  # x: [T, hidden]
-            if self.decode_stack is not None and self.decode_stack.takes(x, kv_cache, meta):
-                return self.decode_stack(x, positions, kv_cache, meta)
+            if self.layer_stack is not None and self.layer_stack.takes(x, kv_cache, meta):
+                return self.layer_stack(x, positions, kv_cache, meta)
             for layer, layer_cache in zip(self.layers, kv_cache.unbind(0), strict=True):
                 x, residual = layer(positions, x, residual, layer_cache, meta)
             return self.norm(x, residual)
@@ -267,12 +267,12 @@ class LlamaForCausalLM(nn.Module):
             count += 1
         return count
 
-    def enable_decode_stack(self) -> bool:
-        """Run decode-only steps' layers in one native call where the model's kernels allow
-        (models/decode_stack.py); returns whether they will. Call after pack_weights and
+    def enable_layer_stack(self) -> bool:
+        """Run steps' layers in one native call where the model's kernels allow
+        (models/layer_stack.py); returns whether they will. Call after pack_weights and
         after anything that wraps the linears (LoRA), which keeps the Python forward."""
-        self.decode_stack = DecodeStack.build(self)
-        return self.decode_stack is not None
+        self.layer_stack = LayerStack.build(self)
+        return self.layer_stack is not None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up on the way."""

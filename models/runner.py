@@ -120,11 +120,11 @@ class ModelRunner:
             if config.enable_lora
             else None
         )  # fmt: skip
-        stack = self.lora is None and self.model.enable_decode_stack()
+        stack = self.lora is None and self.model.enable_layer_stack()
         logger.info(
             "dtype %s (asked %s; CPU: %s), KV cache %s, %d linears prepacked (%s)%s",
             self.dtype, config.dtype, cpu_features.describe(), self.kv_dtype, packed,
-            packing_kind(self.dtype), ", decode layers in one native call" if stack else "",
+            packing_kind(self.dtype), ", layers in one native call" if stack else "",
         )  # fmt: skip
         self.num_blocks = config.kv_cache_memory // kv_block_bytes(
             self.model_config, self.block_size, self.kv_dtype

@@ -14,10 +14,10 @@ of base rows only (the same model, LoRA wrapped) so the ratio comes from one run
 (kernels/fused.py) and runs with their torch ops (DUET_DISABLE_FUSED_OPS=1), and prints
 both medians and their ratio. (A bf16 model on a CPU with AMX-BF16 applies SiLU x up inside
 its gate_up kernel, models/packed.py: TileGateUpSiLU, in both.) --compare-python-layers
-does the same with the decode stack (a bf16 model's layers in one native call on CPUs with
-AMX-BF16, models/decode_stack.py) and the Python forward (DUET_DISABLE_DECODE_STACK=1).
+does the same with the layer stack (a bf16 model's layers in one native call on CPUs with
+AMX-BF16, models/layer_stack.py) and the Python forward (DUET_DISABLE_LAYER_STACK=1).
 The default side of --compare-unfused takes the stack where it runs: add
-DUET_DISABLE_DECODE_STACK=1 to compare the fused ops alone.
+DUET_DISABLE_LAYER_STACK=1 to compare the fused ops alone.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from engine_core.messages.config import EngineConfig
 from engine_core.messages.lora import LoRARef
 from kernels import fused
 from kernels.metadata import AttentionMetadata
-from models import decode_stack
+from models import layer_stack
 from models.lora_files import module_shapes
 from models.runner import ModelRunner
 
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=0, help="adapters mixed (vs base rows)")
     parser.add_argument("--compare-unfused", action="store_true", help="A/B: torch's small ops")
     parser.add_argument(
-        "--compare-python-layers", action="store_true", help="A/B: no decode stack (bf16, AMX)"
+        "--compare-python-layers", action="store_true", help="A/B: no layer stack (bf16, AMX)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (--compare-*)")
     args = parser.parse_args()
@@ -151,7 +151,7 @@ def main() -> None:
         for batch in args.batch_sizes:
             head = f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}"
             if args.compare_unfused or args.compare_python_layers:
-                env = fused.DISABLE_ENV if args.compare_unfused else decode_stack.DISABLE_ENV
+                env = fused.DISABLE_ENV if args.compare_unfused else layer_stack.DISABLE_ENV
                 print(f"{head}: {compare_switch(runner, batch, args, env)}", flush=True)
                 continue
             ms = step_ms(runner, batch, args.context, args.steps, args.warmup, adapters)

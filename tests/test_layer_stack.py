@@ -1,7 +1,7 @@
-"""The decode stack (a bf16 decode step's layers in one native call, models/decode_stack.py)
-against the Python forward it stands for: the same bits, with bf16 linears on tiles and with
-int8 ones on each of their kernels, and only where that forward would take the stack's
-kernels."""
+"""The layer stack (a bf16 step's layers in one native call, models/layer_stack.py) against
+the Python forward it stands for: the same bits, for decodes, chunks and both in one step,
+with bf16 linears on tiles and with int8 ones on each of their kernels, and only where that
+forward would take the stack's kernels."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from engine_core import LLM, SamplingParams
 from engine_core.messages.config import EngineConfig
 from kernels import bf16_gemm, fused
 from kernels.metadata import AttentionMetadata
-from models import cpu_features, decode_stack
+from models import cpu_features, layer_stack
 from models.runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(not bf16_gemm.available(), reason="no AMX-BF16 tiles here")
@@ -35,31 +35,40 @@ def int8_runner() -> ModelRunner:
     return _runner(quantization="int8")
 
 
-def _decodes(lengths: list[int], block_size: int, num_blocks: int, seed: int):
-    """One new token per sequence of `lengths` tokens (the new one included), their blocks
-    scattered over the pool: (ids, positions, meta)."""
+def _step(seqs: list[tuple[int, int]], block_size: int, num_blocks: int, seed: int):
+    """A step over sequences of (cached, new) tokens, those with one new token (decodes)
+    first, their blocks scattered over the pool: (ids, positions, meta)."""
     gen = torch.Generator().manual_seed(seed)
-    per_seq = [-(-n // block_size) for n in lengths]
+    per_seq = [-(-(cached + new) // block_size) for cached, new in seqs]
     order = torch.randperm(num_blocks, generator=gen)[: sum(per_seq)].to(torch.int32)
-    tables = torch.zeros(len(lengths), max(per_seq), dtype=torch.int32)
+    tables = torch.zeros(len(seqs), max(per_seq), dtype=torch.int32)
     used = 0
     for row, count in enumerate(per_seq):
         tables[row, :count] = order[used : used + count]
         used += count
-    last = torch.tensor([n - 1 for n in lengths])
-    slots = tables[torch.arange(len(lengths)), last // block_size].long() * block_size
-    starts = list(range(len(lengths) + 1))
+    positions = torch.cat([torch.arange(cached, cached + new) for cached, new in seqs])
+    rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([n for _, n in seqs]))
+    slots = tables[rows, positions // block_size].long() * block_size + positions % block_size
+    starts = [0]
+    for _, new in seqs:
+        starts.append(starts[-1] + new)
+    lengths = [cached + new for cached, new in seqs]
     meta = AttentionMetadata(
-        slot_mapping=slots + last % block_size,
+        slot_mapping=slots,
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
         seq_lens=torch.tensor(lengths, dtype=torch.int32),
         block_tables=tables,
-        num_decodes=len(lengths),
+        num_decodes=next((i for i, (_, new) in enumerate(seqs) if new != 1), len(seqs)),
         query_start_loc_cpu=starts,
         seq_lens_cpu=lengths,
     )
-    ids = torch.randint(3, 40000, (len(lengths),), generator=gen)
-    return ids, last, meta
+    ids = torch.randint(3, 40000, (starts[-1],), generator=gen)
+    return ids, positions, meta
+
+
+def _decodes(lengths: list[int], block_size: int, num_blocks: int, seed: int):
+    """One new token per sequence of `lengths` tokens (the new one included)."""
+    return _step([(n - 1, 1) for n in lengths], block_size, num_blocks, seed)
 
 
 def _both(runner: ModelRunner, ids, positions, meta, monkeypatch: pytest.MonkeyPatch):
@@ -69,10 +78,11 @@ def _both(runner: ModelRunner, ids, positions, meta, monkeypatch: pytest.MonkeyP
     start = torch.randn(runner.kv_cache.shape).to(runner.kv_cache.dtype)
     results = []
     for disabled in ("0", "1"):
-        monkeypatch.setenv(decode_stack.DISABLE_ENV, disabled)
+        monkeypatch.setenv(layer_stack.DISABLE_ENV, disabled)
         runner.kv_cache.copy_(start)
         hidden = runner.model(ids, positions, runner.kv_cache, meta)
         results.append((hidden, runner.kv_cache.clone()))
+    monkeypatch.delenv(layer_stack.DISABLE_ENV)
     return results
 
 
@@ -81,7 +91,7 @@ def _both(runner: ModelRunner, ids, positions, meta, monkeypatch: pytest.MonkeyP
 def test_the_stack_gives_the_python_forwards_bits(
     runner: ModelRunner, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert runner.model.decode_stack is not None
+    assert runner.model.layer_stack is not None
     gen = torch.Generator().manual_seed(batch)
     lengths = torch.randint(1, 200, (batch,), generator=gen).tolist()
     ids, positions, meta = _decodes(lengths, runner.block_size, runner.num_blocks, batch)
@@ -92,13 +102,57 @@ def test_the_stack_gives_the_python_forwards_bits(
     assert torch.equal(stack_cache, python_cache)  # the same K and V written at the slots
 
 
+# a prompt's first chunk; chunks after cached context (a block edge and mid-block); decodes
+# and chunks in one step (the second with a 1-token chunk after decodes)
+MIXED = {
+    "prefill": [(0, 256)],
+    "chunks": [(16, 100), (37, 64), (0, 5)],
+    "mixed": [(120, 1), (7, 1), (0, 40), (64, 64)],
+    "mixed-short": [(30, 1), (99, 1), (5, 2)],
+}
+
+
+@pytest.mark.parametrize("seqs", MIXED.values(), ids=MIXED.keys())
+def test_steps_with_chunks_give_the_python_forwards_bits(
+    runner: ModelRunner, seqs: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, positions, meta = _step(seqs, runner.block_size, runner.num_blocks, len(seqs))
+    x = runner.model.embed_tokens(ids)
+    assert runner.model.layer_stack.takes(x, runner.kv_cache, meta)
+    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
+        runner, ids, positions, meta, monkeypatch
+    )
+    assert torch.equal(stack_hidden, python_hidden)
+    assert torch.equal(stack_cache, python_cache)
+
+
+def test_an_int8_step_with_chunks_matches_too(
+    int8_runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 rows: W8A8 on AMX tiles, down_proj's dense GEMM (not native) keeps the Python
+    forward; 200 rows: every linear native."""
+    for seqs, taken in [([(10, 1), (0, 299)], False), ([(10, 1), (40, 199)], True)]:
+        ids, positions, meta = _step(seqs, int8_runner.block_size, int8_runner.num_blocks, 0)
+        x = int8_runner.model.embed_tokens(ids)
+        assert int8_runner.model.layer_stack.takes(x, int8_runner.kv_cache, meta) == taken
+        (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
+            int8_runner, ids, positions, meta, monkeypatch
+        )
+        assert torch.equal(stack_hidden, python_hidden)
+        assert torch.equal(stack_cache, python_cache)
+
+
 def test_a_biased_qkv_and_small_heads_match_too(
     tiny_checkpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Qwen2's qkv bias, grouped heads of 16, 3 layers."""
     folder: Path = tiny_checkpoint(architecture="qwen2", num_kv_heads=2, layers=3)
     tiny = _runner(model=str(folder))
-    assert tiny.model.decode_stack is not None
+    assert tiny.model.layer_stack is not None
+    # chunks of heads of 16, which bf16 prefill on AMX CPUs sends to SDPA: not the stack's
+    ids, positions, meta = _step([(3, 1), (0, 9)], tiny.block_size, tiny.num_blocks, 0)
+    x = tiny.model.embed_tokens(ids % tiny.model_config.vocab_size)
+    assert not tiny.model.layer_stack.takes(x, tiny.kv_cache, meta)
     ids, positions, meta = _decodes([5, 40, 33], tiny.block_size, tiny.num_blocks, 0)
     ids = ids % tiny.model_config.vocab_size
     (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
@@ -116,7 +170,7 @@ def test_greedy_generation_is_the_same_with_and_without_the_stack(
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     outputs = {}
     for disabled in ("0", "1"):
-        monkeypatch.setenv(decode_stack.DISABLE_ENV, disabled)
+        monkeypatch.setenv(layer_stack.DISABLE_ENV, disabled)
         outputs[disabled] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outputs["0"] == outputs["1"]
 
@@ -127,31 +181,26 @@ def test_greedy_generation_is_the_same_with_and_without_the_stack(
     ids=["lora", "int8-lora", "fp32"],
 )
 def test_models_off_the_stacks_kernels_keep_the_python_forward(overrides: dict) -> None:
-    assert _runner(**overrides).model.decode_stack is None
+    assert _runner(**overrides).model.layer_stack is None
 
 
 def test_tiles_hidden_by_the_isa_switch_keep_the_python_forward(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
-    assert _runner().model.decode_stack is None
+    assert _runner().model.layer_stack is None
 
 
 def test_steps_the_stack_does_not_take(
     runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stack = runner.model.decode_stack
-    ids, _, meta = _decodes([10, 20], runner.block_size, runner.num_blocks, 0)
+    stack = runner.model.layer_stack
+    ids, _, meta = _step([(9, 1), (0, 20)], runner.block_size, runner.num_blocks, 0)
     x = runner.model.embed_tokens(ids)
     assert stack.takes(x, runner.kv_cache, meta)
-    prefill = AttentionMetadata(
-        meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables, 1,
-        meta.query_start_loc_cpu, meta.seq_lens_cpu,
-    )  # fmt: skip
-    assert not stack.takes(x, runner.kv_cache, prefill)  # the second sequence prefills
     assert not stack.takes(x, runner.kv_cache.float(), meta)  # another cache dtype
     for env, value in [
-        (decode_stack.DISABLE_ENV, "1"),
+        (layer_stack.DISABLE_ENV, "1"),
         (fused.DISABLE_ENV, "1"),  # torch's small ops
         (cpu_features.ISA_ENV, "avx2"),  # other kernel twins
     ]:
@@ -166,7 +215,7 @@ def test_steps_the_stack_does_not_take(
 def test_int8_linears_give_the_python_forwards_bits(
     int8_runner: ModelRunner, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert int8_runner.model.decode_stack is not None
+    assert int8_runner.model.layer_stack is not None
     gen = torch.Generator().manual_seed(batch)
     lengths = torch.randint(1, 200, (batch,), generator=gen).tolist()
     ids, positions, meta = _decodes(lengths, int8_runner.block_size, int8_runner.num_blocks, batch)
@@ -181,7 +230,7 @@ def test_int8_without_amx_takes_the_stack_too(monkeypatch: pytest.MonkeyPatch) -
     """A Zen 4's choices (VNNI and the AVX-512 weight-only kernel, no tiles)."""
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
     runner = _runner(quantization="int8")
-    assert runner.model.decode_stack is not None
+    assert runner.model.layer_stack is not None
     ids, positions, meta = _decodes([7, 100, 64], runner.block_size, runner.num_blocks, 3)
     (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
         runner, ids, positions, meta, monkeypatch
@@ -196,6 +245,6 @@ def test_a_batch_whose_int8_route_leaves_the_native_kernels_keeps_the_python_for
     """down_proj dequantizes for a dense GEMM beyond 256 rows (models/quant_int8.py)."""
     down = int8_runner.model.layers[0].mlp.down_proj
     assert down.native_kernel_for(256) is not None and down.native_kernel_for(257) is None
-    assert int8_runner.model.decode_stack._layers(256) is not None
-    assert int8_runner.model.decode_stack._layers(257) is None
-    assert runner.model.decode_stack._layers(257) is not None  # tiles take any size
+    assert int8_runner.model.layer_stack._layers(256) is not None
+    assert int8_runner.model.layer_stack._layers(257) is None
+    assert runner.model.layer_stack._layers(257) is not None  # tiles take any size

@@ -1,14 +1,15 @@
-"""A bf16 decode step's decoder layers in one native call (kernels/csrc/decode_stack.c).
+"""A bf16 step's decoder layers in one native call (kernels/csrc/layer_stack.c).
 
 On CPUs with AMX-BF16 (and with int8 weights on any with AVX512_BF16) every op of a bf16
-decode step is one of duet's C kernels, and the
-Python around them (~8 calls per layer: interpreter, ctypes, a tensor allocated per output)
-was about a third of a batch-1 step. The stack calls the same kernels in the same order, so
-its hidden states are bit-equal to the Python forward's. It runs only where that forward
-would take exactly those kernels: linears on AMX tiles or on the native int8 kernels their
-route picks for the batch (models/quant_int8.py), no LoRA, the fused ops and the AVX512_BF16
-decode attention in use, and a batch of decodes only. DUET_DISABLE_DECODE_STACK=1 keeps the
-Python forward (A/B runs).
+step is one of duet's C kernels, and the Python around them (~8 calls per layer:
+interpreter, ctypes, a tensor allocated per output) was about a third of a batch-1 decode
+step. The stack calls the same kernels in the same order, so its hidden states are bit-equal
+to the Python forward's. It runs only where that forward would take exactly those kernels:
+linears on AMX tiles or on the native int8 kernels their route picks for the step's rows
+(models/quant_int8.py), no LoRA, the fused ops and the native attention kernels in use
+(kernels/cpu_attention.py: the AVX512_BF16 decode kernel, and the prefill kernel its
+`prefill_twin` picks for chunks). DUET_DISABLE_LAYER_STACK=1 keeps the Python forward (A/B
+runs).
 """
 
 from __future__ import annotations
@@ -20,24 +21,24 @@ import torch
 from torch import nn
 
 from kernels import fused, int8, native
-from kernels.cpu_attention import int32_contiguous
+from kernels.cpu_attention import MAX_HEAD_DIM, int32_contiguous, prefill_twin
 from kernels.metadata import AttentionMetadata
 from models import cpu_features, switches
 from models.packed import TileGateUpSiLU, TileLinear
 from models.quant_int8 import Int8Linear
 
-DISABLE_ENV = "DUET_DISABLE_DECODE_STACK"
+DISABLE_ENV = "DUET_DISABLE_LAYER_STACK"
 _LINEARS = ("qkv", "o_proj", "gate_up", "down_proj")
 
 
 class StackLinear(ctypes.Structure):
-    """decode_stack.c's StackLinear: bf16 tiles (int8 NULL) or an int8 kernel's weights."""
+    """layer_stack.c's StackLinear: bf16 tiles (int8 NULL) or an int8 kernel's weights."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in ("weight", "bias", "int8", "wsum", "scale")]
 
 
 class StackLayer(ctypes.Structure):
-    """decode_stack.c's StackLayer: one layer's norms and linears."""
+    """layer_stack.c's StackLayer: one layer's norms and linears."""
 
     _fields_ = (
         [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p)]
@@ -47,7 +48,7 @@ class StackLayer(ctypes.Structure):
 
 
 class StackShape(ctypes.Structure):
-    """decode_stack.c's StackShape."""
+    """layer_stack.c's StackShape."""
 
     _fields_ = [
         (name, ctypes.c_int)
@@ -61,18 +62,19 @@ class StackShape(ctypes.Structure):
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr:
     lib = native.load()
-    fn = lib.decode_stack_bf16
+    fn = lib.layer_stack_bf16
     ptr, num = ctypes.c_void_p, ctypes.c_int
     # (layers, shape, final_norm, x, kv_cache, blocks, cos, sin, positions, slots,
-    # block_tables, seq_lens, batch, max_blocks, out, threads)
-    fn.argtypes = [ptr] * 5 + [ctypes.c_long] + [ptr] * 6 + [num, num, ptr, num]
+    # block_tables, seq_lens, query_start, tokens, num_decodes, num_seqs, max_blocks,
+    # prefill kernel or NULL, out, threads)
+    fn.argtypes = [ptr] * 5 + [ctypes.c_long] + [ptr] * 7 + [num] * 4 + [ptr, ptr, num]
     fn.restype = num
     return fn
 
 
-class DecodeStack:
+class LayerStack:
     """The layers of a bf16 model whose linears are on AMX tiles or native int8 kernels, for
-    decode-only steps (`takes`)."""
+    the steps whose every op the stack's kernels would run (`takes`)."""
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
@@ -83,18 +85,18 @@ class DecodeStack:
             attn.head_dim, config.intermediate_size, 0, config.rms_norm_eps, attn.scale,
         )  # fmt: skip
         self._rope = attn.rope
-        # the layers' kernels for a batch of that many rows (an int8 linear's depends on
-        # it), None where one of them is not native
-        self._by_rows: dict[int, ctypes.Array | None] = {}
+        self._by_kernels: dict[tuple[str, ...], ctypes.Array] = {}  # see _layers
 
     @staticmethod
-    def build(model: nn.Module) -> DecodeStack | None:
+    def build(model: nn.Module) -> LayerStack | None:
         """The stack for `model` (a LlamaForCausalLM after pack_weights, and after LoRA would
-        wrap its linears), or None where its decode steps never take the stack's kernels."""
+        wrap its linears), or None where its steps never take the stack's kernels."""
         lib = native.load()
-        if lib is None or not hasattr(lib, "decode_stack_bf16"):
+        if lib is None or not hasattr(lib, "layer_stack_bf16"):
             return None
         if model.embed_tokens.weight.dtype != torch.bfloat16:
+            return None
+        if model.layers[0].self_attn.head_dim > MAX_HEAD_DIM:  # the attention kernels' limit
             return None
         for layer in model.layers:
             qkv, o_proj, gate_up, down_proj = _linears(layer)
@@ -110,20 +112,21 @@ class DecodeStack:
         tables = [norm.weight for norm in norms] + [rope.cos, rope.sin]
         if not all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in tables):
             return None
-        return DecodeStack(model)
+        return LayerStack(model)
 
     def takes(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
         """True when the Python forward would run this step (x: [T, hidden]) on the stack's
-        kernels: one new token per sequence, a bf16 cache, no switch choosing others, and
-        native kernels for every linear at this many rows."""
+        kernels: a bf16 cache, native kernels for every linear at T rows and for the step's
+        chunks, and no switch choosing others."""
         return (
-            0 < x.shape[0] == meta.num_decodes == meta.num_seqs
+            x.shape[0] > 0
             and kv_cache.dtype == torch.bfloat16
             and kv_cache.is_contiguous()
             and switches.read(DISABLE_ENV) != "1"
             and switches.read(fused.DISABLE_ENV) != "1"
             and cpu_features.isa() == "avx512"
             and native.twin(torch.bfloat16) == "avx512bf16"
+            and (meta.num_seqs == meta.num_decodes or self._prefill_kernel() is not None)
             and self._layers(x.shape[0]) is not None
         )
 
@@ -134,31 +137,49 @@ class DecodeStack:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """x: the tokens' embeddings [B, hidden] (overwritten: the residual stream) ->
-        the final norm's output [B, hidden]; kv_cache [L, 2, blocks, block_size, Hkv, D]."""
-        batch = x.shape[0]
+        """x: the step's token embeddings [T, hidden] (overwritten: the residual stream) ->
+        the final norm's output [T, hidden]; kv_cache [L, 2, blocks, block_size, Hkv, D]."""
         self._shape.block_size = kv_cache.shape[3]
         tables = int32_contiguous(meta.block_tables)
         seq_lens = int32_contiguous(meta.seq_lens)
+        starts = int32_contiguous(meta.query_start_loc)
         positions = positions.to(torch.int64).contiguous()
         slots = meta.slot_mapping.to(torch.int64).contiguous()
+        prefill = None if meta.num_seqs == meta.num_decodes else self._prefill_kernel()
         out = torch.empty_like(x)
         status = _kernel()(
-            ctypes.byref(self._layers(batch)), ctypes.byref(self._shape),
+            ctypes.byref(self._layers(x.shape[0])), ctypes.byref(self._shape),
             self._model.norm.weight.data_ptr(), x.data_ptr(), kv_cache.data_ptr(),
             kv_cache.shape[2], self._rope.cos.data_ptr(), self._rope.sin.data_ptr(),
             positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(),
-            batch, tables.shape[1], out.data_ptr(), torch.get_num_threads(),
+            starts.data_ptr(), x.shape[0], meta.num_decodes, meta.num_seqs, tables.shape[1],
+            prefill, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
-            raise MemoryError("decode stack: out of memory for a step's scratch buffers")
+            raise MemoryError("layer stack: out of memory for a step's scratch buffers")
         return out
 
+    def _prefill_kernel(self) -> int | None:
+        """The address of the prefill kernel the Python forward's chunks take, None where
+        they take the torch path."""
+        shape = self._shape
+        twin = prefill_twin(torch.bfloat16, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+        if twin is None:
+            return None
+        kernel = getattr(native.load(), f"paged_prefill_bf16_{twin}")
+        return ctypes.cast(kernel, ctypes.c_void_p).value
+
     def _layers(self, rows: int) -> ctypes.Array | None:
-        if rows not in self._by_rows:
-            layers = [_layer(layer, rows) for layer in self._model.layers]
-            self._by_rows[rows] = None if None in layers else (StackLayer * len(layers))(*layers)
-        return self._by_rows[rows]
+        """The layers as the stack calls them for a step of `rows` rows, None where a linear
+        would not take a native kernel. An int8 linear's kernel depends on the rows, the
+        same in every layer (the same shapes): one array per set of kernels."""
+        kernels = tuple(_kernel_for(linear, rows) for linear in _linears(self._model.layers[0]))
+        if None in kernels:
+            return None
+        if kernels not in self._by_kernels:
+            layers = [_layer(layer, kernels) for layer in self._model.layers]
+            self._by_kernels[kernels] = (StackLayer * len(layers))(*layers)
+        return self._by_kernels[kernels]
 
 
 def _linears(layer: nn.Module) -> tuple[nn.Module, ...]:
@@ -171,34 +192,31 @@ def _stackable(linear: nn.Module) -> bool:
     return type(linear) is TileLinear or (type(linear) is Int8Linear and linear.kernel != "torch")
 
 
+def _kernel_for(linear: nn.Module, rows: int) -> str | None:
+    """How the stack calls `linear` for `rows` rows: "tiles", an int8 kernel
+    (kernels.int8.NATIVE_KERNELS), or None where that call is not native."""
+    if type(linear) in (TileLinear, TileGateUpSiLU):
+        return "tiles"
+    return linear.native_kernel_for(rows)
+
+
 def _address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _linear(linear: nn.Module, rows: int) -> StackLinear | None:
-    """`linear` as the stack calls it for `rows` rows, None where that call is not native."""
-    if type(linear) is TileLinear:
-        return StackLinear(linear.packed.data_ptr(), _address(linear.bias))
-    kernel = linear.native_kernel_for(rows)
-    if kernel is None:
-        return None
+def _linear(linear: nn.Module, kernel: str) -> StackLinear:
+    if kernel == "tiles":
+        return StackLinear(linear.packed.data_ptr(), _address(getattr(linear, "bias", None)))
     return StackLinear(
         linear.packed.data_ptr(), _address(linear.bias), int8.kernel_address(kernel),
         linear.wsum.data_ptr(), linear.scale.data_ptr(),
     )  # fmt: skip
 
 
-def _layer(layer: nn.Module, rows: int) -> StackLayer | None:
-    fused_gate_up = type(layer.mlp.gate_up_proj) is TileGateUpSiLU
-    linears = []
-    for linear in _linears(layer):
-        if linear is layer.mlp.gate_up_proj and fused_gate_up:
-            linears.append(StackLinear(linear.packed.data_ptr()))
-            continue
-        linears.append(_linear(linear, rows))
-    if None in linears:
-        return None
+def _layer(layer: nn.Module, kernels: tuple[str, ...]) -> StackLayer:
+    pairs = zip(_linears(layer), kernels, strict=True)
+    linears = [_linear(linear, kernel) for linear, kernel in pairs]
     return StackLayer(
         layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-        *linears, fused_gate_up,
+        *linears, type(layer.mlp.gate_up_proj) is TileGateUpSiLU,
     )  # fmt: skip
