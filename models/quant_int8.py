@@ -142,10 +142,9 @@ class Int8Linear(nn.Module):
 
     `w8a8`: activations quantized per token (W8A8's route; on CPUs with AMX-BF16 but
     without the AMX-INT8 kernel, the larger bf16 calls take a bf16 GEMM over the dequantized
-    weight), else float activations. With
-    native kernels only the packed int8 weight is kept (every path reads it), else the
-    plain one. The tensors are plain attributes, not buffers, so `model.to(dtype)` leaves
-    the int8 weight and its fp32 scales alone.
+    weight), else float activations. With native kernels only the packed int8 weight is kept
+    (every path reads it), else the plain one. The tensors are plain attributes, not
+    buffers, so `model.to(dtype)` leaves the int8 weight and its fp32 scales alone.
     """
 
     def __init__(
