@@ -25,12 +25,12 @@ def warm_up(runner: ModelRunner, max_tokens: int) -> tuple[int, float]:
     decode step over the same sequences in the pool's first blocks, which hold no request
     yet, then zero those blocks again (the pool starts as zeros: the torch attention path
     relies on it). Returns (tokens prefilled, seconds); (0, 0.0) when the pool cannot hold
-    one sequence."""
+    one sequence or a sequence cannot hold two tokens."""
     start = time.perf_counter()
-    length = max(1, min(PROMPT_TOKENS, runner.max_model_len - 1, max_tokens))
+    length = min(PROMPT_TOKENS, runner.max_model_len - 1, max_tokens)  # + 1 decoded
     blocks_each = -(-(length + 1) // runner.block_size)
-    count = min(max(1, max_tokens // length), runner.num_blocks // blocks_each)
-    if count == 0:
+    count = min(max_tokens // max(length, 1), runner.num_blocks // blocks_each)
+    if length < 1 or count == 0:
         return 0, 0.0
     size = runner.block_size
     tables = torch.arange(count * blocks_each, dtype=torch.int32).view(count, blocks_each)

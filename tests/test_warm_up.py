@@ -25,3 +25,5 @@ def test_warm_up_fits_the_pool_it_has(tiny_checkpoint) -> None:
     block = kv_block_bytes(short.model_config, short.block_size, short.kv_dtype)
     config = EngineConfig(model=folder, kv_cache_memory=(blocks_each - 1) * block, max_model_len=64)
     assert warm_up(ModelRunner(config), 2048) == (0, 0.0)  # not one sequence fits
+    one = ModelRunner(EngineConfig(model=folder, kv_cache_memory=256 << 10, max_model_len=1))
+    assert warm_up(one, 2048) == (0, 0.0)  # no room for a prompt token and a decoded one
