@@ -71,9 +71,9 @@ def _decodes(lengths: list[int], block_size: int, num_blocks: int, seed: int):
     return _step([(n - 1, 1) for n in lengths], block_size, num_blocks, seed)
 
 
-def _both(runner: ModelRunner, ids, positions, meta, monkeypatch: pytest.MonkeyPatch):
-    """(hidden, KV cache) of the step through the stack, then through the Python forward,
-    each from the same random cache."""
+def _assert_same_bits(runner: ModelRunner, ids, positions, meta, monkeypatch) -> None:
+    """The step through the stack, then through the Python forward, each from the same
+    random cache: the same hidden states, and the same K and V written at the slots."""
     torch.manual_seed(1)
     start = torch.randn(runner.kv_cache.shape).to(runner.kv_cache.dtype)
     results = []
@@ -83,7 +83,16 @@ def _both(runner: ModelRunner, ids, positions, meta, monkeypatch: pytest.MonkeyP
         hidden = runner.model(ids, positions, runner.kv_cache, meta)
         results.append((hidden, runner.kv_cache.clone()))
     monkeypatch.delenv(layer_stack.DISABLE_ENV)
-    return results
+    (stack_hidden, stack_cache), (python_hidden, python_cache) = results
+    assert torch.equal(stack_hidden, python_hidden)
+    assert torch.equal(stack_cache, python_cache)
+
+
+def _random_decodes(runner: ModelRunner, batch: int):
+    """`batch` decodes with random contexts (1-199 tokens, across blocks)."""
+    gen = torch.Generator().manual_seed(batch)
+    lengths = torch.randint(1, 200, (batch,), generator=gen).tolist()
+    return _decodes(lengths, runner.block_size, runner.num_blocks, batch)
 
 
 # batch sizes: one row, a row tile but one, a tile, a tile and one; contexts across blocks
@@ -92,14 +101,8 @@ def test_the_stack_gives_the_python_forwards_bits(
     runner: ModelRunner, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert runner.model.layer_stack is not None
-    gen = torch.Generator().manual_seed(batch)
-    lengths = torch.randint(1, 200, (batch,), generator=gen).tolist()
-    ids, positions, meta = _decodes(lengths, runner.block_size, runner.num_blocks, batch)
-    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
-        runner, ids, positions, meta, monkeypatch
-    )
-    assert torch.equal(stack_hidden, python_hidden)
-    assert torch.equal(stack_cache, python_cache)  # the same K and V written at the slots
+    ids, positions, meta = _random_decodes(runner, batch)
+    _assert_same_bits(runner, ids, positions, meta, monkeypatch)
 
 
 # a prompt's first chunk; chunks after cached context (a block edge and mid-block); decodes
@@ -119,11 +122,7 @@ def test_steps_with_chunks_give_the_python_forwards_bits(
     ids, positions, meta = _step(seqs, runner.block_size, runner.num_blocks, len(seqs))
     x = runner.model.embed_tokens(ids)
     assert runner.model.layer_stack.takes(x, runner.kv_cache, meta)
-    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
-        runner, ids, positions, meta, monkeypatch
-    )
-    assert torch.equal(stack_hidden, python_hidden)
-    assert torch.equal(stack_cache, python_cache)
+    _assert_same_bits(runner, ids, positions, meta, monkeypatch)
 
 
 def test_an_int8_step_with_chunks_matches_too(
@@ -135,11 +134,7 @@ def test_an_int8_step_with_chunks_matches_too(
         ids, positions, meta = _step(seqs, int8_runner.block_size, int8_runner.num_blocks, 0)
         x = int8_runner.model.embed_tokens(ids)
         assert int8_runner.model.layer_stack.takes(x, int8_runner.kv_cache, meta) == taken
-        (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
-            int8_runner, ids, positions, meta, monkeypatch
-        )
-        assert torch.equal(stack_hidden, python_hidden)
-        assert torch.equal(stack_cache, python_cache)
+        _assert_same_bits(int8_runner, ids, positions, meta, monkeypatch)
 
 
 def test_a_biased_qkv_and_small_heads_match_too(
@@ -155,11 +150,7 @@ def test_a_biased_qkv_and_small_heads_match_too(
     assert not tiny.model.layer_stack.takes(x, tiny.kv_cache, meta)
     ids, positions, meta = _decodes([5, 40, 33], tiny.block_size, tiny.num_blocks, 0)
     ids = ids % tiny.model_config.vocab_size
-    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
-        tiny, ids, positions, meta, monkeypatch
-    )
-    assert torch.equal(stack_hidden, python_hidden)
-    assert torch.equal(stack_cache, python_cache)
+    _assert_same_bits(tiny, ids, positions, meta, monkeypatch)
 
 
 def test_greedy_generation_is_the_same_with_and_without_the_stack(
@@ -216,14 +207,8 @@ def test_int8_linears_give_the_python_forwards_bits(
     int8_runner: ModelRunner, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert int8_runner.model.layer_stack is not None
-    gen = torch.Generator().manual_seed(batch)
-    lengths = torch.randint(1, 200, (batch,), generator=gen).tolist()
-    ids, positions, meta = _decodes(lengths, int8_runner.block_size, int8_runner.num_blocks, batch)
-    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
-        int8_runner, ids, positions, meta, monkeypatch
-    )
-    assert torch.equal(stack_hidden, python_hidden)
-    assert torch.equal(stack_cache, python_cache)
+    ids, positions, meta = _random_decodes(int8_runner, batch)
+    _assert_same_bits(int8_runner, ids, positions, meta, monkeypatch)
 
 
 def test_int8_without_amx_takes_the_stack_too(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,11 +217,7 @@ def test_int8_without_amx_takes_the_stack_too(monkeypatch: pytest.MonkeyPatch) -
     runner = _runner(quantization="int8")
     assert runner.model.layer_stack is not None
     ids, positions, meta = _decodes([7, 100, 64], runner.block_size, runner.num_blocks, 3)
-    (stack_hidden, stack_cache), (python_hidden, python_cache) = _both(
-        runner, ids, positions, meta, monkeypatch
-    )
-    assert torch.equal(stack_hidden, python_hidden)
-    assert torch.equal(stack_cache, python_cache)
+    _assert_same_bits(runner, ids, positions, meta, monkeypatch)
 
 
 def test_a_batch_whose_int8_route_leaves_the_native_kernels_keeps_the_python_forward(
