@@ -2,8 +2,9 @@
 
 On CPUs with AMX-BF16 this kernel takes a bf16 model's linears at every size: at decode
 sizes it reads the weight at close to the memory's speed (0.54-0.60x of oneDNN's packed
-linear's time at 1-32 rows), and at prefill sizes it is no slower (docs/benchmarks.md,
-"bf16 linears on AMX tiles").
+linear's time at 1-32 rows), and at prefill sizes each tile's epilogue runs while the next
+tile multiplies (docs/benchmarks.md, "bf16 linears on AMX tiles", "Epilogues under the
+tiles' multiplications").
 """
 
 from __future__ import annotations

@@ -61,14 +61,38 @@ static void store_silu_rows(const float *acc, int rows, int r0, int n0, int n, u
     }
 }
 
+// A 32-row x 2-block tile's fp32 sums whose epilogue (bias or SiLU, rounding, the store to
+// out) is still to run, `done` of its `rows` so far
+typedef struct {
+    const float *acc;
+    int rows, r0, n0, cols, done;
+} pending_tile;
+
+// The epilogue of a pending tile's rows up to `upto`
+static void finish_rows(pending_tile *t, int upto, const float *bias, int silu, int n,
+                        uint16_t *out) {
+    if (upto > t->rows) upto = t->rows;
+    if (t->done >= upto) return;
+    const float *acc = t->acc + t->done * 2 * LANES;
+    if (silu)
+        store_silu_rows(acc, upto - t->done, t->r0 + t->done, t->n0, n, out);
+    else
+        store_rows(acc, upto - t->done, t->r0 + t->done, t->n0, t->cols, bias, n, out);
+    t->done = upto;
+}
+
 // x [m, k] bf16 (k a multiple of 32) against `blocks` packed blocks -> out [m, n] bf16: the
 // linear (bias fp32 or NULL), or with `silu` SiLU(gate) * up of block pairs (gate, up). Rows
 // pass in chunks that stay in L2; within a chunk, threads split the pairs of blocks, and each
 // pair meets every row in tiles of 32 (two of 16 rows; a tile past the last row is skipped).
+// A tile's epilogue runs a few rows per k step of the next tile's loop: the vector units
+// work while the tiles multiply, instead of the tiles waiting for the epilogue (at prefill
+// sizes it took as long as the multiplications).
 static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, int blocks,
                       const float *bias, int silu, int n, uint16_t *out, int threads) {
     const int pairs = (blocks + 1) / 2;
     const long block_words = (long)k * LANES, row_bytes = 2L * k;
+    const int steps = k / K_STEP, rows_per_step = (32 + steps - 1) / steps;
     const uint16_t *xs = x;
     uint16_t *padded = NULL;
     if (m % 16) {  // a tile load reads 16 rows: give the last one zero rows to read
@@ -83,7 +107,9 @@ static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, i
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         amx_configure();
-        float acc[32 * 2 * LANES] __attribute__((aligned(64)));
+        float acc[2][32 * 2 * LANES] __attribute__((aligned(64)));
+        pending_tile last = {.rows = 0};
+        int slot = 0;
         for (int c0 = 0; c0 < m; c0 += chunk) {
             const int c1 = m - c0 < chunk ? m : c0 + chunk;
 #pragma omp for schedule(static) nowait
@@ -97,23 +123,22 @@ static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, i
                     const uint16_t *a0 = xs + (long)r0 * k, *a1 = a0 + 16L * k;
                     const int two = c1 - r0 > 16;  // the second row tile holds rows
                     amx_zero_c();
-                    for (int kk = 0; kk < k; kk += K_STEP) {
+                    for (int kk = 0, step = 1; kk < k; kk += K_STEP, ++step) {
                         if (r0 == c0) {  // the first pass brings the weight in
                             prefetch_ahead(w0 + (long)kk * LANES, 1024);
                             prefetch_ahead(w1 + (long)kk * LANES, 1024);
                         }
                         AMX_GEMM_STEP(TILE_DPBF16PS, a0 + kk, a1 + kk, row_bytes,
                                       w0 + (long)kk * LANES, w1 + (long)kk * LANES, two);
+                        finish_rows(&last, step * rows_per_step, bias, silu, n, out);
                     }
-                    amx_store_c(acc, 2 * LANES * 4);  // acc's row: 2 blocks of fp32 sums
-                    const int rows = c1 - r0 < 32 ? c1 - r0 : 32;
-                    if (silu)
-                        store_silu_rows(acc, rows, r0, n0, n, out);
-                    else
-                        store_rows(acc, rows, r0, n0, cols, bias, n, out);
+                    amx_store_c(acc[slot], 2 * LANES * 4);  // a row: 2 blocks of fp32 sums
+                    last = (pending_tile){acc[slot], c1 - r0 < 32 ? c1 - r0 : 32, r0, n0, cols, 0};
+                    slot ^= 1;
                 }
             }
         }
+        finish_rows(&last, 32, bias, silu, n, out);
         __asm__ volatile("tilerelease" ::);
     }
     free(padded);

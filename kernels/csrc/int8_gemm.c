@@ -326,22 +326,61 @@ static void epilogue_bf16_blocks(const int32_t *acc, int rows, int n0, int nb,
 }
 #pragma GCC pop_options
 
+// A 32-row tile's int32 sums (rows NB_MAX * LANES apart) whose epilogue is still to run,
+// `done` of its `rows` so far
+typedef struct {
+    const int32_t *acc;
+    int rows, r0, n0, nb, cols, done;
+} pending_sums;
+
+// What every epilogue of one int8_linear_amx call shares
+typedef struct {
+    const int32_t *wsum;
+    const float *a_scale, *w_scale, *bias;
+    int n, out_bf16;
+    void *out;
+} epilogue_args;
+
+// The epilogue of a pending tile's rows up to `upto`
+static void finish_sums(pending_sums *t, int upto, const epilogue_args *e) {
+    if (upto > t->rows) upto = t->rows;
+    if (t->done >= upto) return;
+    const int row = t->r0 + t->done, rows = upto - t->done;
+    const int32_t *sums = t->acc + t->done * NB_MAX * LANES;
+    if (e->out_bf16 && t->cols == t->nb * LANES)
+        epilogue_bf16_blocks(sums, rows, t->n0, t->nb, e->wsum, e->a_scale + row, e->w_scale,
+                             e->bias, e->n, (uint16_t *)e->out + (long)row * e->n);
+    else
+        epilogue(sums, rows, t->n0, t->cols, e->wsum, e->a_scale + row, e->w_scale, e->bias,
+                 e->n,
+                 e->out_bf16 ? (void *)((uint16_t *)e->out + (long)row * e->n)
+                             : (void *)((float *)e->out + (long)row * e->n),
+                 e->out_bf16);
+    t->done = upto;
+}
+
 // x [m, k] fp32 or bf16 -> out [m, n], k a multiple of 64; wsum as for VNNI. Rows run in
-// tiles of 32 (the last padded with zero rows), channels in pairs of packed blocks.
+// tiles of 32 (the last padded with zero rows), channels in pairs of packed blocks. As in
+// bf16_gemm.c, a tile's epilogue runs a few rows per k step of the next tile's loop, while
+// the tiles multiply.
 void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *packed,
                      const int32_t *wsum, const float *w_scale, const float *bias, int n,
                      void *out, int out_bf16, int threads) {
     const int mp = (m + 31) / 32 * 32, blocks = (n + LANES - 1) / LANES;
+    const int steps = k / 64, rows_per_step = (32 + steps - 1) / steps;
     const long block_bytes = (long)k * LANES;
     int8_t *q = aligned_alloc(64, (size_t)mp * (size_t)k);
     float *a_scale = malloc(sizeof(float) * (size_t)mp);
     quantize_rows(x, x_bf16, m, k, k, 1, q, a_scale, threads);
     memset(q + (size_t)m * (size_t)k, 0x80, (size_t)(mp - m) * (size_t)k);  // rows of zeros
+    const epilogue_args e = {wsum, a_scale, w_scale, bias, n, out_bf16, out};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         amx_configure();
-        int32_t acc[32 * NB_MAX * LANES] __attribute__((aligned(64)));
-#pragma omp for schedule(static)
+        int32_t acc[2][32 * NB_MAX * LANES] __attribute__((aligned(64)));
+        pending_sums last = {.rows = 0};
+        int slot = 0;
+#pragma omp for schedule(static) nowait
         for (int pair = 0; pair < (blocks + 1) / 2; ++pair) {
             const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
             const int8_t *w0 = packed + b0 * block_bytes, *w1 = nb == 2 ? w0 + block_bytes : w0;
@@ -350,30 +389,21 @@ void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
                 const int8_t *a0 = q + (long)r0 * k, *a1 = a0 + 16L * k;
                 const int two = m - r0 > 16;  // the second row tile holds rows
                 amx_zero_c();
-                for (int kk = 0; kk < k; kk += 64) {
+                for (int kk = 0, step = 1; kk < k; kk += 64, ++step) {
                     if (r0 == 0) {
                         prefetch_ahead(w0 + (long)kk * LANES, 1024);
                         prefetch_ahead(w1 + (long)kk * LANES, 1024);
                     }
                     AMX_GEMM_STEP(TILE_DPBUSD, a0 + kk, a1 + kk, k, w0 + (long)kk * LANES,
                                   w1 + (long)kk * LANES, two);
+                    finish_sums(&last, step * rows_per_step, &e);
                 }
-                amx_store_c(acc, NB_MAX * LANES * 4);  // the epilogue's row stride
-                for (int half = 0; half < 2 && r0 + 16 * half < m; ++half) {
-                    const int row = r0 + 16 * half, rows = m - row < 16 ? m - row : 16;
-                    const int32_t *sums = acc + 16 * half * NB_MAX * LANES;
-                    if (out_bf16 && cols == nb * LANES) {
-                        epilogue_bf16_blocks(sums, rows, n0, nb, wsum, a_scale + row, w_scale,
-                                             bias, n, (uint16_t *)out + (long)row * n);
-                        continue;
-                    }
-                    void *dst = out_bf16 ? (void *)((uint16_t *)out + (long)row * n)
-                                         : (void *)((float *)out + (long)row * n);
-                    epilogue(sums, rows, n0, cols, wsum, a_scale + row, w_scale, bias, n, dst,
-                             out_bf16);
-                }
+                amx_store_c(acc[slot], NB_MAX * LANES * 4);  // the epilogue's row stride
+                last = (pending_sums){acc[slot], m - r0 < 32 ? m - r0 : 32, r0, n0, nb, cols, 0};
+                slot ^= 1;
             }
         }
+        finish_sums(&last, 32, &e);
         __asm__ volatile("tilerelease" ::);
     }
     free(q);
