@@ -23,23 +23,26 @@
 #include <string.h>
 
 #include "amx_tiles.h"
-#include "bf16.h"
 #include "exp16_avx512.h"
 
 #define LANES 16       // output channels per packed block
 #define K_STEP 32      // k per tile
 #define CHUNK_BYTES (512 * 1024)  // rows of x per pass over the weight: about half an L2
 
-// acc: rows x cols fp32 sums (a row every 2 * LANES floats) + bias -> bf16 rows of out
+// acc: rows x cols fp32 sums (a row every 2 * LANES floats) + bias -> bf16 rows of out, 16
+// columns a vector (a scalar loop here kept the tiles waiting even under the next tile)
 static void store_rows(const float *acc, int rows, int r0, int n0, int cols, const float *bias,
                        int n, uint16_t *out) {
-    for (int r = 0; r < rows; ++r) {
-        const float *a = acc + r * 2 * LANES;
-        uint16_t *dst = out + (long)(r0 + r) * n + n0;
-        if (bias)
-            for (int c = 0; c < cols; ++c) dst[c] = bf16_store(a[c] + bias[n0 + c]);
-        else
-            for (int c = 0; c < cols; ++c) dst[c] = bf16_store(a[c]);
+    for (int c = 0; c < cols; c += LANES) {
+        const __mmask16 mask = cols - c >= LANES ? 0xffff : (__mmask16)((1u << (cols - c)) - 1);
+        // no bias: no + 0, which would turn a -0 sum into +0
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + c) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; ++r) {
+            __m512 v = _mm512_load_ps(acc + r * 2 * LANES + c);
+            if (bias) v = _mm512_add_ps(v, b);
+            _mm256_mask_storeu_epi16(out + (long)(r0 + r) * n + n0 + c, mask,
+                                     (__m256i)_mm512_cvtneps_pbh(v));
+        }
     }
 }
 
