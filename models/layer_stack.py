@@ -61,7 +61,12 @@ class StackShape(ctypes.Structure):
 
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr:
-    lib = native.load()
+    return entry_point(native.load())
+
+
+def entry_point(lib: ctypes.CDLL) -> ctypes._CFuncPtr:
+    """`lib`'s layer_stack_bf16, declared: this build's, or another build's for an A/B run
+    (LayerStack.entry)."""
     fn = lib.layer_stack_bf16
     ptr, num = ctypes.c_void_p, ctypes.c_int
     # (layers, shape, final_norm, x, kv_cache, blocks, cos, sin, positions, slots,
@@ -86,6 +91,9 @@ class LayerStack:
         )  # fmt: skip
         self._rope = attn.rope
         self._by_kernels: dict[tuple[str, ...], ctypes.Array] = {}  # see _layers
+        # another build's entry point (scripts/bench_decode_step.py --against-library); its
+        # own norms, RoPE and bf16 tiles, this build's int8 and prefill kernels (addresses)
+        self.entry: ctypes._CFuncPtr | None = None
 
     @staticmethod
     def build(model: nn.Module) -> LayerStack | None:
@@ -147,7 +155,7 @@ class LayerStack:
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         prefill = None if meta.num_seqs == meta.num_decodes else self._prefill_kernel()
         out = torch.empty_like(x)
-        status = _kernel()(
+        status = (self.entry or _kernel())(
             ctypes.byref(self._layers(x.shape[0])), ctypes.byref(self._shape),
             self._model.norm.weight.data_ptr(), x.data_ptr(), kv_cache.data_ptr(),
             kv_cache.shape[2], self._rope.cos.data_ptr(), self._rope.sin.data_ptr(),

@@ -17,18 +17,27 @@ its gate_up kernel, models/packed.py: TileGateUpSiLU, in both.) --compare-python
 does the same with the layer stack (a bf16 model's layers in one native call on CPUs with
 AMX-BF16, models/layer_stack.py) and the Python forward (DUET_DISABLE_LAYER_STACK=1).
 The default side of --compare-unfused takes the stack where it runs: add
-DUET_DISABLE_LAYER_STACK=1 to compare the fused ops alone.
+DUET_DISABLE_LAYER_STACK=1 to compare the fused ops alone. --against-library PATH does the
+same with the layer stack's entry point from another build of the kernels (its norms, RoPE
+and bf16 tiles; the int8 and prefill attention kernels stay this build's).
+
+--prompt-len L times prompt steps instead: B prompts of L new tokens each (a step of B x L
+tokens), the LM head over each prompt's last row.
+
+    .venv/bin/python scripts/bench_decode_step.py --batch-sizes 1 8 --prompt-len 256 \
+        --against-library old.so --rounds 10
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -66,17 +75,49 @@ def decode_inputs(
     return ids, torch.full((batch,), context, dtype=torch.int64), meta
 
 
+def prompt_inputs(
+    batch: int, length: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """`batch` prompts of `length` new tokens from position 0; prompt b owns blocks
+    [b * nb, (b + 1) * nb)."""
+    blocks = -(-length // block_size)
+    tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
+    slots = torch.cat([torch.arange(length) + b * blocks * block_size for b in range(batch)])
+    starts = [b * length for b in range(batch + 1)]
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.full((batch,), length, dtype=torch.int32),
+        block_tables=tables,
+        num_decodes=0,
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=[length] * batch,
+    )
+    ids = torch.randint(1000, 40000, (batch * length,))
+    return ids, torch.arange(length).repeat(batch), meta
+
+
+def step_inputs(
+    runner: ModelRunner, batch: int, args: argparse.Namespace
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """A decode step of `batch` sequences, or with --prompt-len a step of `batch` prompts."""
+    if args.prompt_len:
+        return prompt_inputs(batch, args.prompt_len, runner.block_size)
+    return decode_inputs(batch, args.context, runner.block_size)
+
+
 def step_ms(
     runner: ModelRunner,
-    batch: int,
-    context: int,
+    inputs: tuple[torch.Tensor, torch.Tensor, AttentionMetadata],
     steps: int,
     warmup: int,
     adapters: Sequence[list[LoRARef] | None] = (None,),
 ) -> list[float]:
     """Median ms per step for each entry of `adapters` (None: base rows only; a list of
     refs: mixed round-robin over the rows), the entries timed in turn within each step."""
-    ids, positions, meta = decode_inputs(batch, context, runner.block_size)
+    ids, positions, meta = inputs
+    sampled = meta.query_start_loc[1:].long() - 1  # each sequence's last row
+    batch = meta.num_seqs
     times: list[list[float]] = [[] for _ in adapters]
     with torch.inference_mode():
         for i in range(warmup + steps):
@@ -88,7 +129,7 @@ def step_ms(
                     runner.lora.set_batch(rows)
                 start = time.perf_counter()
                 hidden = runner.model(ids, positions, runner.kv_cache, meta)
-                runner.model.compute_logits(hidden)
+                runner.model.compute_logits(hidden[sampled])
                 if i >= warmup:
                     times[which].append(time.perf_counter() - start)
     return [statistics.median(t) * 1e3 for t in times]
@@ -105,17 +146,41 @@ def random_adapters(runner: ModelRunner, count: int, folder: Path) -> list[LoRAR
     return refs
 
 
-def compare_switch(runner: ModelRunner, batch: int, args: argparse.Namespace, env: str) -> str:
-    """The default path and the one the switch `env`=1 forces, alternately, --rounds times
-    each: both medians and the ratio."""
-    times: dict[str, list[float]] = {"0": [], "1": []}
+def compare(
+    runner: ModelRunner,
+    inputs: tuple[torch.Tensor, torch.Tensor, AttentionMetadata],
+    args: argparse.Namespace,
+    sides: dict[str, Callable[[], None]],
+) -> str:
+    """Steps on each side (set up by its callable) in turn, --rounds times: the medians and
+    the first side's over the second's."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.rounds):
-        for value in times:
-            os.environ[env] = value
-            times[value].append(step_ms(runner, batch, args.context, args.steps, args.warmup)[0])
-    os.environ.pop(env)
-    ours, ref = (statistics.median(times[k]) for k in ("0", "1"))
-    return f"default {ours:.1f} ms/step, {env}=1 {ref:.1f} ms/step, ratio {ours / ref:.2f}"
+        for name, set_up in sides.items():
+            set_up()
+            times[name].append(step_ms(runner, inputs, args.steps, args.warmup)[0])
+    (first, ours), (second, ref) = ((k, statistics.median(v)) for k, v in times.items())
+    return f"{first} {ours:.1f} ms/step, {second} {ref:.1f} ms/step, ratio {ours / ref:.2f}"
+
+
+def switch_sides(env: str) -> dict[str, Callable[[], None]]:
+    """The default path, and the one the switch `env`=1 forces."""
+    return {
+        "default": lambda: os.environ.pop(env, None),
+        f"{env}=1": lambda: os.environ.update({env: "1"}),
+    }
+
+
+def library_sides(runner: ModelRunner, path: str) -> dict[str, Callable[[], None]]:
+    """The layer stack's entry point from this build, and from the library at `path`."""
+    stack = runner.model.layer_stack
+    if stack is None:
+        raise SystemExit("--against-library needs the layer stack (bf16 on a CPU with AMX-BF16)")
+    other = layer_stack.entry_point(ctypes.CDLL(path))
+    return {
+        "this build": lambda: setattr(stack, "entry", None),
+        "other": lambda: setattr(stack, "entry", other),
+    }
 
 
 def main() -> None:
@@ -133,6 +198,8 @@ def main() -> None:
     parser.add_argument(
         "--compare-python-layers", action="store_true", help="A/B: no layer stack (bf16, AMX)"
     )
+    parser.add_argument("--against-library", help="A/B: another build's layer stack")
+    parser.add_argument("--prompt-len", type=int, default=0, help="prompt steps of this length")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (--compare-*)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,13 +215,21 @@ def main() -> None:
     runner = ModelRunner(config)
     with tempfile.TemporaryDirectory() as tmp:
         adapters = [None] + ([random_adapters(runner, args.lora, Path(tmp))] if args.lora else [])
+        sides = None
+        if args.compare_unfused or args.compare_python_layers:
+            sides = switch_sides(
+                fused.DISABLE_ENV if args.compare_unfused else layer_stack.DISABLE_ENV
+            )
+        elif args.against_library:
+            sides = library_sides(runner, args.against_library)
         for batch in args.batch_sizes:
-            head = f"dtype {runner.dtype} quantization {args.quantization} batch {batch} context {args.context}"
-            if args.compare_unfused or args.compare_python_layers:
-                env = fused.DISABLE_ENV if args.compare_unfused else layer_stack.DISABLE_ENV
-                print(f"{head}: {compare_switch(runner, batch, args, env)}", flush=True)
+            step = f"prompts of {args.prompt_len}" if args.prompt_len else f"context {args.context}"
+            head = f"dtype {runner.dtype} quantization {args.quantization} batch {batch} {step}"
+            inputs = step_inputs(runner, batch, args)
+            if sides:
+                print(f"{head}: {compare(runner, inputs, args, sides)}", flush=True)
                 continue
-            ms = step_ms(runner, batch, args.context, args.steps, args.warmup, adapters)
+            ms = step_ms(runner, inputs, args.steps, args.warmup, adapters)
             if args.lora:
                 print(f"{head}: base {ms[0]:.1f} ms/step, {args.lora} adapters mixed "
                       f"{ms[1]:.1f} ms/step ({ms[1] / ms[0]:.2f}x)", flush=True)  # fmt: skip

@@ -5,6 +5,7 @@ forward would take the stack's kernels."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from engine_core import LLM, SamplingParams
 from engine_core.messages.config import EngineConfig
-from kernels import bf16_gemm, fused
+from kernels import bf16_gemm, fused, native
 from kernels.metadata import AttentionMetadata
 from models import cpu_features, layer_stack
 from models.runner import ModelRunner
@@ -123,6 +124,21 @@ def test_steps_with_chunks_give_the_python_forwards_bits(
     x = runner.model.embed_tokens(ids)
     assert runner.model.layer_stack.takes(x, runner.kv_cache, meta)
     _assert_same_bits(runner, ids, positions, meta, monkeypatch)
+
+
+def test_another_builds_entry_point_runs_the_same_step(runner: ModelRunner) -> None:
+    # the A/B hook of scripts/bench_decode_step.py --against-library, here with this very
+    # build loaded a second time: the same step, the same bits
+    ids, positions, meta = _step(MIXED["mixed"], runner.block_size, runner.num_blocks, 3)
+    stack = runner.model.layer_stack
+    start = runner.kv_cache.clone()
+    results = []
+    for entry in (None, layer_stack.entry_point(ctypes.CDLL(str(native.library_path())))):
+        stack.entry = entry
+        runner.kv_cache.copy_(start)
+        results.append(runner.model(ids, positions, runner.kv_cache, meta))
+    stack.entry = None
+    assert torch.equal(*results)
 
 
 def test_an_int8_step_with_chunks_matches_too(
