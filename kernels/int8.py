@@ -26,6 +26,8 @@ NATIVE_KERNELS = {
     "wo-avx512": "int8_wo_linear_avx512",
     "wo-avx2": "int8_wo_linear_avx2",
 }
+# an MLP's gate_up on AMX tiles with SiLU(gate) * up in its epilogue (the layer stack's)
+SILU_KERNEL = "int8_silu_mul_amx"
 _DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -34,7 +36,7 @@ def _kernels() -> ctypes.CDLL | None:
     lib = native.load()
     if lib is None:
         return None
-    for name in NATIVE_KERNELS.values():
+    for name in [*NATIVE_KERNELS.values(), SILU_KERNEL]:
         native.declare(lib, name, (
             [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             + [ctypes.c_void_p] * 4
@@ -47,9 +49,10 @@ def _kernels() -> ctypes.CDLL | None:
 
 
 def kernel_address(kernel: str) -> int:
-    """The address of the C function for `kernel` (a NATIVE_KERNELS key), for native callers
-    (models/layer_stack.py)."""
-    return ctypes.cast(getattr(_kernels(), NATIVE_KERNELS[kernel]), ctypes.c_void_p).value
+    """The address of the C function for `kernel` (a NATIVE_KERNELS key, or SILU_KERNEL), for
+    native callers (models/layer_stack.py)."""
+    name = NATIVE_KERNELS.get(kernel, kernel)
+    return ctypes.cast(getattr(_kernels(), name), ctypes.c_void_p).value
 
 
 def native_available() -> bool:
@@ -108,6 +111,23 @@ def native_linear(
     getattr(_kernels(), NATIVE_KERNELS[kernel])(
         x.data_ptr(), flag, m, k, packed.data_ptr(), wsum.data_ptr(), scale.data_ptr(),
         0 if bias is None else bias.data_ptr(), n, out.data_ptr(), flag, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul_amx(
+    x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """x [M, K] bf16 and a gate_up's W8A8 weights (2 x inter channels, gate's first, no bias)
+    -> SiLU(gate) * up [M, inter] bf16 on AMX tiles: the bits of native_linear(..., "amx")
+    followed by kernels.fused.silu_mul."""
+    x = x.contiguous()
+    m, k = x.shape
+    inter = wsum.shape[0] // 2
+    out = torch.empty(m, inter, dtype=torch.bfloat16)
+    getattr(_kernels(), SILU_KERNEL)(
+        x.data_ptr(), 1, m, k, packed.data_ptr(), wsum.data_ptr(), scale.data_ptr(), 0, inter,
+        out.data_ptr(), 1, torch.get_num_threads(),
     )  # fmt: skip
     return out
 

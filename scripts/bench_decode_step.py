@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=0, help="prompt steps of this length")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (--compare-*)")
     args = parser.parse_args()
+    if args.against_library and args.quantization:
+        parser.error("--against-library compares bf16 steps: int8 kernels are this build's")
     torch.set_num_threads(args.threads)
     config = EngineConfig(
         dtype=args.dtype,

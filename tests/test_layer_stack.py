@@ -222,8 +222,11 @@ def test_steps_the_stack_does_not_take(
 def test_int8_linears_give_the_python_forwards_bits(
     int8_runner: ModelRunner, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert int8_runner.model.layer_stack is not None
+    stack = int8_runner.model.layer_stack
+    assert stack is not None
     ids, positions, meta = _random_decodes(int8_runner, batch)
+    # from 5 rows gate_up runs W8A8 on AMX tiles, SiLU x up in its epilogue
+    assert stack._layers(batch)[0].silu_in_gate_up == (batch >= 5)
     _assert_same_bits(int8_runner, ids, positions, meta, monkeypatch)
 
 

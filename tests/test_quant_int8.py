@@ -8,7 +8,7 @@ import torch
 from parity import TOP_K, Reference, compare
 
 from engine_core import LLM, SamplingParams
-from kernels import int8
+from kernels import fused, int8
 from models import cpu_features
 from models.quant_int8 import (
     W8A8_ENV,
@@ -284,6 +284,23 @@ def test_amx_w8a8_equals_vnni_bit_for_bit(shape: tuple, dtype: torch.dtype) -> N
     expected = x.float() @ w.T + bias
     rounding = expected.abs() * 2**-7 if dtype == torch.bfloat16 else 0.0  # the bf16 output
     assert ((amx.float() - expected).abs() <= _w8a8_bound(x.float(), w) + rounding).all()
+
+
+# (M, K, inter): a row, one block of each half, a tile and a bit, several row tiles
+SILU_SHAPES = [(1, 64, 16), (33, 576, 48), (70, 192, 32), (16, 128, 16)]
+
+
+@_AMX
+@pytest.mark.parametrize("shape", SILU_SHAPES, ids=[f"{m}x{k}x{i}" for m, k, i in SILU_SHAPES])
+def test_amx_gate_up_with_silu_equals_the_two_calls_bit_for_bit(shape: tuple) -> None:
+    # the layer stack's fused gate_up: one epilogue instead of gate_up's bf16 output, then
+    # fused.silu_mul; the same roundings, so the same bits
+    m, k, inter = shape
+    q, scale = quantize_weight(_weights(2 * inter, k, seed=inter))
+    packed, wsum = int8.pack_weight(q)
+    x = (3 * torch.randn(m, k, generator=torch.Generator().manual_seed(m))).bfloat16()
+    unfused = fused.silu_mul(int8.native_linear(x, packed, wsum, scale, None, "amx"))
+    assert torch.equal(int8.silu_mul_amx(x, packed, wsum, scale), unfused)
 
 
 @_VNNI

@@ -62,19 +62,30 @@ void rms_norm_bf16_avx512bf16(const uint16_t *x, uint16_t *residual, const uint1
     }
 }
 
+// out[i] = silu(g[i]) * u[i] for i < n, bf16
+static inline void silu_mul_row(const uint16_t *g, const uint16_t *u, uint16_t *out, int n) {
+    for (int i = 0; i < n; i += 16) {
+        const int left = n - i;
+        const __m512 x = load_bf16(g + i, left);
+        const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+        const __m512 silu = round_bf16(_mm512_div_ps(x, den));
+        store_bf16(out + i, _mm512_mul_ps(silu, load_bf16(u + i, left)), left);
+    }
+}
+
 // fused_ops_impl.h's silu_mul_ for bf16 (same arguments)
 void silu_mul_bf16_avx512bf16(const uint16_t *gate_up, uint16_t *out, int rows, int inter,
                               int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
-    for (int r = 0; r < rows; ++r) {
-        const uint16_t *g = gate_up + (long)r * 2 * inter, *u = g + inter;
-        uint16_t *o = out + (long)r * inter;
-        for (int i = 0; i < inter; i += 16) {
-            const int n = inter - i;
-            const __m512 x = load_bf16(g + i, n);
-            const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)));
-            const __m512 silu = round_bf16(_mm512_div_ps(x, den));
-            store_bf16(o + i, _mm512_mul_ps(silu, load_bf16(u + i, n)), n);
-        }
-    }
+    for (int r = 0; r < rows; ++r)
+        silu_mul_row(gate_up + (long)r * 2 * inter, gate_up + (long)r * 2 * inter + inter,
+                     out + (long)r * inter, inter);
+}
+
+// The same on one thread, for a kernel's epilogue (int8_gemm.c): rows of gate and up `stride`
+// elements apart, n of each; out's rows `out_stride` apart
+void silu_mul_rows_bf16_avx512bf16(const uint16_t *gate, const uint16_t *up, long stride,
+                                   uint16_t *out, long out_stride, int rows, int n) {
+    for (int r = 0; r < rows; ++r)
+        silu_mul_row(gate + r * stride, up + r * stride, out + r * out_stride, n);
 }

@@ -291,15 +291,20 @@ int amx_ready(void) {
                : 0;
 }
 
+// fused_ops_avx512bf16.c's SiLU(gate) * up over rows, on one thread
+void silu_mul_rows_bf16_avx512bf16(const uint16_t *gate, const uint16_t *up, long stride,
+                                   uint16_t *out, long out_stride, int rows, int n);
+
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 // `epilogue` for the AMX kernel's bf16 outputs, a whole block of 16 channels per vector: at
 // prefill sizes the scalar-per-row epilogue took a quarter of the kernel's time. The same
 // arithmetic in the same order ((sum - 128 wsum) * a_scale * w_scale + bias, then bf16_store's
 // rounding to nearest even, NaNs kept quiet).
+// `out` holds row 0's channel n0, its rows `out_stride` apart.
 static void epilogue_bf16_blocks(const int32_t *acc, int rows, int n0, int nb,
                                  const int32_t *wsum, const float *a_scale,
-                                 const float *w_scale, const float *bias, int n,
+                                 const float *w_scale, const float *bias, long out_stride,
                                  uint16_t *out) {
     v16si corr[2];
     v16sf ws[2], bs[2];
@@ -321,8 +326,23 @@ static void epilogue_bf16_blocks(const int32_t *acc, int rows, int n0, int nb,
             const v16su nan = (v16su)(magnitude > 0x7f800000u);  // all ones where NaN
             const v16su h = (quiet & nan) | (rounded & ~nan);
             const v16hu half = __builtin_convertvector(h, v16hu);
-            memcpy(out + (long)r * n + n0 + b * LANES, &half, 32);
+            memcpy(out + r * out_stride + b * LANES, &half, 32);
         }
+}
+
+// SiLU(gate) * up of 16 channels from a tile's sums (gate's block, then up's), with the
+// roundings of the unfused path: each projection to bf16 as epilogue_bf16_blocks rounds it,
+// then fused_ops_avx512bf16.c's silu_mul. `out` holds row 0's output column, its rows
+// `out_stride` apart. Only for a gate_up without bias (Python checks).
+static void epilogue_silu_blocks(const int32_t *acc, int rows, int gate0, int up0,
+                                 const int32_t *wsum, const float *a_scale,
+                                 const float *w_scale, long out_stride, uint16_t *out) {
+    uint16_t gate_up[32 * 2 * LANES] __attribute__((aligned(64)));  // a row: gate, then up
+    epilogue_bf16_blocks(acc, rows, gate0, 1, wsum, a_scale, w_scale, NULL, 2 * LANES, gate_up);
+    epilogue_bf16_blocks(acc + LANES, rows, up0, 1, wsum, a_scale, w_scale, NULL, 2 * LANES,
+                         gate_up + LANES);
+    silu_mul_rows_bf16_avx512bf16(gate_up, gate_up + LANES, 2 * LANES, out, out_stride, rows,
+                                  LANES);
 }
 #pragma GCC pop_options
 
@@ -333,11 +353,12 @@ typedef struct {
     int rows, r0, n0, nb, cols, done;
 } pending_sums;
 
-// What every epilogue of one int8_linear_amx call shares
+// What every epilogue of one w8a8_amx call shares; with `silu` the outputs are SiLU(gate) *
+// up, n of them a row, gate's channels 0 .. n and up's n .. 2 n
 typedef struct {
     const int32_t *wsum;
     const float *a_scale, *w_scale, *bias;
-    int n, out_bf16;
+    int n, out_bf16, silu;
     void *out;
 } epilogue_args;
 
@@ -347,9 +368,13 @@ static void finish_sums(pending_sums *t, int upto, const epilogue_args *e) {
     if (t->done >= upto) return;
     const int row = t->r0 + t->done, rows = upto - t->done;
     const int32_t *sums = t->acc + t->done * NB_MAX * LANES;
-    if (e->out_bf16 && t->cols == t->nb * LANES)
+    uint16_t *out_bf16 = (uint16_t *)e->out + (long)row * e->n + t->n0;
+    if (e->silu)
+        epilogue_silu_blocks(sums, rows, t->n0, e->n + t->n0, e->wsum, e->a_scale + row,
+                             e->w_scale, e->n, out_bf16);
+    else if (e->out_bf16 && t->cols == t->nb * LANES)
         epilogue_bf16_blocks(sums, rows, t->n0, t->nb, e->wsum, e->a_scale + row, e->w_scale,
-                             e->bias, e->n, (uint16_t *)e->out + (long)row * e->n);
+                             e->bias, e->n, out_bf16);
     else
         epilogue(sums, rows, t->n0, t->cols, e->wsum, e->a_scale + row, e->w_scale, e->bias,
                  e->n,
@@ -362,18 +387,20 @@ static void finish_sums(pending_sums *t, int upto, const epilogue_args *e) {
 // x [m, k] fp32 or bf16 -> out [m, n], k a multiple of 64; wsum as for VNNI. Rows run in
 // tiles of 32 (the last padded with zero rows), channels in pairs of packed blocks. As in
 // bf16_gemm.c, a tile's epilogue runs a few rows per k step of the next tile's loop, while
-// the tiles multiply.
-void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+// the tiles multiply. With `silu` the weight is a gate_up of 2 n channels (n a multiple of
+// 16), each pair is gate's block i and up's block i, and out [m, n] bf16 = SiLU(gate) * up.
+static void w8a8_amx(const void *x, int x_bf16, int m, int k, const int8_t *packed,
                      const int32_t *wsum, const float *w_scale, const float *bias, int n,
-                     void *out, int out_bf16, int threads) {
+                     void *out, int out_bf16, int threads, int silu) {
     const int mp = (m + 31) / 32 * 32, blocks = (n + LANES - 1) / LANES;
+    const int pairs = silu ? blocks : (blocks + 1) / 2;
     const int steps = k / 64, rows_per_step = (32 + steps - 1) / steps;
     const long block_bytes = (long)k * LANES;
     int8_t *q = aligned_alloc(64, (size_t)mp * (size_t)k);
     float *a_scale = malloc(sizeof(float) * (size_t)mp);
     quantize_rows(x, x_bf16, m, k, k, 1, q, a_scale, threads);
     memset(q + (size_t)m * (size_t)k, 0x80, (size_t)(mp - m) * (size_t)k);  // rows of zeros
-    const epilogue_args e = {wsum, a_scale, w_scale, bias, n, out_bf16, out};
+    const epilogue_args e = {wsum, a_scale, w_scale, bias, n, out_bf16, silu, out};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         amx_configure();
@@ -381,9 +408,10 @@ void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
         pending_sums last = {.rows = 0};
         int slot = 0;
 #pragma omp for schedule(static) nowait
-        for (int pair = 0; pair < (blocks + 1) / 2; ++pair) {
-            const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
-            const int8_t *w0 = packed + b0 * block_bytes, *w1 = nb == 2 ? w0 + block_bytes : w0;
+        for (int pair = 0; pair < pairs; ++pair) {
+            const int b0 = silu ? pair : 2 * pair, nb = silu || blocks - b0 >= 2 ? 2 : 1;
+            const int8_t *w0 = packed + b0 * block_bytes;
+            const int8_t *w1 = silu ? w0 + blocks * block_bytes : nb == 2 ? w0 + block_bytes : w0;
             const int n0 = b0 * LANES, cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
             for (int r0 = 0; r0 < m; r0 += 32) {
                 const int8_t *a0 = q + (long)r0 * k, *a1 = a0 + 16L * k;
@@ -408,6 +436,23 @@ void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
     }
     free(q);
     free(a_scale);
+}
+
+void int8_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                     const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                     void *out, int out_bf16, int threads) {
+    w8a8_amx(x, x_bf16, m, k, packed, wsum, w_scale, bias, n, out, out_bf16, threads, 0);
+}
+
+// x [m, k] -> out [m, inter] bf16 = SiLU(x @ gate^T) * (x @ up^T) for an MLP's gate_up of 2 x
+// inter channels (gate's first, inter a multiple of 16, no bias), the bits of int8_linear_amx
+// then silu_mul_bf16_avx512bf16 without the 2 x inter values between them. int8_linear_amx's
+// signature (`bias` unused, `n` = inter, bf16 out), for the layer stack's int8 calls.
+void int8_silu_mul_amx(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                       const int32_t *wsum, const float *w_scale, const float *bias, int inter,
+                       void *out, int out_bf16, int threads) {
+    (void)bias, (void)out_bf16;
+    w8a8_amx(x, x_bf16, m, k, packed, wsum, w_scale, NULL, inter, out, 1, threads, 1);
 }
 
 // ---- Weight-only on AMX-BF16 tiles (`tdpbf16ps`: a 16 x 32 bf16 tile times a 32 x 16 one

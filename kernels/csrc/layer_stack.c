@@ -56,7 +56,8 @@ typedef struct {
 } StackLinear;
 
 // One layer (models/layer_stack.py: StackLayer): norms as bf16 [hidden], and with
-// `silu_in_gate_up` a gate_up packed with gate and up blocks paired for bf16_silu_mul_amx
+// `silu_in_gate_up` a gate_up whose call gives SiLU(gate) * up: packed with gate and up blocks
+// paired for bf16_silu_mul_amx, or int8 for int8_silu_mul_amx
 typedef struct {
     const uint16_t *input_norm, *post_norm;
     StackLinear qkv, o_proj, gate_up, down_proj;
@@ -132,7 +133,9 @@ int layer_stack_bf16(const StackLayer *layers, const StackShape *shape, const ui
                     threads);
         linear(&w->o_proj, attn, tokens, q_size, hidden, h, threads);
         rms_norm_bf16_avx512bf16(h, x, w->post_norm, mlp, tokens, hidden, shape->eps, norm_threads);
-        if (w->silu_in_gate_up) {
+        if (w->silu_in_gate_up && w->gate_up.int8) {  // int8_silu_mul_amx: inter outputs
+            linear(&w->gate_up, mlp, tokens, hidden, inter, act, threads);
+        } else if (w->silu_in_gate_up) {
             bf16_silu_mul_amx(mlp, tokens, hidden, w->gate_up.weight, inter, act, threads);
         } else {
             linear(&w->gate_up, mlp, tokens, hidden, 2 * inter, gate_up, threads);
