@@ -105,10 +105,13 @@ int layer_stack_bf16(const StackLayer *layers, const StackShape *shape, const ui
     uint16_t *h = scratch((long)tokens * hidden), *qkv = scratch((long)tokens * qkv_size);
     uint16_t *q = scratch((long)tokens * q_size), *attn = scratch((long)tokens * q_size);
     const int inter = shape->intermediate;
-    uint16_t *act = scratch((long)tokens * inter), *gate_up = scratch(2L * tokens * inter);
+    int unfused = 0;  // a layer whose gate_up leaves SiLU x up to silu_mul needs its output
+    for (int l = 0; l < shape->layers; ++l) unfused |= !layers[l].silu_in_gate_up;
+    uint16_t *act = scratch((long)tokens * inter);
+    uint16_t *gate_up = unfused ? scratch(2L * tokens * inter) : NULL;
     uint16_t *mlp = scratch((long)tokens * hidden);
     int status = -1;
-    if (!h || !qkv || !q || !attn || !act || !gate_up || !mlp) goto done;
+    if (!h || !qkv || !q || !attn || !act || (unfused && !gate_up) || !mlp) goto done;
     const int norm_threads = small_op_threads((long)tokens * hidden, threads);
     const int rope_threads = small_op_threads((long)tokens * qkv_size, threads);
     const int silu_threads = small_op_threads(2L * tokens * inter, threads);
