@@ -21,26 +21,25 @@ LANES = 16  # output channels per packed block
 K_STEP = 32  # k per tile: in_features must be a multiple of it
 
 
-@functools.cache
-def _kernel() -> ctypes._CFuncPtr:
-    lib = native.load()
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with the two tile kernels' argument types given: this build's, or another
+    build's for a benchmark's baseline (the `lib` arguments below)."""
     # (x, m, k, packed, bias or NULL, n, out, threads)
     native.declare(lib, "bf16_linear_amx", [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
     ])  # fmt: skip
-    return lib.bf16_linear_amx
-
-
-@functools.cache
-def _silu_kernel() -> ctypes._CFuncPtr:
-    lib = native.load()
     # (x, m, k, packed, inter, out, threads)
     native.declare(lib, "bf16_silu_mul_amx", [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_int,
     ])  # fmt: skip
-    return lib.bf16_silu_mul_amx
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    return declare(native.load())
 
 
 def available() -> bool:
@@ -63,13 +62,18 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """x [M, K] bf16 -> x @ W.T + bias [M, n] bf16, W packed by `pack`; bias fp32 or None."""
+    """x [M, K] bf16 -> x @ W.T + bias [M, n] bf16, W packed by `pack`; bias fp32 or None.
+    `lib`: another build of the kernels (`declare`d), a benchmark's baseline."""
     x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    _kernel()(
+    (lib or _library()).bf16_linear_amx(
         x.data_ptr(), m, k, packed.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
@@ -89,13 +93,16 @@ def pack_gate_up(weight: torch.Tensor) -> torch.Tensor:
     return pack(halves.transpose(0, 1).reshape(two_i, k))
 
 
-def silu_mul(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
+def silu_mul(
+    x: torch.Tensor, packed: torch.Tensor, intermediate: int, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
     """x [M, K] bf16 -> SiLU(x @ gate.T) * (x @ up.T) [M, I] bf16, the weight packed by
-    `pack_gate_up`; the same bits as `linear` followed by `kernels.fused.silu_mul`."""
+    `pack_gate_up`; the same bits as `linear` followed by `kernels.fused.silu_mul`. `lib`:
+    as `linear`'s."""
     x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, intermediate, dtype=torch.bfloat16)
-    _silu_kernel()(
+    (lib or _library()).bf16_silu_mul_amx(
         x.data_ptr(), m, k, packed.data_ptr(), intermediate, out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip

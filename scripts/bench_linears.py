@@ -4,12 +4,22 @@ oneDNN-prepacked weights, and (bf16 on CPUs with AMX-BF16) duet's tile kernel, p
 batch size. Best of --repeats, interleaved.
 
     .venv/bin/python scripts/bench_linears.py --threads 1 --batch-sizes 1 16 64
+
+With --against-library PATH (bf16, CPUs with AMX-BF16), this build's tile kernels against
+another build's on the same packed weights: the 30 layers' linears (not the LM head, which
+a step runs on its sampled rows only), gate_up with SiLU x up in its kernel as the model
+runs it; --repeats rounds in turn, medians and their ratio per batch size.
+
+    .venv/bin/python scripts/bench_linears.py --threads 2 --batch-sizes 1 64 2048 \
+        --against-library old.so --repeats 8
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 
+from kernels import bf16_gemm
 from models.packed import PackedLinear, TileLinear, tiles_available
 
 # (out, in) of SmolLM2-135M's fused qkv, o, gate_up, down; then the tied LM head
@@ -31,8 +42,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--against-library", help="another build's tile kernels (A/B)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.against_library:
+        against_library(args.against_library, args.batch_sizes, args.repeats)
+        return
     print(
         f"| dtype | batch | F.linear | oneDNN prepacked | AMX tiles | tiles / oneDNN |  "
         f"{args.threads} thread(s), best of {args.repeats}"
@@ -58,6 +73,43 @@ def main() -> None:
                 f"{best['plain'] * 1e3:.1f} ms | {best['packed'] * 1e3:.1f} ms | "
                 + (f"{tiles * 1e3:.1f} ms | {tiles / best['packed']:.2f} |" if tiles else "— | — |")
             )
+
+
+def against_library(path: str, batch_sizes: list[int], rounds: int) -> None:
+    """All linears of a step on this build's tile kernels and on those of the library at
+    `path`, in turn."""
+    if not tiles_available(torch.bfloat16):
+        raise SystemExit("--against-library times the AMX-BF16 tile kernels: none here")
+    other = bf16_gemm.declare(ctypes.CDLL(path))
+    layer_shapes = SHAPES[:-1]
+    calls = []  # (packed weight, outputs, whether SiLU x up is in the kernel) per linear
+    for out_features, in_features in layer_shapes:
+        weight = torch.randn(out_features, in_features).bfloat16() * 0.05
+        if out_features == 2 * SHAPES[3][1]:  # gate_up
+            calls.append((bf16_gemm.pack_gate_up(weight), out_features // 2, True))
+        else:
+            calls.append((bf16_gemm.pack(weight), out_features, False))
+    print(f"| batch | this build | other | this / other (median, range) |  {rounds} rounds")
+    print("|---:|---:|---:|---:|")
+    for batch in batch_sizes:
+        inputs = [torch.randn(batch, shape[1]).bfloat16() for shape in layer_shapes]
+        builds = {"this": None, "other": other}
+        times: dict[str, list[float]] = {name: [] for name in builds}
+        for round_ in range(rounds):
+            for name in list(builds)[:: 1 if round_ % 2 == 0 else -1]:
+                start = time.perf_counter()
+                for (packed, n, silu), x in zip(calls, inputs, strict=True):
+                    if silu:
+                        bf16_gemm.silu_mul(x, packed, n, builds[name])
+                    else:
+                        bf16_gemm.linear(x, packed, None, n, builds[name])
+                times[name].append(time.perf_counter() - start)
+        ratios = [ours / theirs for ours, theirs in zip(*times.values(), strict=True)]
+        ours, theirs = (statistics.median(t) * 1e3 for t in times.values())
+        print(
+            f"| {batch} | {ours:.1f} ms | {theirs:.1f} ms | {statistics.median(ratios):.3f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) |"
+        )
 
 
 def one_step(layers: list[Callable], inputs: list[torch.Tensor]) -> float:

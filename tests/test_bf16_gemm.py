@@ -3,11 +3,13 @@ edges of its tiles, blocks and row chunks."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
 from engine_core import LLM, SamplingParams
-from kernels import bf16_gemm, fused
+from kernels import bf16_gemm, fused, native
 from models.packed import TileGateUpSiLU, TileLinear
 
 pytestmark = pytest.mark.skipif(not bf16_gemm.available(), reason="no AMX-BF16 tiles here")
@@ -70,6 +72,22 @@ def test_gate_up_with_silu_is_the_linear_then_silu_mul_bit_for_bit(rows: int) ->
     unfused = fused.silu_mul(bf16_gemm.linear(x, bf16_gemm.pack(w), None, 2 * inter))
     got = bf16_gemm.silu_mul(x, bf16_gemm.pack_gate_up(w), inter)
     assert torch.equal(got, unfused)
+
+
+def test_another_build_of_the_kernels_gives_the_same_bits() -> None:
+    # the baseline hook of scripts/bench_linears.py --against-library, here with this very
+    # build loaded a second time
+    other = bf16_gemm.declare(ctypes.CDLL(str(native.library_path())))
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(96, 576, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(40, 576, generator=gen).bfloat16()
+    packed, gate_up = bf16_gemm.pack(w), bf16_gemm.pack_gate_up(w)
+    assert torch.equal(
+        bf16_gemm.linear(x, packed, None, 96, other), bf16_gemm.linear(x, packed, None, 96)
+    )
+    assert torch.equal(
+        bf16_gemm.silu_mul(x, gate_up, 48, other), bf16_gemm.silu_mul(x, gate_up, 48)
+    )
 
 
 def test_mlps_take_the_activation_into_gate_up_unless_told_not_to(tiny_checkpoint) -> None:
