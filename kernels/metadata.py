@@ -35,3 +35,24 @@ class AttentionMetadata:
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decodes
+
+
+def fresh_prompts(
+    count: int, length: int, block_size: int, blocks_each: int | None = None
+) -> AttentionMetadata:
+    """`count` prompts of `length` new tokens each from position 0, nothing cached, prompt b
+    in blocks [b * blocks_each, (b + 1) * blocks_each) (by default just enough for its
+    tokens): for steps made up outside the scheduler (warm-up, calibration, benchmarks)."""
+    blocks_each = blocks_each or -(-length // block_size)
+    tables = torch.arange(count * blocks_each, dtype=torch.int32).view(count, blocks_each)
+    slots = tables.long()[:, :, None] * block_size + torch.arange(block_size)
+    starts = [b * length for b in range(count + 1)]
+    return AttentionMetadata(
+        slot_mapping=slots.view(count, -1)[:, :length].reshape(-1),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.full((count,), length, dtype=torch.int32),
+        block_tables=tables,
+        num_decodes=0,
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=[length] * count,
+    )

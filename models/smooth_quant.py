@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, fresh_prompts
 
 # measured on SmolLM2 (docs/benchmarks.md): 0.5 and 0.65 close most of W8A8's perplexity
 # gap, 0.8 widens it again
@@ -127,13 +127,4 @@ def scratch_cache(model: nn.Module, tokens: int) -> tuple[torch.Tensor, Attentio
     shape = (config.num_hidden_layers, 2, blocks, block_size, config.num_key_value_heads,
              config.head_dim)  # fmt: skip
     cache = torch.zeros(shape, dtype=model.embed_tokens.weight.dtype)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(tokens, dtype=torch.int64),
-        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32),
-        seq_lens=torch.tensor([tokens], dtype=torch.int32),
-        block_tables=torch.arange(blocks, dtype=torch.int32).view(1, blocks),
-        num_decodes=0,
-        query_start_loc_cpu=[0, tokens],
-        seq_lens_cpu=[tokens],
-    )
-    return cache, meta
+    return cache, fresh_prompts(1, tokens, block_size)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, fresh_prompts
 from models.runner import ModelRunner
 
 PROMPT_TOKENS = 256  # per dummy sequence: a typical prompt, so attention sees typical shapes
@@ -32,23 +32,12 @@ def warm_up(runner: ModelRunner, max_tokens: int) -> tuple[int, float]:
     count = min(max_tokens // max(length, 1), runner.num_blocks // blocks_each)
     if length < 1 or count == 0:
         return 0, 0.0
-    size = runner.block_size
-    tables = torch.arange(count * blocks_each, dtype=torch.int32).view(count, blocks_each)
-    slots = (tables.long()[:, :, None] * size + torch.arange(size)).view(count, -1)
     ids = torch.arange(count * length) % runner.model_config.vocab_size
-    starts = [i * length for i in range(count + 1)]
-    prefill = AttentionMetadata(
-        slot_mapping=slots[:, :length].reshape(-1),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.full((count,), length, dtype=torch.int32),
-        block_tables=tables,
-        num_decodes=0,
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=[length] * count,
-    )
+    prefill = fresh_prompts(count, length, runner.block_size, blocks_each)
     _step(runner, ids, torch.arange(length).repeat(count), prefill, length)
+    tables = prefill.block_tables  # each sequence's next token goes right after its prompt
     decode = AttentionMetadata(
-        slot_mapping=slots[:, length].contiguous(),
+        slot_mapping=torch.arange(count) * blocks_each * runner.block_size + length,
         query_start_loc=torch.arange(count + 1, dtype=torch.int32),
         seq_lens=torch.full((count,), length + 1, dtype=torch.int32),
         block_tables=tables,

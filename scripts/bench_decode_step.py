@@ -48,7 +48,7 @@ from make_lora_adapters import write_random_adapter
 from engine_core.messages.config import EngineConfig
 from engine_core.messages.lora import LoRARef
 from kernels import fused
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, fresh_prompts
 from models import layer_stack
 from models.lora_files import module_shapes
 from models.runner import ModelRunner
@@ -78,23 +78,9 @@ def decode_inputs(
 def prompt_inputs(
     batch: int, length: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """`batch` prompts of `length` new tokens from position 0; prompt b owns blocks
-    [b * nb, (b + 1) * nb)."""
-    blocks = -(-length // block_size)
-    tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
-    slots = torch.cat([torch.arange(length) + b * blocks * block_size for b in range(batch)])
-    starts = [b * length for b in range(batch + 1)]
-    meta = AttentionMetadata(
-        slot_mapping=slots,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.full((batch,), length, dtype=torch.int32),
-        block_tables=tables,
-        num_decodes=0,
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=[length] * batch,
-    )
+    """`batch` prompts of `length` new tokens from position 0 (kernels.metadata.fresh_prompts)."""
     ids = torch.randint(1000, 40000, (batch * length,))
-    return ids, torch.arange(length).repeat(batch), meta
+    return ids, torch.arange(length).repeat(batch), fresh_prompts(batch, length, block_size)
 
 
 def step_inputs(
