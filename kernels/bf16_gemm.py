@@ -1,10 +1,13 @@
-"""bf16 linears on AMX-BF16 tiles (kernels/csrc/bf16_gemm.c), weights packed once at load.
+"""bf16 linears on duet's own kernels (kernels/csrc/bf16_gemm.c), weights packed once at load.
 
-On CPUs with AMX-BF16 this kernel takes a bf16 model's linears at every size: at decode
-sizes it reads the weight at close to the memory's speed (0.54-0.60x of oneDNN's packed
-linear's time at 1-32 rows), and at prefill sizes each tile's epilogue runs while the next
-tile multiplies (docs/benchmarks.md, "bf16 linears on AMX tiles", "Epilogues under the
-tiles' multiplications").
+On CPUs with AMX-BF16 the kernel multiplies tiles; at decode sizes it reads the weight at
+close to the memory's speed (0.54-0.60x of oneDNN's packed linear's time at 1-32 rows),
+and at prefill sizes each tile's epilogue runs while the next tile multiplies
+(docs/benchmarks.md, "bf16 linears on AMX tiles", "Epilogues under the tiles'
+multiplications"). On CPUs with AVX512_BF16 and no AMX (Zen 4, Zen 5) its twin multiplies
+the same packed weights with `vdpbf16ps`, which lets the layer stack (models/layer_stack.py)
+run a bf16 step there too. `DUET_CPU_ISA=avx512bf16` hides AMX (the twin runs), and
+`DUET_CPU_ISA=avx512` AVX512_BF16 (oneDNN runs the linears).
 """
 
 from __future__ import annotations
@@ -21,19 +24,25 @@ LANES = 16  # output channels per packed block
 K_STEP = 32  # k per tile: in_features must be a multiple of it
 
 
+TWINS = ("amx", "avx512bf16")
+
+
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """`lib` with the two tile kernels' argument types given: this build's, or another
-    build's for a benchmark's baseline (the `lib` arguments below)."""
-    # (x, m, k, packed, bias or NULL, n, out, threads)
-    native.declare(lib, "bf16_linear_amx", [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-    ])  # fmt: skip
-    # (x, m, k, packed, inter, out, threads)
-    native.declare(lib, "bf16_silu_mul_amx", [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_int,
-    ])  # fmt: skip
+    """`lib` with its kernels' argument types given: this build's, or another build's for a
+    benchmark's baseline (the `lib` arguments below; an older build may lack a twin)."""
+    for twin in TWINS:
+        if not hasattr(lib, f"bf16_linear_{twin}"):
+            continue
+        # (x, m, k, packed, bias or NULL, n, out, threads)
+        native.declare(lib, f"bf16_linear_{twin}", [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ])  # fmt: skip
+        # (x, m, k, packed, inter, out, threads)
+        native.declare(lib, f"bf16_silu_mul_{twin}", [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_int,
+        ])  # fmt: skip
     return lib
 
 
@@ -42,14 +51,24 @@ def _library() -> ctypes.CDLL:
     return declare(native.load())
 
 
+def twin() -> str | None:
+    """Which kernel runs bf16 linears here: "amx" on AMX-BF16 tiles (with Linux's permission
+    for this process to use tile data), "avx512bf16" on `vdpbf16ps`, None where neither (as
+    DUET_CPU_ISA allows)."""
+    if native.load() is None:
+        return None
+    if cpu_features.has_amx_bf16() and native.amx_permitted():
+        return "amx"
+    return "avx512bf16" if cpu_features.has_avx512_bf16() else None
+
+
 def available() -> bool:
-    """True when bf16 linears can run on AMX tiles here: AMX-BF16 (unless DUET_CPU_ISA says
-    otherwise) and Linux's permission for this process to use tile data."""
-    return cpu_features.has_amx_bf16() and native.amx_permitted()
+    """True when bf16 linears can run on one of these kernels here."""
+    return twin() is not None
 
 
 def supports(in_features: int) -> bool:
-    """True when a linear with `in_features` inputs fits the kernel's tiles."""
+    """True when a linear with `in_features` inputs fits the kernels' tiles."""
     return in_features % K_STEP == 0
 
 
@@ -73,7 +92,7 @@ def linear(
     x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    (lib or _library()).bf16_linear_amx(
+    getattr(lib or _library(), f"bf16_linear_{twin()}")(
         x.data_ptr(), m, k, packed.data_ptr(), 0 if bias is None else bias.data_ptr(), n,
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
@@ -102,7 +121,7 @@ def silu_mul(
     x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, intermediate, dtype=torch.bfloat16)
-    (lib or _library()).bf16_silu_mul_amx(
+    getattr(lib or _library(), f"bf16_silu_mul_{twin()}")(
         x.data_ptr(), m, k, packed.data_ptr(), intermediate, out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip

@@ -1,11 +1,11 @@
 """A bf16 step's decoder layers in one native call (kernels/csrc/layer_stack.c).
 
-On CPUs with AMX-BF16 (and with int8 weights on any with AVX512_BF16) every op of a bf16
-step is one of duet's C kernels, and the Python around them (~8 calls per layer:
-interpreter, ctypes, a tensor allocated per output) was about a third of a batch-1 decode
-step. The stack calls the same kernels in the same order, so its hidden states are bit-equal
+On CPUs with AVX512_BF16 every op of a bf16 step is one of duet's C kernels, and the Python
+around them (~8 calls per layer: interpreter, ctypes, a tensor allocated per output) was
+about a third of a batch-1 decode step. The stack calls the same kernels in the same order, so its hidden states are bit-equal
 to the Python forward's. It runs only where that forward would take exactly those kernels:
-linears on AMX tiles or on the native int8 kernels their route picks for the step's rows
+linears on duet's bf16 kernels (AMX tiles or their `vdpbf16ps` twin,
+kernels/bf16_gemm.py) or on the native int8 kernels their route picks for the step's rows
 (models/quant_int8.py), no LoRA, the fused ops and the native attention kernels in use
 (kernels/cpu_attention.py: the AVX512_BF16 decode kernel, and the prefill kernel its
 `prefill_twin` picks for chunks). DUET_DISABLE_LAYER_STACK=1 keeps the Python forward (A/B
@@ -20,7 +20,7 @@ import functools
 import torch
 from torch import nn
 
-from kernels import fused, int8, native
+from kernels import bf16_gemm, fused, int8, native
 from kernels.cpu_attention import MAX_HEAD_DIM, int32_contiguous, prefill_twin
 from kernels.metadata import AttentionMetadata
 from models import cpu_features, switches
@@ -56,7 +56,7 @@ class StackShape(ctypes.Structure):
             "layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "intermediate",
             "block_size",
         )
-    ] + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]  # fmt: skip
+    ] + [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("amx", ctypes.c_int)]  # fmt: skip
 
 
 @functools.cache
@@ -78,7 +78,7 @@ def entry_point(lib: ctypes.CDLL) -> ctypes._CFuncPtr:
 
 
 class LayerStack:
-    """The layers of a bf16 model whose linears are on AMX tiles or native int8 kernels, for
+    """The layers of a bf16 model whose linears are on bf16 tiles or native int8 kernels, for
     the steps whose every op the stack's kernels would run (`takes`)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -88,6 +88,7 @@ class LayerStack:
         self._shape = StackShape(
             len(model.layers), config.hidden_size, attn.num_heads, attn.num_kv_heads,
             attn.head_dim, config.intermediate_size, 0, config.rms_norm_eps, attn.scale,
+            bf16_gemm.twin() == "amx",
         )  # fmt: skip
         self._rope = attn.rope
         self._by_kernels: dict[tuple[str, ...], ctypes.Array] = {}  # see _layers

@@ -160,7 +160,7 @@ class MLP(nn.Module):
 
     def fuse_activation(self) -> bool:
         """Give gate_up_proj (built without a bias) the activation where the bf16 tile kernel
-        can apply it (still a plain linear, AMX-BF16 tiles here); returns whether it did.
+        can apply it (still a plain linear, duet's bf16 kernels here); returns whether it did.
         Call before packing."""
         linear = self.gate_up_proj
         weight = linear.weight if isinstance(linear, nn.Linear) else None
@@ -252,8 +252,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def pack_weights(self, fuse_activation: bool = True) -> int:
-        """Pack every linear (and a tied LM head) for oneDNN or AMX tiles where that is faster
-        for the model's dtype; returns how many were packed. Call after load_weights.
+        """Pack every linear (and a tied LM head) for oneDNN or duet's bf16 kernels where that is
+        faster for the model's dtype; returns how many were packed. Call after load_weights.
         `fuse_activation`: the MLPs' gate_up projections apply SiLU(gate) * up themselves
         where the tile kernel can (not with LoRA, whose deltas join the projection's output)."""
         if not packing_available(self.embed_tokens.weight.dtype):

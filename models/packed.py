@@ -6,8 +6,9 @@ once per step with a handful of rows, so that copy is most of the cost. Packed o
 float32 is packed too (a decode step in 0.66x of the time at batch 1 and 16): oneDNN's packed
 kernel is not bit-equal to `F.linear` (it sums in another order), yet the real-model
 parity tests, greedy and logprobs, stay token-identical with Hugging Face's fp32.
-On CPUs with AMX-BF16, bf16 linears take duet's own tile kernel instead (TileLinear), which
-reads a decode step's weights faster than oneDNN's (kernels/bf16_gemm.py).
+On CPUs with AVX512_BF16, bf16 linears take duet's own kernel instead (TileLinear: AMX tiles
+where the CPU has them, else `vdpbf16ps` on the same packed weights, kernels/bf16_gemm.py),
+which reads a decode step's weights faster than oneDNN's and lets the layer stack run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ DISABLE_ENV = "DUET_DISABLE_PACKED_LINEARS"  # "1": every linear on F.linear (A/
 
 
 class _TileModule(nn.Module):
-    """A module over the AMX tile kernels (kernels/bf16_gemm.py): `_rows` takes x as rows
+    """A module over duet's bf16 kernels (kernels/bf16_gemm.py): `_rows` takes x as rows
     [M, in_features]; `forward` any leading dimensions."""
 
     in_features: int
@@ -43,8 +44,8 @@ class _TileModule(nn.Module):
 
 
 class TileLinear(_TileModule):
-    """`x @ weight.T + bias` for bf16 on AMX-BF16 tiles, the weight packed once into the
-    kernel's tile layout (kernels/bf16_gemm.py)."""
+    """`x @ weight.T + bias` for bf16 on duet's kernels, the weight packed once into their
+    tile layout (kernels/bf16_gemm.py)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -57,7 +58,7 @@ class TileLinear(_TileModule):
 
 
 class TileGateUpSiLU(_TileModule):
-    """An MLP's gate_up projection and its activation in one kernel on AMX tiles:
+    """An MLP's gate_up projection and its activation in one of duet's bf16 kernels:
     x -> SiLU(x @ gate.T) * (x @ up.T), from the fused [2 * I, K] gate_up weight (no bias)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -99,13 +100,13 @@ def packing_available(dtype: torch.dtype) -> bool:
 
 
 def tiles_available(dtype: torch.dtype) -> bool:
-    """True when `dtype` linears take AMX tiles (TileLinear) here rather than oneDNN: bf16
-    on a CPU with AMX-BF16, unless DUET_CPU_ISA hides it."""
+    """True when `dtype` linears take duet's kernels (TileLinear) here rather than oneDNN:
+    bf16 on a CPU with AMX-BF16 or AVX512_BF16, unless DUET_CPU_ISA hides them."""
     return dtype == torch.bfloat16 and bf16_gemm.available()
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """The packed linear for `weight`: on AMX tiles where they take it, else oneDNN's."""
+    """The packed linear for `weight`: on duet's kernels where they take it, else oneDNN's."""
     if tiles_available(weight.dtype) and bf16_gemm.supports(weight.shape[1]):
         return TileLinear(weight, bias)
     return PackedLinear(weight, bias)
@@ -113,7 +114,9 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
 
 def packing_kind(dtype: torch.dtype) -> str:
     """How `dtype` linears are packed here, for the start-up log."""
-    return "AMX-BF16 tiles" if tiles_available(dtype) else "oneDNN"
+    if not tiles_available(dtype):
+        return "oneDNN"
+    return "AMX-BF16 tiles" if bf16_gemm.twin() == "amx" else "AVX512_BF16 on tiles' layout"
 
 
 def pack_linears(model: nn.Module) -> int:

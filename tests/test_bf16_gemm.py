@@ -1,5 +1,6 @@
-"""The bf16 linear on AMX tiles (kernels/bf16_gemm.py) against an fp32 reference, at the
-edges of its tiles, blocks and row chunks."""
+"""The bf16 linear on duet's kernels (kernels/bf16_gemm.py: AMX tiles and their `vdpbf16ps`
+twin, each where this CPU runs it) against an fp32 reference, at the edges of its tiles,
+blocks and row chunks."""
 
 from __future__ import annotations
 
@@ -10,9 +11,30 @@ import torch
 
 from engine_core import LLM, SamplingParams
 from kernels import bf16_gemm, fused, native
+from models import cpu_features
 from models.packed import TileGateUpSiLU, TileLinear
 
-pytestmark = pytest.mark.skipif(not bf16_gemm.available(), reason="no AMX-BF16 tiles here")
+pytestmark = pytest.mark.skipif(not bf16_gemm.available(), reason="no AVX512_BF16 here")
+
+
+@pytest.fixture(
+    autouse=True,
+    params=[
+        pytest.param(
+            "amx",
+            marks=pytest.mark.skipif(not cpu_features.has_amx_bf16(), reason="no AMX-BF16 here"),
+        ),
+        "avx512bf16",
+    ],
+)
+def gemm_twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test once per twin of the kernels this CPU runs: AMX tiles where it has them, and
+    `vdpbf16ps` (DUET_CPU_ISA=avx512bf16 hides AMX)."""
+    if request.param == "avx512bf16":
+        monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
+    assert bf16_gemm.twin() == request.param
+    return request.param
+
 
 # rows: one, a tile but one, a tile, a tile and one, past a pair of tiles, and (with
 # k=2048, whose row chunks hold 128 rows) several chunks with a short last tile

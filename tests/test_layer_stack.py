@@ -18,7 +18,9 @@ from kernels.metadata import AttentionMetadata
 from models import cpu_features, layer_stack
 from models.runner import ModelRunner
 
-pytestmark = pytest.mark.skipif(not bf16_gemm.available(), reason="no AMX-BF16 tiles here")
+pytestmark = pytest.mark.skipif(not bf16_gemm.available(), reason="no AVX512_BF16 here")
+# the int8 routes of a CPU with AMX (models/quant_int8.py)
+amx_routes = pytest.mark.skipif(not cpu_features.has_amx_bf16(), reason="AMX's int8 routes")
 
 
 def _runner(**overrides: object) -> ModelRunner:
@@ -141,6 +143,7 @@ def test_another_builds_entry_point_runs_the_same_step(runner: ModelRunner) -> N
     assert torch.equal(*results)
 
 
+@amx_routes
 def test_an_int8_step_with_chunks_matches_too(
     int8_runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,10 +163,11 @@ def test_a_biased_qkv_and_small_heads_match_too(
     folder: Path = tiny_checkpoint(architecture="qwen2", num_kv_heads=2, layers=3)
     tiny = _runner(model=str(folder))
     assert tiny.model.layer_stack is not None
-    # chunks of heads of 16, which bf16 prefill on AMX CPUs sends to SDPA: not the stack's
+    # chunks of heads of 16, which bf16 prefill on AMX CPUs sends to SDPA (not the stack's),
+    # and on AVX512_BF16 ones to the native kernel
     ids, positions, meta = _step([(3, 1), (0, 9)], tiny.block_size, tiny.num_blocks, 0)
     x = tiny.model.embed_tokens(ids % tiny.model_config.vocab_size)
-    assert not tiny.model.layer_stack.takes(x, tiny.kv_cache, meta)
+    assert tiny.model.layer_stack.takes(x, tiny.kv_cache, meta) != cpu_features.has_amx_bf16()
     ids, positions, meta = _decodes([5, 40, 33], tiny.block_size, tiny.num_blocks, 0)
     ids = ids % tiny.model_config.vocab_size
     _assert_same_bits(tiny, ids, positions, meta, monkeypatch)
@@ -191,11 +195,25 @@ def test_models_off_the_stacks_kernels_keep_the_python_forward(overrides: dict) 
     assert _runner(**overrides).model.layer_stack is None
 
 
-def test_tiles_hidden_by_the_isa_switch_keep_the_python_forward(
+def test_bf16_hidden_by_the_isa_switch_keeps_the_python_forward(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512")  # oneDNN's linears
     assert _runner().model.layer_stack is None
+
+
+def test_bf16_without_amx_takes_the_stack_on_the_tiles_twin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Zen 4's or 5's choices: the tiles' `vdpbf16ps` twin, the AVX512_BF16 attention."""
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
+    runner = _runner()
+    assert runner.model.layer_stack is not None
+    assert not runner.model.layer_stack._shape.amx
+    ids, positions, meta = _step(
+        [(40, 1), (7, 1), (0, 33)], runner.block_size, runner.num_blocks, 4
+    )
+    _assert_same_bits(runner, ids, positions, meta, monkeypatch)
 
 
 def test_steps_the_stack_does_not_take(
@@ -218,6 +236,7 @@ def test_steps_the_stack_does_not_take(
 
 # int8 routes by rows: W8A8 on VNNI up to 4 rows and AMX beyond, down_proj weight-only (the
 # AVX-512 kernel at 1 row, AMX tiles beyond)
+@amx_routes
 @pytest.mark.parametrize("batch", [1, 2, 4, 5, 16])
 def test_int8_linears_give_the_python_forwards_bits(
     int8_runner: ModelRunner, batch: int, monkeypatch: pytest.MonkeyPatch
@@ -242,9 +261,11 @@ def test_int8_without_amx_takes_the_stack_too(monkeypatch: pytest.MonkeyPatch) -
 def test_a_batch_whose_int8_route_leaves_the_native_kernels_keeps_the_python_forward(
     int8_runner: ModelRunner, runner: ModelRunner
 ) -> None:
-    """down_proj dequantizes for a dense GEMM beyond 256 rows (models/quant_int8.py)."""
+    """down_proj dequantizes for a dense GEMM beyond 256 rows with AMX, beyond 32 without
+    (models/quant_int8.py)."""
+    last = 256 if cpu_features.has_amx_bf16() else 32
     down = int8_runner.model.layers[0].mlp.down_proj
-    assert down.native_kernel_for(256) is not None and down.native_kernel_for(257) is None
-    assert int8_runner.model.layer_stack._layers(256) is not None
-    assert int8_runner.model.layer_stack._layers(257) is None
+    assert down.native_kernel_for(last) is not None and down.native_kernel_for(last + 1) is None
+    assert int8_runner.model.layer_stack._layers(last) is not None
+    assert int8_runner.model.layer_stack._layers(last + 1) is None
     assert runner.model.layer_stack._layers(257) is not None  # tiles take any size

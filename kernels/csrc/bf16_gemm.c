@@ -1,5 +1,6 @@
 // bf16 linear on AMX-BF16 tiles: out [m, n] = x [m, k] @ W^T + bias, fp32 sums rounded once
-// to bf16, for CPUs with AMX-BF16.
+// to bf16, for CPUs with AMX-BF16; and its twin on AVX512_BF16's pair dot products
+// (`vdpbf16ps`) for CPUs without AMX (a Zen 4's or 5's), on the same packed weights.
 //
 // The weight is packed once at load (kernels/bf16_gemm.py) into `tdpbf16ps`'s B-tile layout:
 // blocks of 16 output channels, and in each block k in pairs,
@@ -15,6 +16,10 @@
 // of the unfused path (the projection's output to bf16, then fused_ops_avx512bf16.c's
 // silu_mul): the same bits, without writing and reading back the 2 x intermediate values.
 // Every CPU with AMX-BF16 has AVX512_BF16 (its rounding instruction) too.
+//
+// The B-tile layout is also what `vdpbf16ps` takes: a k pair of a block is one 64-byte
+// vector (16 channels x 2 k), multiplied by the row's two x values broadcast to every lane.
+// So the twin (dp_gemm) packs nothing else and shares the epilogues.
 #pragma GCC optimize("fp-contract=off")  // silu_mul's roundings, as fused_ops_avx512bf16.c
 #pragma GCC target("arch=x86-64-v4,avx512bf16")
 #include <immintrin.h>
@@ -147,6 +152,89 @@ static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, i
     free(padded);
 }
 
+#define DP_MR 12  // rows per pass over a pair's k: 24 sums in registers, of 32
+
+// acc[r][0 .. 32) = x's row r times the block pair (w0, w1) over all k, for rows <= DP_MR; a
+// row's sums come out the same whatever `rows` is (each is its own chain over k)
+static inline __attribute__((always_inline)) void dp_tile(const uint16_t *x, int k,
+                                                          const uint16_t *w0,
+                                                          const uint16_t *w1, int rows,
+                                                          float *acc) {
+    __m512 c0[DP_MR], c1[DP_MR];
+    for (int r = 0; r < rows; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+    for (int kp = 0; kp < k / 2; ++kp) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + kp * 2 * LANES);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + kp * 2 * LANES);
+        for (int r = 0; r < rows; ++r) {
+            int32_t pair;
+            memcpy(&pair, x + (long)r * k + 2 * kp, sizeof pair);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            c0[r] = _mm512_dpbf16_ps(c0[r], a, b0);
+            c1[r] = _mm512_dpbf16_ps(c1[r], a, b1);
+        }
+    }
+    for (int r = 0; r < rows; ++r) {
+        _mm512_store_ps(acc + r * 2 * LANES, c0[r]);
+        _mm512_store_ps(acc + r * 2 * LANES + LANES, c1[r]);
+    }
+}
+
+// dp_tile with `rows` a constant in each case, so that the sums stay in registers
+static void dp_tile_any(const uint16_t *x, int k, const uint16_t *w0, const uint16_t *w1,
+                        int rows, float *acc) {
+    switch (rows) {
+        case 1: dp_tile(x, k, w0, w1, 1, acc); break;
+        case 2: dp_tile(x, k, w0, w1, 2, acc); break;
+        case 3: dp_tile(x, k, w0, w1, 3, acc); break;
+        case 4: dp_tile(x, k, w0, w1, 4, acc); break;
+        case 5: dp_tile(x, k, w0, w1, 5, acc); break;
+        case 6: dp_tile(x, k, w0, w1, 6, acc); break;
+        case 7: dp_tile(x, k, w0, w1, 7, acc); break;
+        case 8: dp_tile(x, k, w0, w1, 8, acc); break;
+        case 9: dp_tile(x, k, w0, w1, 9, acc); break;
+        case 10: dp_tile(x, k, w0, w1, 10, acc); break;
+        case 11: dp_tile(x, k, w0, w1, 11, acc); break;
+        default: dp_tile(x, k, w0, w1, DP_MR, acc); break;
+    }
+}
+
+// tile_gemm's twin on `vdpbf16ps` for CPUs with AVX512_BF16 and no AMX: the same packed
+// blocks, chunks of rows and pairs of blocks per thread, DP_MR rows at a time in registers
+static void dp_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, int blocks,
+                    const float *bias, int silu, int n, uint16_t *out, int threads) {
+    const int pairs = (blocks + 1) / 2;
+    const long block_words = (long)k * LANES;
+    int chunk = (int)(CHUNK_BYTES / (2L * k)) / DP_MR * DP_MR;
+    if (chunk < DP_MR) chunk = DP_MR;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float acc[DP_MR * 2 * LANES] __attribute__((aligned(64)));
+        for (int c0 = 0; c0 < m; c0 += chunk) {
+            const int c1 = m - c0 < chunk ? m : c0 + chunk;
+#pragma omp for schedule(static) nowait
+            for (int pair = 0; pair < pairs; ++pair) {
+                const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
+                const uint16_t *w0 = packed + b0 * block_words;
+                const uint16_t *w1 = nb == 2 ? w0 + block_words : w0;
+                const int n0 = (silu ? pair : b0) * LANES;
+                const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+                // passes of as many rows each (16 rows: 8 and 8, not 12 and 4, whose pass
+                // has too few sums to hide the dot products' latency)
+                const int passes = (c1 - c0 + DP_MR - 1) / DP_MR;
+                for (int r0 = c0, left = passes; r0 < c1; --left) {
+                    const int rows = (c1 - r0 + left - 1) / left;
+                    dp_tile_any(x + (long)r0 * k, k, w0, w1, rows, acc);
+                    if (silu)
+                        store_silu_rows(acc, rows, r0, n0, n, out);
+                    else
+                        store_rows(acc, rows, r0, n0, cols, bias, n, out);
+                    r0 += rows;
+                }
+            }
+        }
+    }
+}
+
 // x [m, k] bf16 (k a multiple of 32) -> out [m, n] bf16 = x @ W^T + bias (fp32 or NULL). Only
 // CPUs with AMX-BF16 may call it (Python checks), after amx_ready().
 void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
@@ -159,4 +247,16 @@ void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
 void bf16_silu_mul_amx(const uint16_t *x, int m, int k, const uint16_t *packed, int inter,
                        uint16_t *out, int threads) {
     tile_gemm(x, m, k, packed, 2 * (inter / LANES), NULL, 1, inter, out, threads);
+}
+
+// bf16_linear_amx's twin for CPUs with AVX512_BF16 and no AMX (Python checks)
+void bf16_linear_avx512bf16(const uint16_t *x, int m, int k, const uint16_t *packed,
+                            const float *bias, int n, uint16_t *out, int threads) {
+    dp_gemm(x, m, k, packed, (n + LANES - 1) / LANES, bias, 0, n, out, threads);
+}
+
+// bf16_silu_mul_amx's twin for CPUs with AVX512_BF16 and no AMX (Python checks)
+void bf16_silu_mul_avx512bf16(const uint16_t *x, int m, int k, const uint16_t *packed,
+                              int inter, uint16_t *out, int threads) {
+    dp_gemm(x, m, k, packed, 2 * (inter / LANES), NULL, 1, inter, out, threads);
 }

@@ -1,12 +1,13 @@
 // A bf16 step's decoder layers in one call, for CPUs with AVX512_BF16 whose linears are on
-// AMX-BF16 tiles or int8 kernels.
+// duet's bf16 kernels (AMX-BF16 tiles, or their `vdpbf16ps` twin) or int8 kernels.
 //
 // It strings together the very kernels the Python forward (models/llama.py) calls for such a
 // model, in the same order, on the same kinds of buffers: RMSNorm (+ residual), the qkv
 // linear, RoPE with the KV write, attention (the decode kernel for one-token sequences, a
 // prefill kernel for chunks), o_proj, RMSNorm (+ residual), gate_up and SiLU x up (one kernel
-// on bf16 tiles), down_proj, and the final norm. So its output has the same bits. Each linear is either on bf16 tiles or one of the int8 kernels (the one the
-// linear's route picks for this many rows, models/quant_int8.py).
+// on bf16 tiles), down_proj, and the final norm. So its output has the same bits. Each linear
+// is either on bf16 tiles or one of the int8 kernels (the one the linear's route picks for
+// this many rows, models/quant_int8.py).
 // What it saves is the Python around them: ~8 calls per layer, each some 15-20 us of
 // interpreter, ctypes and tensor allocation, about a third of a batch-1 decode step.
 // models/layer_stack.py decides when it runs and falls back to the Python forward otherwise.
@@ -37,6 +38,10 @@ void bf16_linear_amx(const uint16_t *x, int m, int k, const uint16_t *packed,
                      const float *bias, int n, uint16_t *out, int threads);
 void bf16_silu_mul_amx(const uint16_t *x, int m, int k, const uint16_t *packed, int inter,
                        uint16_t *out, int threads);
+void bf16_linear_avx512bf16(const uint16_t *x, int m, int k, const uint16_t *packed,
+                            const float *bias, int n, uint16_t *out, int threads);
+void bf16_silu_mul_avx512bf16(const uint16_t *x, int m, int k, const uint16_t *packed,
+                              int inter, uint16_t *out, int threads);
 void silu_mul_bf16_avx512bf16(const uint16_t *gate_up, uint16_t *out, int rows, int inter,
                               int num_threads);
 
@@ -64,22 +69,26 @@ typedef struct {
     int silu_in_gate_up;
 } StackLayer;
 
-// The model's shapes (models/layer_stack.py: StackShape)
+// The model's shapes (models/layer_stack.py: StackShape), and which twin of the bf16 kernels
+// its tiles take: `amx` 1 for AMX-BF16, 0 for `vdpbf16ps`
 typedef struct {
     int layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
     float eps, scale;
+    int amx;
 } StackShape;
 
 // The fused ops run on one thread below this many elements (kernels/fused.py: _PARALLEL_MIN)
 static int small_op_threads(long numel, int threads) { return numel >= (1 << 16) ? threads : 1; }
 
 // x [m, k] bf16 -> out [m, n] bf16 through `w`
-static void linear(const StackLinear *w, const uint16_t *x, int m, int k, int n, uint16_t *out,
-                   int threads) {
+static void linear(const StackLinear *w, int amx, const uint16_t *x, int m, int k, int n,
+                   uint16_t *out, int threads) {
     if (w->int8)
         w->int8(x, 1, m, k, w->weight, w->wsum, w->scale, w->bias, n, out, 1, threads);
-    else
+    else if (amx)
         bf16_linear_amx(x, m, k, w->weight, w->bias, n, out, threads);
+    else
+        bf16_linear_avx512bf16(x, m, k, w->weight, w->bias, n, out, threads);
 }
 
 static uint16_t *scratch(long elements) {
@@ -104,7 +113,7 @@ int layer_stack_bf16(const StackLayer *layers, const StackShape *shape, const ui
     const long cache_part = blocks * shape->block_size * kv_heads * dim;  // K or V of a layer
     uint16_t *h = scratch((long)tokens * hidden), *qkv = scratch((long)tokens * qkv_size);
     uint16_t *q = scratch((long)tokens * q_size), *attn = scratch((long)tokens * q_size);
-    const int inter = shape->intermediate;
+    const int inter = shape->intermediate, amx = shape->amx;
     int unfused = 0;  // a layer whose gate_up leaves SiLU x up to silu_mul needs its output
     for (int l = 0; l < shape->layers; ++l) unfused |= !layers[l].silu_in_gate_up;
     uint16_t *act = scratch((long)tokens * inter);
@@ -122,7 +131,7 @@ int layer_stack_bf16(const StackLayer *layers, const StackShape *shape, const ui
         // to the residual stream first, as models/llama.py's DecoderLayer
         rms_norm_bf16_avx512bf16(l == 0 ? x : mlp, l == 0 ? NULL : x, w->input_norm, h, tokens,
                                  hidden, shape->eps, norm_threads);
-        linear(&w->qkv, h, tokens, hidden, qkv_size, qkv, threads);
+        linear(&w->qkv, amx, h, tokens, hidden, qkv_size, qkv, threads);
         rope_kv_bf16_avx512(qkv, positions, cos, sin, slots, q, k_cache, v_cache, 1, tokens, heads,
                             kv_heads, dim, rope_threads);
         // decodes then chunks, as kernels/cpu_attention.py: paged_attention
@@ -134,17 +143,19 @@ int layer_stack_bf16(const StackLayer *layers, const StackShape *shape, const ui
             prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start, attn, num_decodes,
                     num_seqs, heads, kv_heads, dim, shape->block_size, max_blocks, shape->scale,
                     threads);
-        linear(&w->o_proj, attn, tokens, q_size, hidden, h, threads);
+        linear(&w->o_proj, amx, attn, tokens, q_size, hidden, h, threads);
         rms_norm_bf16_avx512bf16(h, x, w->post_norm, mlp, tokens, hidden, shape->eps, norm_threads);
         if (w->silu_in_gate_up && w->gate_up.int8) {  // int8_silu_mul_amx: inter outputs
-            linear(&w->gate_up, mlp, tokens, hidden, inter, act, threads);
+            linear(&w->gate_up, amx, mlp, tokens, hidden, inter, act, threads);
         } else if (w->silu_in_gate_up) {
-            bf16_silu_mul_amx(mlp, tokens, hidden, w->gate_up.weight, inter, act, threads);
+            (amx ? bf16_silu_mul_amx : bf16_silu_mul_avx512bf16)(mlp, tokens, hidden,
+                                                                  w->gate_up.weight, inter, act,
+                                                                  threads);
         } else {
-            linear(&w->gate_up, mlp, tokens, hidden, 2 * inter, gate_up, threads);
+            linear(&w->gate_up, amx, mlp, tokens, hidden, 2 * inter, gate_up, threads);
             silu_mul_bf16_avx512bf16(gate_up, act, tokens, inter, silu_threads);
         }
-        linear(&w->down_proj, act, tokens, inter, hidden, mlp, threads);
+        linear(&w->down_proj, amx, act, tokens, inter, hidden, mlp, threads);
     }
     rms_norm_bf16_avx512bf16(mlp, x, final_norm, out, tokens, hidden, shape->eps, norm_threads);
     status = 0;
