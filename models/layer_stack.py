@@ -2,14 +2,14 @@
 
 On CPUs with AVX512_BF16 every op of a bf16 step is one of duet's C kernels, and the Python
 around them (~8 calls per layer: interpreter, ctypes, a tensor allocated per output) was
-about a third of a batch-1 decode step. The stack calls the same kernels in the same order, so its hidden states are bit-equal
-to the Python forward's. It runs only where that forward would take exactly those kernels:
-linears on duet's bf16 kernels (AMX tiles or their `vdpbf16ps` twin,
-kernels/bf16_gemm.py) or on the native int8 kernels their route picks for the step's rows
-(models/quant_int8.py), no LoRA, the fused ops and the native attention kernels in use
-(kernels/cpu_attention.py: the AVX512_BF16 decode kernel, and the prefill kernel its
-`prefill_twin` picks for chunks). DUET_DISABLE_LAYER_STACK=1 keeps the Python forward (A/B
-runs).
+about a third of a batch-1 decode step. The stack calls the same kernels in the same order,
+so its hidden states are bit-equal to the Python forward's. It runs only where that forward
+would take exactly those kernels: linears on duet's bf16 kernels (AMX tiles or their
+`vdpbf16ps` twin, kernels/bf16_gemm.py) or on the native int8 kernels their route picks for
+the step's rows (models/quant_int8.py), no LoRA, the fused ops and the native attention
+kernels in use (kernels/cpu_attention.py: the AVX512_BF16 decode kernel, and the prefill
+kernel its `prefill_twin` picks for chunks). DUET_DISABLE_LAYER_STACK=1 keeps the Python
+forward (A/B runs).
 """
 
 from __future__ import annotations
