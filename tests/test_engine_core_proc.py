@@ -395,14 +395,17 @@ def test_overlong_prompt_is_rejected_alone(core: CoreProcess, prompts: list[list
 
 
 def test_sigterm_drains_in_flight_requests(prompts: list[list[int]], tmp_path: Path) -> None:
+    # long enough that the drain outlasts the pause below on the fastest machines (a bf16
+    # step of three sequences takes a few ms)
+    in_flight = 200
     with running_core(tmp_path, max_model_len=MAX_MODEL_LEN, kv_cache_memory=32 * 2**20) as proc:
 
         async def scenario() -> tuple[list[Completion], Completion]:
             async with connect(proc) as client:
-                streams = [client.add_request(greedy(p, 24)) for p in prompts[:3]]
+                streams = [client.add_request(greedy(p, in_flight)) for p in prompts[:3]]
                 firsts = [await anext(s) for s in streams]
                 proc.terminate()
-                await asyncio.sleep(0.5)  # the core handles the signal between two steps
+                await asyncio.sleep(0.2)  # the core handles the signal between two steps
                 late = await complete(client, greedy(prompts[3], 4))
                 done = []
                 for first, stream in zip(firsts, streams, strict=True):
@@ -414,5 +417,7 @@ def test_sigterm_drains_in_flight_requests(prompts: list[list[int]], tmp_path: P
         done, late = run(scenario())
         proc.process.join(60)
         assert proc.process.exitcode == 0
-    assert all(c.finish_reason == FinishReason.LENGTH and len(c.token_ids) == 24 for c in done)
+    assert all(
+        c.finish_reason == FinishReason.LENGTH and len(c.token_ids) == in_flight for c in done
+    )
     assert late.error is not None and "shutting down" in late.error

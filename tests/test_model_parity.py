@@ -123,20 +123,25 @@ def test_tiny_checkpoints_match_hf(tiny_checkpoint, kind: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "packing"),
-    [("float32", PackedLinear), ("bfloat16", PackedLinear), ("bfloat16", TileLinear)],
-    ids=["fp32-onednn", "bf16-onednn", "bf16-amx-tiles"],
+    ("dtype", "packing", "isa"),
+    [
+        ("float32", PackedLinear, None),
+        ("bfloat16", PackedLinear, "avx512"),  # hides AVX512_BF16 and AMX: oneDNN's packing
+        ("bfloat16", TileLinear, None),  # duet's kernels: AMX tiles where the CPU has them
+        ("bfloat16", TileLinear, "avx512bf16"),  # hides AMX: the tiles' vdpbf16ps twin
+    ],
+    ids=["fp32-onednn", "bf16-onednn", "bf16-tiles", "bf16-tiles-avx512bf16"],
 )
 def test_packed_linears_and_their_fallback_agree(
-    tiny_checkpoint, dtype: str, packing: type, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint, dtype: str, packing: type, isa: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(DISABLE_PACKED_ENV, raising=False)
+    if isa is not None:
+        monkeypatch.setenv(ISA_ENV, isa)
     if not packing_available(getattr(torch, dtype)):
         pytest.skip(f"oneDNN packs no {dtype} linears on this machine")
     if packing is TileLinear and not tiles_available(torch.bfloat16):
-        pytest.skip("no AMX-BF16 tiles here")
-    if packing is PackedLinear:
-        monkeypatch.setenv(ISA_ENV, "avx512bf16")  # hides AMX, so bf16 takes oneDNN's packing
+        pytest.skip("no AVX512_BF16 here")
     folder = tiny_checkpoint(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=3)
     prompts = [[5, 17, 300, 42], list(range(100, 140))]
