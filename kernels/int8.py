@@ -24,6 +24,7 @@ NATIVE_KERNELS = {
     "vnni": "int8_linear_vnni",
     "avx2": "int8_linear_avx2",
     "wo-avx512": "int8_wo_linear_avx512",
+    "wo-avx512bf16": "int8_wo_linear_avx512bf16",
     "wo-avx2": "int8_wo_linear_avx2",
 }
 # an MLP's gate_up on AMX tiles with SiLU(gate) * up in its epilogue (the layer stack's)

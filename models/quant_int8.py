@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 #         native kernels)
 #   wo_amx weight-only on AMX-BF16 tiles (bf16 activations): the weights widened to bf16
 #         once per call, no activation rounding
+#   wo_dp weight-only on AVX512_BF16's `vdpbf16ps` (bf16 activations, no AMX): the same
+#         numbers as wo_amx
 #   dense dequantize the weight, then a float GEMM in the activations' dtype
 # Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): native W8A8 is the fastest
 # at every batch size, and with smoothing its perplexity on SmolLM2 is within 1 % of fp32's
@@ -71,6 +73,11 @@ AMX_BF16_ROUTE: Route = ((384, "w8a8"), (None, "dense"))
 # weight beyond 256 (docs/benchmarks.md, "int8 weight-only on AMX tiles", "AMX tiles at
 # decode sizes").
 AMX_WO_ROUTE: Route = ((1, "wo"), (256, "wo_amx"), (None, "dense"))
+# Float (bf16) activations on CPUs with AVX512_BF16 and no AMX: the weight-only kernel on
+# `vdpbf16ps` over the widened weight (kernels/csrc/int8_gemm.c) from DP_WO_FROM rows, at
+# every size beyond (docs/benchmarks.md, "int8 weight-only on vdpbf16ps").
+DP_WO_FROM = 9
+DP_WO_ROUTE: Route = ((DP_WO_FROM - 1, "wo"), (None, "wo_dp"))
 W8A8_ENV = "DUET_INT8_W8A8"  # "1": int8 activations in every linear, "0": in none
 FLOAT_ACTIVATIONS = ("down_proj",)  # linears (by name) that keep them float by default
 
@@ -132,6 +139,8 @@ def route(kernel: str, shape: tuple[int, int], dtype: torch.dtype, w8a8: bool) -
         amx_wo = dtype == torch.bfloat16 and int8.amx_bf16_available()
         if amx_wo and shape[1] % int8.AMX_BF16_K_STEP == 0:
             return AMX_WO_ROUTE
+        if dtype == torch.bfloat16 and cpu_features.has_avx512_bf16() and shape[1] % 4 == 0:
+            return DP_WO_ROUTE
         return ROUTES["native", dtype]
     torch_wo = cpu_features.native_bf16() and int8.weight_only_supports(*shape)
     return ROUTES["torch", torch.bfloat16] if torch_wo else ((None, "dense"),)
@@ -185,7 +194,10 @@ class Int8Linear(nn.Module):
         runs, None where that call takes torch's kernels or a dense GEMM."""
         if self.kernel == "torch":
             return None
-        kernels = {"wo": self.wo_kernel, "w8a8": self.kernel, "amx": "amx", "wo_amx": "wo-amx"}
+        kernels = {
+            "wo": self.wo_kernel, "w8a8": self.kernel, "amx": "amx", "wo_amx": "wo-amx",
+            "wo_dp": "wo-avx512bf16",
+        }  # fmt: skip
         return kernels.get(self.path_for(rows))
 
     def _wo(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +210,11 @@ class Int8Linear(nn.Module):
 
     def _wo_amx(self, x: torch.Tensor) -> torch.Tensor:
         return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, "wo-amx")
+
+    def _wo_dp(self, x: torch.Tensor) -> torch.Tensor:
+        return int8.native_linear(
+            x, self.packed, self.wsum, self.scale, self.bias, "wo-avx512bf16"
+        )
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "torch":

@@ -250,22 +250,25 @@ def test_int8_linears_give_the_python_forwards_bits(
 
 
 def test_int8_without_amx_takes_the_stack_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Zen 4's choices (VNNI and the AVX-512 weight-only kernel, no tiles)."""
+    """A Zen 4's or 5's choices (VNNI, down_proj weight-only: the AVX-512 kernel up to 8
+    rows, `vdpbf16ps` on the widened weight beyond), at decode and prompt sizes."""
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
     runner = _runner(quantization="int8")
     assert runner.model.layer_stack is not None
     ids, positions, meta = _decodes([7, 100, 64], runner.block_size, runner.num_blocks, 3)
     _assert_same_bits(runner, ids, positions, meta, monkeypatch)
+    ids, positions, meta = _step([(10, 1), (0, 299)], runner.block_size, runner.num_blocks, 0)
+    assert runner.model.layer_stack.takes(runner.model.embed_tokens(ids), runner.kv_cache, meta)
+    _assert_same_bits(runner, ids, positions, meta, monkeypatch)
 
 
+@amx_routes
 def test_a_batch_whose_int8_route_leaves_the_native_kernels_keeps_the_python_forward(
     int8_runner: ModelRunner, runner: ModelRunner
 ) -> None:
-    """down_proj dequantizes for a dense GEMM beyond 256 rows with AMX, beyond 32 without
-    (models/quant_int8.py)."""
-    last = 256 if cpu_features.has_amx_bf16() else 32
+    """down_proj dequantizes for a dense GEMM beyond 256 rows (models/quant_int8.py)."""
     down = int8_runner.model.layers[0].mlp.down_proj
-    assert down.native_kernel_for(last) is not None and down.native_kernel_for(last + 1) is None
-    assert int8_runner.model.layer_stack._layers(last) is not None
-    assert int8_runner.model.layer_stack._layers(last + 1) is None
+    assert down.native_kernel_for(256) is not None and down.native_kernel_for(257) is None
+    assert int8_runner.model.layer_stack._layers(256) is not None
+    assert int8_runner.model.layer_stack._layers(257) is None
     assert runner.model.layer_stack._layers(257) is not None  # tiles take any size

@@ -30,7 +30,7 @@ LOGPROB_SLACK = 0.5
 # and the first that it widens a pair of blocks for up front
 SHAPES = [
     (1, 64, 16), (3, 37, 33), (4, 576, 960), (17, 130, 49), (70, 96, 80), (32, 64, 48),
-    (33, 96, 40),
+    (33, 96, 40), (300, 2048, 40),
 ]  # fmt: skip
 
 
@@ -161,6 +161,7 @@ def _torch_weight_only(x, q, scale, bias):
 
 _AVX512 = pytest.mark.skipif(cpu_features.isa() != "avx512", reason="no AVX-512 here")
 _AMX_BF16 = pytest.mark.skipif(not int8.amx_bf16_available(), reason="no AMX-BF16 tiles here")
+_AVX512_BF16 = pytest.mark.skipif(not cpu_features.has_avx512_bf16(), reason="no AVX512_BF16")
 _WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1])]
 
 
@@ -171,6 +172,9 @@ _WEIGHT_ONLY_SHAPES = [s for s in SHAPES if int8.weight_only_supports(s[2], s[1]
     [
         pytest.param(_native("wo-amx"), marks=[_NATIVE, _AMX_BF16], id="native-wo-amx"),
         pytest.param(_native("wo-avx512"), marks=[_NATIVE, _AVX512], id="native-wo-avx512"),
+        pytest.param(
+            _native("wo-avx512bf16"), marks=[_NATIVE, _AVX512_BF16], id="native-wo-avx512bf16"
+        ),
         pytest.param(_native("wo-avx2"), marks=_NATIVE, id="native-wo-avx2"),
         pytest.param(_native_dense, marks=_NATIVE, id="native-dense"),
     ],
@@ -215,6 +219,16 @@ def test_bf16_layers_switch_to_dense_past_the_crossover(monkeypatch: pytest.Monk
     monkeypatch.delenv(W8A8_ENV, raising=False)
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx512")  # no AMX tiles, wherever this runs
     _check_bf16_route({1: "wo", 32: "wo", 33: "dense", 300: "dense"})
+
+
+@_NATIVE
+@_AVX512_BF16
+def test_bf16_layers_take_vdpbf16ps_past_the_crossover_without_amx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(W8A8_ENV, raising=False)
+    monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")  # a Zen 4's or 5's choices
+    _check_bf16_route({1: "wo", 8: "wo", 9: "wo_dp", 33: "wo_dp", 300: "wo_dp"})
 
 
 @_NATIVE

@@ -34,6 +34,8 @@
 #define K_STEP 32      // k per tile
 #define CHUNK_BYTES (512 * 1024)  // rows of x per pass over the weight: about half an L2
 
+#include "dp_tile.h"  // after LANES
+
 // acc: rows x cols fp32 sums (a row every 2 * LANES floats) + bias -> bf16 rows of out, 16
 // columns a vector (a scalar loop here kept the tiles waiting even under the next tile)
 static void store_rows(const float *acc, int rows, int r0, int n0, int cols, const float *bias,
@@ -152,52 +154,6 @@ static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, i
     free(padded);
 }
 
-#define DP_MR 12  // rows per pass over a pair's k: 24 sums in registers, of 32
-
-// acc[r][0 .. 32) = x's row r times the block pair (w0, w1) over all k, for rows <= DP_MR; a
-// row's sums come out the same whatever `rows` is (each is its own chain over k)
-static inline __attribute__((always_inline)) void dp_tile(const uint16_t *x, int k,
-                                                          const uint16_t *w0,
-                                                          const uint16_t *w1, int rows,
-                                                          float *acc) {
-    __m512 c0[DP_MR], c1[DP_MR];
-    for (int r = 0; r < rows; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
-    for (int kp = 0; kp < k / 2; ++kp) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + kp * 2 * LANES);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + kp * 2 * LANES);
-        for (int r = 0; r < rows; ++r) {
-            int32_t pair;
-            memcpy(&pair, x + (long)r * k + 2 * kp, sizeof pair);
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            c0[r] = _mm512_dpbf16_ps(c0[r], a, b0);
-            c1[r] = _mm512_dpbf16_ps(c1[r], a, b1);
-        }
-    }
-    for (int r = 0; r < rows; ++r) {
-        _mm512_store_ps(acc + r * 2 * LANES, c0[r]);
-        _mm512_store_ps(acc + r * 2 * LANES + LANES, c1[r]);
-    }
-}
-
-// dp_tile with `rows` a constant in each case, so that the sums stay in registers
-static void dp_tile_any(const uint16_t *x, int k, const uint16_t *w0, const uint16_t *w1,
-                        int rows, float *acc) {
-    switch (rows) {
-        case 1: dp_tile(x, k, w0, w1, 1, acc); break;
-        case 2: dp_tile(x, k, w0, w1, 2, acc); break;
-        case 3: dp_tile(x, k, w0, w1, 3, acc); break;
-        case 4: dp_tile(x, k, w0, w1, 4, acc); break;
-        case 5: dp_tile(x, k, w0, w1, 5, acc); break;
-        case 6: dp_tile(x, k, w0, w1, 6, acc); break;
-        case 7: dp_tile(x, k, w0, w1, 7, acc); break;
-        case 8: dp_tile(x, k, w0, w1, 8, acc); break;
-        case 9: dp_tile(x, k, w0, w1, 9, acc); break;
-        case 10: dp_tile(x, k, w0, w1, 10, acc); break;
-        case 11: dp_tile(x, k, w0, w1, 11, acc); break;
-        default: dp_tile(x, k, w0, w1, DP_MR, acc); break;
-    }
-}
-
 // tile_gemm's twin on `vdpbf16ps` for CPUs with AVX512_BF16 and no AMX: the same packed
 // blocks, chunks of rows and pairs of blocks per thread, DP_MR rows at a time in registers
 static void dp_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, int blocks,
@@ -218,11 +174,8 @@ static void dp_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, int
                 const uint16_t *w1 = nb == 2 ? w0 + block_words : w0;
                 const int n0 = (silu ? pair : b0) * LANES;
                 const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
-                // passes of as many rows each (16 rows: 8 and 8, not 12 and 4, whose pass
-                // has too few sums to hide the dot products' latency)
-                const int passes = (c1 - c0 + DP_MR - 1) / DP_MR;
-                for (int r0 = c0, left = passes; r0 < c1; --left) {
-                    const int rows = (c1 - r0 + left - 1) / left;
+                for (int r0 = c0; r0 < c1;) {
+                    const int rows = dp_pass_rows(c1 - r0);
                     dp_tile_any(x + (long)r0 * k, k, w0, w1, rows, acc);
                     if (silu)
                         store_silu_rows(acc, rows, r0, n0, n, out);

@@ -558,6 +558,60 @@ void int8_wo_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *p
     free(xs);
 }
 
+// ---- Weight-only on AVX512_BF16's pair dot products (`vdpbf16ps`), for bf16 activations
+// on CPUs without AMX: the same numbers as int8_wo_linear_amx (exact bf16 products of the
+// widened weight, fp32 sums). The widened B-tile layout is what `vdpbf16ps` takes as it is
+// (bf16_gemm.c's twin reads it so), so each pair of blocks is widened once per chunk of
+// rows into a buffer that stays in L2, and every pass of up to DP_MR rows reads it.
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4,avx512bf16")
+#include "dp_tile.h"
+
+#define WO_DP_CHUNK_BYTES (512 * 1024)  // rows of x per pass over the weight: half an L2
+
+// x [m, k] bf16 -> out [m, n]; fp32 activations, or k not a multiple of 4, take the AVX-512
+// weight-only twin. Only CPUs with AVX512_BF16 may call it (Python checks).
+void int8_wo_linear_avx512bf16(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                               const int32_t *wsum, const float *w_scale, const float *bias,
+                               int n, void *out, int out_bf16, int threads) {
+    if (!x_bf16 || k % 4 != 0) {
+        int8_wo_linear_avx512(x, x_bf16, m, k, packed, wsum, w_scale, bias, n, out, out_bf16,
+                              threads);
+        return;
+    }
+    const int blocks = (n + LANES - 1) / LANES, k4 = k / 4;
+    const long block_bytes = (long)k * LANES;
+    int chunk = (int)(WO_DP_CHUNK_BYTES / (2L * k)) / DP_MR * DP_MR;
+    if (chunk < DP_MR) chunk = DP_MR;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        uint32_t *widened = aligned_alloc(64, 2 * (size_t)block_bytes * 2);
+        float acc[DP_MR * 2 * LANES] __attribute__((aligned(64)));
+        for (int c0 = 0; c0 < m; c0 += chunk) {
+            const int c1 = m - c0 < chunk ? m : c0 + chunk;
+#pragma omp for schedule(static) nowait
+            for (int pair = 0; pair < (blocks + 1) / 2; ++pair) {
+                const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
+                const int8_t *w0 = packed + b0 * block_bytes;
+                uint32_t *t1 = nb == 2 ? widened + block_bytes / 2 : widened;
+                widen_block_bf16(w0, k4, widened);
+                if (nb == 2) widen_block_bf16(w0 + block_bytes, k4, t1);
+                const int n0 = b0 * LANES, cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+                for (int r0 = c0; r0 < c1;) {
+                    const int rows = dp_pass_rows(c1 - r0);
+                    dp_tile_any((const uint16_t *)x + (long)r0 * k, k,
+                                (const uint16_t *)widened, (const uint16_t *)t1, rows, acc);
+                    store_scaled(acc, 2 * LANES, rows, r0, n0, cols, w_scale, bias, n, out,
+                                 out_bf16);
+                    r0 += rows;
+                }
+            }
+        }
+        free(widened);
+    }
+}
+#pragma GCC pop_options
+
 typedef void (*wo_tile_fn)(const float *, long, const int8_t *, int, int, float *);
 
 // Weight-only: x is widened to fp32 rows padded to whole groups of 4 (the pads meet zero
