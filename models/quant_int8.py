@@ -212,9 +212,7 @@ class Int8Linear(nn.Module):
         return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, "wo-amx")
 
     def _wo_dp(self, x: torch.Tensor) -> torch.Tensor:
-        return int8.native_linear(
-            x, self.packed, self.wsum, self.scale, self.bias, "wo-avx512bf16"
-        )
+        return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, "wo-avx512bf16")
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "torch":
