@@ -27,7 +27,8 @@
 #include "bf16.h"
 
 #define LANES 16   // output channels per packed block
-#define MR 4       // activation rows per register tile
+#define MR 4       // activation rows per register tile (AVX2)
+#define MR_VNNI 6  // the VNNI tile's: 24 sums of 32 registers
 #define WO_MR 8    // the weight-only kernel's: each widened weight vector serves more rows
 #define NB_MAX 4   // packed blocks per register tile (AVX-512); 64 channels
 
@@ -134,7 +135,7 @@ typedef unsigned short v16hu __attribute__((vector_size(32)));
 static inline __attribute__((always_inline)) void tile_vnni(const int8_t *a, long lda,
                                                              const int8_t *w, int k4, int rows,
                                                              int nb, int32_t *acc) {
-    v16si c[MR][NB_MAX];
+    v16si c[MR_VNNI][NB_MAX];
     for (int r = 0; r < rows; ++r)
         for (int b = 0; b < nb; ++b) c[r][b] = (v16si){0};
     const long block_stride = (long)k4 * 64;
@@ -163,6 +164,8 @@ static void tile_vnni_any(const int8_t *a, long lda, const int8_t *w, int k4, in
         TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3) TILE_CASE(2, 4)
         TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(3, 3) TILE_CASE(3, 4)
         TILE_CASE(4, 1) TILE_CASE(4, 2) TILE_CASE(4, 3) TILE_CASE(4, 4)
+        TILE_CASE(5, 1) TILE_CASE(5, 2) TILE_CASE(5, 3) TILE_CASE(5, 4)
+        TILE_CASE(6, 1) TILE_CASE(6, 2) TILE_CASE(6, 3) TILE_CASE(6, 4)
         default: break;
     }
 #undef TILE_CASE
@@ -232,10 +235,11 @@ static void tile_avx2_any(const int8_t *a, long lda, const int8_t *w, int k4, in
 #pragma GCC pop_options
 
 typedef void (*tile_fn)(const int8_t *, long, const int8_t *, int, int, int, int32_t *);
+#define MR_MAX (MR > MR_VNNI ? MR : MR_VNNI)
 
 // Parallel over groups of NB_MAX blocks (the weights, the bigger operand at decode); each
 // group's weights stay in cache while every row tile passes over them.
-static void int8_linear(tile_fn tile, int offset, const void *x, int x_bf16, int m, int k,
+static void int8_linear(tile_fn tile, int mr, int offset, const void *x, int x_bf16, int m, int k,
                         const int8_t *packed, const int32_t *wsum, const float *w_scale,
                         const float *bias, int n, void *out, int out_bf16, int threads) {
     const int k4 = (k + 3) / 4, kp = k4 * 4;
@@ -246,13 +250,13 @@ static void int8_linear(tile_fn tile, int offset, const void *x, int x_bf16, int
     quantize_rows(x, x_bf16, m, k, kp, offset, q, a_scale, threads);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int g = 0; g < groups; ++g) {
-        int32_t acc[MR * NB_MAX * LANES];
+        int32_t acc[MR_MAX * NB_MAX * LANES];
         const int b0 = g * NB_MAX;
         const int nb = blocks - b0 < NB_MAX ? blocks - b0 : NB_MAX;
         const int n0 = b0 * LANES;
         const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
-        for (int r0 = 0; r0 < m; r0 += MR) {
-            const int rows = m - r0 < MR ? m - r0 : MR;
+        for (int r0 = 0; r0 < m; r0 += mr) {
+            const int rows = m - r0 < mr ? m - r0 : mr;
             tile(q + (long)r0 * kp, kp, packed + (long)b0 * k4 * 64, k4, rows, nb, acc);
             void *dst = out_bf16 ? (void *)((uint16_t *)out + (long)r0 * n)
                                  : (void *)((float *)out + (long)r0 * n);
@@ -267,7 +271,7 @@ static void int8_linear(tile_fn tile, int offset, const void *x, int x_bf16, int
 void int8_linear_vnni(const void *x, int x_bf16, int m, int k, const int8_t *packed,
                       const int32_t *wsum, const float *w_scale, const float *bias, int n,
                       void *out, int out_bf16, int threads) {
-    int8_linear(tile_vnni_any, 1, x, x_bf16, m, k, packed, wsum, w_scale, bias, n, out,
+    int8_linear(tile_vnni_any, MR_VNNI, 1, x, x_bf16, m, k, packed, wsum, w_scale, bias, n, out,
                 out_bf16, threads);
 }
 
@@ -275,7 +279,7 @@ void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *pac
                       const int32_t *wsum, const float *w_scale, const float *bias, int n,
                       void *out, int out_bf16, int threads) {
     (void)wsum;
-    int8_linear(tile_avx2_any, 0, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
+    int8_linear(tile_avx2_any, MR, 0, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
                 out_bf16, threads);
 }
 
