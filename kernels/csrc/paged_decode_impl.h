@@ -43,16 +43,24 @@ static inline VF NAME(reduce_)(const VF *d) {
     return __builtin_shuffle(s, (VI){LANE_LIST(BIT_REVERSED, 0)});
 }
 
-// The start of this KV head's rows in the block after the one at `start`, or NULL at the
-// last block. The block table sends reads to scattered blocks, which the hardware prefetcher
-// only picks up a few lines in: each row of the current block asks for the same row of the
-// next one (`prefetch_row_`), spread over the work instead of a burst per block, which
-// filled the line-fill buffers and stalled the core on the prefetches themselves.
-static inline const ELEM *NAME(next_block_)(const ELEM *cache, const int32_t *table, int start,
-                                            int len, int block_size, long token_stride) {
-    const int next = start + block_size;
-    return next < len ? cache + (long)table[next / block_size] * block_size * token_stride
-                      : NULL;
+// The blocks whose rows the current block's rows ask for: the block table sends reads to
+// scattered blocks, which the hardware prefetcher only picks up a few lines in. Each row of
+// the current block asks for the same row of a block PREFETCH_BLOCKS ahead (`prefetch_row_`),
+// spread over the work instead of a burst per block, which filled the line-fill buffers and
+// stalled the core on the prefetches themselves; the first block asks for all of the blocks
+// up to that one. One block ahead left the KV reads at a third of a Zen 5's memory speed;
+// three took a batch-16 or -64 step's attention to 0.86x of the time (docs/benchmarks.md).
+// Fills `ahead` with those blocks' starts for this KV head; returns how many.
+#define PREFETCH_BLOCKS 3
+static inline int NAME(blocks_ahead_)(const ELEM *cache, const int32_t *table, int start, int len,
+                                      int block_size, long token_stride, const ELEM **ahead) {
+    int count = 0;
+    for (int d = start == 0 ? 1 : PREFETCH_BLOCKS; d <= PREFETCH_BLOCKS; ++d) {
+        const int at = start + d * block_size;
+        if (at >= len) break;
+        ahead[count++] = cache + (long)table[at / block_size] * block_size * token_stride;
+    }
+    return count;
 }
 
 static inline void NAME(prefetch_row_)(const ELEM *row, int dim) {
@@ -90,12 +98,15 @@ static inline __attribute__((always_inline)) void NAME(scores_)(
     for (int start = 0; start < len; start += block_size) {
         const int rows = len - start < block_size ? len - start : block_size;
         const ELEM *k = k_cache + (long)table[start / block_size] * block_size * token_stride;
-        const ELEM *ahead = NAME(next_block_)(k_cache, table, start, len, block_size, token_stride);
+        const ELEM *ahead[PREFETCH_BLOCKS];
+        const int count = NAME(blocks_ahead_)(k_cache, table, start, len, block_size,
+                                              token_stride, ahead);
         for (int r0 = 0; r0 < rows; r0 += LANES) {
             const int n = rows - r0 < LANES ? rows - r0 : LANES;
             for (int r = 0; r < n; ++r) {
                 const ELEM *kr = k + (long)(r0 + r) * token_stride;
-                if (ahead) NAME(prefetch_row_)(ahead + (long)(r0 + r) * token_stride, dim);
+                for (int a = 0; a < count; ++a)
+                    NAME(prefetch_row_)(ahead[a] + (long)(r0 + r) * token_stride, dim);
 #if DPBF16
                 VU kv[MAX_BODY / (2 * LANES)];
                 for (int c = 0; c < pairs; ++c) kv[c] = *(const VU *)(kr + 2 * LANES * c);
@@ -159,9 +170,12 @@ static inline __attribute__((always_inline)) void NAME(values_)(
     for (int start = 0; start < len; start += block_size) {
         const int rows = len - start < block_size ? len - start : block_size;
         const ELEM *v = v_cache + (long)table[start / block_size] * block_size * token_stride;
-        const ELEM *ahead = NAME(next_block_)(v_cache, table, start, len, block_size, token_stride);
+        const ELEM *ahead[PREFETCH_BLOCKS];
+        const int count = NAME(blocks_ahead_)(v_cache, table, start, len, block_size,
+                                              token_stride, ahead);
         for (int r = 0; r < rows; ++r, v += token_stride) {
-            if (ahead) NAME(prefetch_row_)(ahead + (long)r * token_stride, dim);
+            for (int a = 0; a < count; ++a)
+                NAME(prefetch_row_)(ahead[a] + (long)r * token_stride, dim);
             VF vv[MAX_BODY / LANES];
             for (int c = 0; c < pairs; ++c) NAME(load_pair_)(v + 2 * LANES * c, &vv[2 * c], &vv[2 * c + 1]);
             for (int h = 0; h < heads; ++h) {
