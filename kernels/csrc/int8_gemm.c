@@ -238,9 +238,9 @@ typedef void (*tile_fn)(const int8_t *, long, const int8_t *, int, int, int, int
 #define MR_MAX (MR > MR_VNNI ? MR : MR_VNNI)
 
 // Parallel over groups of NB_MAX blocks (the weights, the bigger operand at decode); each
-// group's weights stay in cache while every row tile passes over them.
-static void int8_linear(tile_fn tile, int mr, int offset, const void *x, int x_bf16, int m, int k,
-                        const int8_t *packed, const int32_t *wsum, const float *w_scale,
+// group's weights stay in cache while every row tile (`mr` rows: the tile's) passes over them.
+static void int8_linear(tile_fn tile, int mr, int offset, const void *x, int x_bf16, int m,
+                        int k, const int8_t *packed, const int32_t *wsum, const float *w_scale,
                         const float *bias, int n, void *out, int out_bf16, int threads) {
     const int k4 = (k + 3) / 4, kp = k4 * 4;
     const int blocks = (n + LANES - 1) / LANES;
@@ -271,8 +271,8 @@ static void int8_linear(tile_fn tile, int mr, int offset, const void *x, int x_b
 void int8_linear_vnni(const void *x, int x_bf16, int m, int k, const int8_t *packed,
                       const int32_t *wsum, const float *w_scale, const float *bias, int n,
                       void *out, int out_bf16, int threads) {
-    int8_linear(tile_vnni_any, MR_VNNI, 1, x, x_bf16, m, k, packed, wsum, w_scale, bias, n, out,
-                out_bf16, threads);
+    int8_linear(tile_vnni_any, MR_VNNI, 1, x, x_bf16, m, k, packed, wsum, w_scale, bias, n,
+                out, out_bf16, threads);
 }
 
 void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *packed,
