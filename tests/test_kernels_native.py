@@ -53,6 +53,10 @@ def _decode_batch(
     return query, key_cache, value_cache, meta
 
 
+# the last batch is big enough for tasks of a whole sequence (its KV heads in turn)
+BATCHES = [[1], [15], [16], [17], [100], [1, 15, 16, 17, 100, 333], [9, 1, 300, 48, 17] * 2]
+
+
 # group sizes 3, 1, 8 (two passes of 4 heads) and 6 (4 then 2); block size 5 cuts the runs of
 # keys reduced together short
 @pytest.mark.parametrize(
@@ -60,7 +64,7 @@ def _decode_batch(
     [(9, 3), (4, 4), (8, 1), (12, 2)],
     ids=["gqa", "mha", "mqa", "gqa6"],
 )
-@pytest.mark.parametrize("lengths", [[1], [15], [16], [17], [100], [1, 15, 16, 17, 100, 333]])
+@pytest.mark.parametrize("lengths", BATCHES)
 @pytest.mark.parametrize("block_size", [16, 5])
 def test_native_decode_matches_torch(
     lengths: list[int], num_heads: int, num_kv_heads: int, block_size: int, twin: str
