@@ -135,6 +135,7 @@ class LayerStack:
             and switches.read(fused.DISABLE_ENV) != "1"
             and cpu_features.isa() == "avx512"
             and native.twin(torch.bfloat16) == "avx512bf16"
+            and (bf16_gemm.twin() == "amx") == bool(self._shape.amx)  # the tiles it was built for
             and (meta.num_seqs == meta.num_decodes or self._prefill_kernel() is not None)
             and self._layers(x.shape[0]) is not None
         )

@@ -220,7 +220,9 @@ def test_disconnect_aborts_the_request(url: str) -> None:
 
 
 def test_too_many_waiting_requests_get_429(url: str) -> None:
-    body = b'{"prompt": [1, 2], "max_tokens": 1}'
+    # 64 tokens each keep the first 8 running while the rest of the burst arrives: with one
+    # token each a fast machine started requests before 16 were ever waiting
+    body = b'{"prompt": [1, 2], "max_tokens": 64, "ignore_eos": true}'
 
     async def flood() -> list[tuple[int, str | None]]:
         async with aiohttp.ClientSession() as session:
