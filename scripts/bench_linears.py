@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """All of SmolLM2's decode linears (30 layers + LM head) for one step: F.linear against
-oneDNN-prepacked weights, and (bf16 on CPUs with AMX-BF16) duet's tile kernel, per dtype and
+oneDNN-prepacked weights, and (bf16 on CPUs with AVX512_BF16) duet's tile kernel, per dtype and
 batch size. Best of --repeats, interleaved.
 
     .venv/bin/python scripts/bench_linears.py --threads 1 --batch-sizes 1 16 64
 
-With --against-library PATH (bf16, CPUs with AMX-BF16), this build's tile kernels against
+With --against-library PATH (bf16, CPUs with AVX512_BF16), this build's tile kernels against
 another build's on the same packed weights: the 30 layers' linears (not the LM head, which
 a step runs on its sampled rows only), gate_up with SiLU x up in its kernel as the model
 runs it; --repeats rounds in turn, medians and their ratio per batch size.
@@ -49,7 +49,7 @@ def main() -> None:
         against_library(args.against_library, args.batch_sizes, args.repeats)
         return
     print(
-        f"| dtype | batch | F.linear | oneDNN prepacked | AMX tiles | tiles / oneDNN |  "
+        f"| dtype | batch | F.linear | oneDNN prepacked | tiles ({bf16_gemm.twin()}) | tiles / oneDNN |  "
         f"{args.threads} thread(s), best of {args.repeats}"
     )
     print("|---|---:|---:|---:|---:|---:|")
@@ -79,7 +79,7 @@ def against_library(path: str, batch_sizes: list[int], rounds: int) -> None:
     """All linears of a step on this build's tile kernels and on those of the library at
     `path`, in turn."""
     if not tiles_available(torch.bfloat16):
-        raise SystemExit("--against-library times the AMX-BF16 tile kernels: none here")
+        raise SystemExit("--against-library times the bf16 tile kernels: none here")
     other = bf16_gemm.declare(ctypes.CDLL(path))
     layer_shapes = SHAPES[:-1]
     calls = []  # (packed weight, outputs, whether SiLU x up is in the kernel) per linear
