@@ -44,6 +44,10 @@ def ip(*args: str) -> None:
 
 def _teardown() -> None:
     for role in NAMESPACES:
+        # the veth first: a namespace outlives `ip netns del` while a killed worker in it is
+        # still exiting, and its veth with it, so the next test's `ip link add` found it
+        # ("RTNETLINK answers: File exists") and skipped
+        subprocess.run(["ip", "link", "del", f"{TAG}-{role[0]}"], capture_output=True)
         subprocess.run(["ip", "netns", "del", f"{TAG}-{role}"], capture_output=True)
         shutil.rmtree(f"/etc/netns/{TAG}-{role}", ignore_errors=True)
     subprocess.run(["ip", "link", "del", f"{TAG}-br"], capture_output=True)
