@@ -71,6 +71,23 @@ static void store_silu_rows(const float *acc, int rows, int r0, int n0, int n, u
     }
 }
 
+// A pair of packed blocks and the columns of out its sums go to
+typedef struct {
+    const uint16_t *w0, *w1;  // w1 is w0 again for a lone last block
+    int n0, cols;
+} block_pair;
+
+// Pair `pair` of `blocks` packed blocks of k * LANES words each: with `silu` a gate and an
+// up block, whose outputs are LANES columns from pair * LANES; else up to 2 * LANES columns
+static inline block_pair pair_at(const uint16_t *packed, int k, int blocks, int pair, int silu,
+                                 int n) {
+    const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
+    const uint16_t *w0 = packed + (long)b0 * k * LANES;
+    const int n0 = (silu ? pair : b0) * LANES;
+    return (block_pair){w0, nb == 2 ? w0 + (long)k * LANES : w0, n0,
+                        n - n0 < nb * LANES ? n - n0 : nb * LANES};
+}
+
 // A 32-row x 2-block tile's fp32 sums whose epilogue (bias or SiLU, rounding, the store to
 // out) is still to run, `done` of its `rows` so far
 typedef struct {
@@ -101,7 +118,7 @@ static void finish_rows(pending_tile *t, int upto, const float *bias, int silu, 
 static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, int blocks,
                       const float *bias, int silu, int n, uint16_t *out, int threads) {
     const int pairs = (blocks + 1) / 2;
-    const long block_words = (long)k * LANES, row_bytes = 2L * k;
+    const long row_bytes = 2L * k;
     const int steps = k / K_STEP, rows_per_step = (32 + steps - 1) / steps;
     const uint16_t *xs = x;
     uint16_t *padded = NULL;
@@ -124,11 +141,8 @@ static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, i
             const int c1 = m - c0 < chunk ? m : c0 + chunk;
 #pragma omp for schedule(static) nowait
             for (int pair = 0; pair < pairs; ++pair) {
-                const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
-                const uint16_t *w0 = packed + b0 * block_words;
-                const uint16_t *w1 = nb == 2 ? w0 + block_words : w0;
-                const int n0 = (silu ? pair : b0) * LANES;
-                const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+                const block_pair p = pair_at(packed, k, blocks, pair, silu, n);
+                const uint16_t *w0 = p.w0, *w1 = p.w1;
                 for (int r0 = c0; r0 < c1; r0 += 32) {
                     const uint16_t *a0 = xs + (long)r0 * k, *a1 = a0 + 16L * k;
                     const int two = c1 - r0 > 16;  // the second row tile holds rows
@@ -143,7 +157,8 @@ static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, i
                         finish_rows(&last, step * rows_per_step, bias, silu, n, out);
                     }
                     amx_store_c(acc[slot], 2 * LANES * 4);  // a row: 2 blocks of fp32 sums
-                    last = (pending_tile){acc[slot], c1 - r0 < 32 ? c1 - r0 : 32, r0, n0, cols, 0};
+                    last = (pending_tile){acc[slot], c1 - r0 < 32 ? c1 - r0 : 32, r0, p.n0, p.cols,
+                                          0};
                     slot ^= 1;
                 }
             }
@@ -159,9 +174,7 @@ static void tile_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, i
 static void dp_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, int blocks,
                     const float *bias, int silu, int n, uint16_t *out, int threads) {
     const int pairs = (blocks + 1) / 2;
-    const long block_words = (long)k * LANES;
-    int chunk = (int)(CHUNK_BYTES / (2L * k)) / DP_MR * DP_MR;
-    if (chunk < DP_MR) chunk = DP_MR;
+    const int chunk = dp_chunk_rows(k);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float acc[DP_MR * 2 * LANES] __attribute__((aligned(64)));
@@ -169,18 +182,14 @@ static void dp_gemm(const uint16_t *x, int m, int k, const uint16_t *packed, int
             const int c1 = m - c0 < chunk ? m : c0 + chunk;
 #pragma omp for schedule(static) nowait
             for (int pair = 0; pair < pairs; ++pair) {
-                const int b0 = 2 * pair, nb = blocks - b0 < 2 ? 1 : 2;
-                const uint16_t *w0 = packed + b0 * block_words;
-                const uint16_t *w1 = nb == 2 ? w0 + block_words : w0;
-                const int n0 = (silu ? pair : b0) * LANES;
-                const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+                const block_pair p = pair_at(packed, k, blocks, pair, silu, n);
                 for (int r0 = c0; r0 < c1;) {
                     const int rows = dp_pass_rows(c1 - r0);
-                    dp_tile_any(x + (long)r0 * k, k, w0, w1, rows, acc);
+                    dp_tile_any(x + (long)r0 * k, k, p.w0, p.w1, rows, acc);
                     if (silu)
-                        store_silu_rows(acc, rows, r0, n0, n, out);
+                        store_silu_rows(acc, rows, r0, p.n0, n, out);
                     else
-                        store_rows(acc, rows, r0, n0, cols, bias, n, out);
+                        store_rows(acc, rows, r0, p.n0, p.cols, bias, n, out);
                     r0 += rows;
                 }
             }

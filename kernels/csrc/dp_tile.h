@@ -8,6 +8,7 @@
 #include <string.h>
 
 #define DP_MR 12  // rows per pass over a pair's k: 24 sums in registers, of 32
+#define DP_CHUNK_BYTES (512 * 1024)  // rows of x per pass over the weight: about half an L2
 
 // acc[r][0 .. 32) = x's row r times the block pair (w0, w1) over all k, for rows <= DP_MR; a
 // row's sums come out the same whatever `rows` is (each is its own chain over k)
@@ -58,4 +59,11 @@ static void dp_tile_any(const uint16_t *x, int k, const uint16_t *w0, const uint
 static inline int dp_pass_rows(int left) {
     const int passes = (left + DP_MR - 1) / DP_MR;
     return (left + passes - 1) / passes;
+}
+
+// The rows of x (bf16, k a row) a pass over the weight takes: DP_CHUNK_BYTES of them, in
+// whole passes of DP_MR
+static inline int dp_chunk_rows(int k) {
+    const int chunk = (int)(DP_CHUNK_BYTES / (2L * k)) / DP_MR * DP_MR;
+    return chunk < DP_MR ? DP_MR : chunk;
 }

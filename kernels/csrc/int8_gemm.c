@@ -571,8 +571,6 @@ void int8_wo_linear_amx(const void *x, int x_bf16, int m, int k, const int8_t *p
 #pragma GCC target("arch=x86-64-v4,avx512bf16")
 #include "dp_tile.h"
 
-#define WO_DP_CHUNK_BYTES (512 * 1024)  // rows of x per pass over the weight: half an L2
-
 // x [m, k] bf16 -> out [m, n]; fp32 activations, or k not a multiple of 4, take the AVX-512
 // weight-only twin. Only CPUs with AVX512_BF16 may call it (Python checks).
 void int8_wo_linear_avx512bf16(const void *x, int x_bf16, int m, int k, const int8_t *packed,
@@ -585,8 +583,7 @@ void int8_wo_linear_avx512bf16(const void *x, int x_bf16, int m, int k, const in
     }
     const int blocks = (n + LANES - 1) / LANES, k4 = k / 4;
     const long block_bytes = (long)k * LANES;
-    int chunk = (int)(WO_DP_CHUNK_BYTES / (2L * k)) / DP_MR * DP_MR;
-    if (chunk < DP_MR) chunk = DP_MR;
+    const int chunk = dp_chunk_rows(k);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         uint32_t *widened = aligned_alloc(64, 2 * (size_t)block_bytes * 2);
