@@ -36,3 +36,26 @@ def test_serve_refuses_a_pool_larger_than_the_machine() -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "--kv-cache-memory asks for 100000.00 GiB" in proc.stderr, proc.stderr[-2000:]
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_the_colocated_pool_is_private_memory_that_reads_as_zeros() -> None:
+    """Touching the pool grows the process's anonymous memory, not its shmem (whose first
+    touches cost several times as much), and untouched blocks read as zeros."""
+    import torch
+
+    from models.runner import zeros_allocator
+
+    pool = zeros_allocator((2, 64, 16, 3, 64), torch.bfloat16)  # K and V of 64 blocks: 768 KiB
+    assert pool.abs().sum().item() == 0
+    shmem, anon = _status_kib("RssShmem"), _status_kib("RssAnon")
+    pool[0].fill_(1.0)
+    assert _status_kib("RssAnon") - anon >= pool[0].numel() * 2 // 1024 - 64
+    assert _status_kib("RssShmem") - shmem < 64
+    assert pool[1].abs().sum().item() == 0
