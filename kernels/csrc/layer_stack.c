@@ -77,8 +77,12 @@ typedef struct {
     int amx;
 } StackShape;
 
-// The fused ops run on one thread below this many elements (kernels/fused.py: _PARALLEL_MIN)
-static int small_op_threads(long numel, int threads) { return numel >= (1 << 16) ? threads : 1; }
+// The fused ops run on one thread below this many elements: 16x fewer than in the Python
+// forward (kernels/fused.py: _PARALLEL_MIN), since here the parallel regions follow each other
+// with the team still spinning, so a fork/join costs about a microsecond. From batch 8 on, the
+// norms, RoPE and int8's SiLU x up then split over the threads: 0.97x of an int8 step's time at
+// batch 16 and 64 (docs/benchmarks.md), while the other thread used to wait.
+static int small_op_threads(long numel, int threads) { return numel >= (1 << 12) ? threads : 1; }
 
 // x [m, k] bf16 -> out [m, n] bf16 through `w`
 static void linear(const StackLinear *w, int amx, const uint16_t *x, int m, int k, int n,
