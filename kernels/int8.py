@@ -17,12 +17,15 @@ from kernels import native
 from models import cpu_features
 
 LANES = 16  # output channels per packed block (the C kernels' layout, int8_gemm.c)
-# W8A8 (AMX, VNNI, AVX2) and weight-only (AMX-BF16 tiles, fp32 math on int8 weights) -> C function
+# W8A8 (AMX, VNNI, AVX2), int16 activations on the VNNI and AVX2 tiles (a16-*) and weight-only
+# (AMX-BF16 tiles, fp32 math on int8 weights) -> C function
 NATIVE_KERNELS = {
     "amx": "int8_linear_amx",
     "wo-amx": "int8_wo_linear_amx",
     "vnni": "int8_linear_vnni",
     "avx2": "int8_linear_avx2",
+    "a16-vnni": "int8_a16_linear_vnni",
+    "a16-avx2": "int8_a16_linear_avx2",
     "wo-avx512": "int8_wo_linear_avx512",
     "wo-avx512bf16": "int8_wo_linear_avx512bf16",
     "wo-avx2": "int8_wo_linear_avx2",

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 #         once per call, no activation rounding
 #   wo_dp weight-only on AVX512_BF16's `vdpbf16ps` (bf16 activations, no AMX): the same
 #         numbers as wo_amx
+#   w8a16 activations quantized per token to 16 bits, through the W8A8 tiles (VNNI or AVX2)
+#         as two int8 rows a token (kernels/csrc/int8_gemm.c): an error below max|x| / 65,000
+#         a row, finer than the bf16 rounding of the activations themselves
 #   dense dequantize the weight, then a float GEMM in the activations' dtype
 # Measured (docs/benchmarks.md, "int8"; scripts/bench_int8.py): native W8A8 is the fastest
 # at every batch size, and with smoothing its perplexity on SmolLM2 is within 1 % of fp32's
@@ -50,8 +53,15 @@ logger = logging.getLogger(__name__)
 # beat the weight-only kernel). Without native kernels torch's int8 x int8 matmul loses to
 # its weight-only one at small batches, so every linear keeps float activations there.
 Route = tuple[tuple[int | None, str], ...]
+# Native bf16 activations take w8a16 (docs/benchmarks.md, "16-bit activations on the W8A8
+# tiles"; all of a step's linears through each kernel on the Zen 5): 0.96x of the AVX-512
+# weight-only kernel's time at 1-4 rows, 0.72x at 8, 0.51x at 32 (the AVX2 twins: 0.63x at
+# one row, 0.84x at 16-32), until dequantize + a bf16 GEMM takes over.
+# Its error stays at the size of the activations' own bf16 rounding, so fp32 activations,
+# which have none, keep the exact weight-only kernel: through 16 bits, the forced-AVX2 fp32
+# model's greedy output left fp32's top 5 on a chat (tests/test_quant_int8.py).
 ROUTES: dict[tuple[str, torch.dtype], Route] = {
-    ("native", torch.bfloat16): ((32, "wo"), (None, "dense")),
+    ("native", torch.bfloat16): ((32, "w8a16"), (None, "dense")),
     ("native", torch.float32): ((None, "wo"),),
     ("torch", torch.bfloat16): ((2, "wo"), (None, "dense")),
     ("torch", torch.float32): ((None, "dense"),),
@@ -73,11 +83,14 @@ AMX_BF16_ROUTE: Route = ((384, "w8a8"), (None, "dense"))
 # weight beyond 256 (docs/benchmarks.md, "int8 weight-only on AMX tiles", "AMX tiles at
 # decode sizes").
 AMX_WO_ROUTE: Route = ((1, "wo"), (256, "wo_amx"), (None, "dense"))
-# Float (bf16) activations on CPUs with AVX512_BF16 and no AMX: the weight-only kernel on
-# `vdpbf16ps` over the widened weight (kernels/csrc/int8_gemm.c) from DP_WO_FROM rows, at
-# every size beyond (docs/benchmarks.md, "int8 weight-only on vdpbf16ps").
-DP_WO_FROM = 9
-DP_WO_ROUTE: Route = ((DP_WO_FROM - 1, "wo"), (None, "wo_dp"))
+# Float (bf16) activations on CPUs with AVX512_BF16 and no AMX: w8a16 up to A16_UPTO rows,
+# the weight-only kernel on `vdpbf16ps` over the widened weight (kernels/csrc/int8_gemm.c)
+# beyond, where twice the rows through VNNI cost more than widening the weight once a call
+# (docs/benchmarks.md, "16-bit activations on the W8A8 tiles": against the route before, the
+# AVX-512 weight-only kernel up to 8 rows and this one beyond, 0.96x at 1-4 rows, 0.72x at 8,
+# 0.75x at 16, 0.86x at 32, 0.95x at 64; 1.02x at 128).
+A16_UPTO = 96
+DP_WO_ROUTE: Route = ((A16_UPTO, "w8a16"), (None, "wo_dp"))
 W8A8_ENV = "DUET_INT8_W8A8"  # "1": int8 activations in every linear, "0": in none
 FLOAT_ACTIVATIONS = ("down_proj",)  # linears (by name) that keep them float by default
 
@@ -196,7 +209,7 @@ class Int8Linear(nn.Module):
             return None
         kernels = {
             "wo": self.wo_kernel, "w8a8": self.kernel, "amx": "amx", "wo_amx": "wo-amx",
-            "wo_dp": "wo-avx512bf16",
+            "wo_dp": "wo-avx512bf16", "w8a16": f"a16-{self.kernel}",
         }  # fmt: skip
         return kernels.get(self.path_for(rows))
 
@@ -213,6 +226,11 @@ class Int8Linear(nn.Module):
 
     def _wo_dp(self, x: torch.Tensor) -> torch.Tensor:
         return int8.native_linear(x, self.packed, self.wsum, self.scale, self.bias, "wo-avx512bf16")
+
+    def _w8a16(self, x: torch.Tensor) -> torch.Tensor:
+        return int8.native_linear(
+            x, self.packed, self.wsum, self.scale, self.bias, f"a16-{self.kernel}"
+        )
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "torch":

@@ -67,6 +67,7 @@ def build_paths(weights: list[torch.Tensor], dtype: torch.dtype) -> dict[str, li
             for (p, _, s), w in zip(packed, weights, strict=True)
         ]
         runnable = {"amx": int8.amx_available(), "vnni": cpu_features.has_vnni(),
+                    "a16-vnni": cpu_features.has_vnni(),
                     "wo-amx": int8.amx_bf16_available() and dtype == torch.bfloat16,
                     "wo-avx512": cpu_features.isa() == "avx512",
                     "wo-avx512bf16": cpu_features.has_avx512_bf16() and dtype == torch.bfloat16}  # fmt: skip

@@ -41,10 +41,15 @@ def _weights(n: int, k: int, seed: int) -> torch.Tensor:
     return w
 
 
-def _w8a8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """|y - x @ w.T| allowed by rounding both operands to per-row int8 (half a step each)."""
+# the largest quantized value of a 16-bit activation (kernels/csrc/int8_gemm.c: A16_MAX)
+A16_LEVELS = 32512
+
+
+def _w8a8_bound(x: torch.Tensor, w: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """|y - x @ w.T| allowed by rounding both operands per row (half a step each): the weight
+    to int8, the activations to `levels` steps each side (127: int8, A16_LEVELS: 16 bits)."""
     dw = w.abs().amax(1) / 127 / 2  # [N]
-    dx = x.abs().amax(1) / 127 / 2  # [M]
+    dx = x.abs().amax(1) / levels / 2  # [M]
     k = x.shape[1]
     return (
         x.abs().sum(1, keepdim=True) * dw
@@ -88,17 +93,21 @@ def test_pack_layout() -> None:
     assert torch.equal(wsum, q.sum(1, dtype=torch.int32))
 
 
-def _check_w8a8(path, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+def _check_w8a8(
+    path, shape: tuple[int, int, int], dtype: torch.dtype, levels: int = 127, outlier: float = 1
+) -> None:
     m, k, n = shape
     w = _weights(n, k, seed=m + k + n)
-    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(n)) * 2).to(dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)) * 2
+    x[:, k // 2] *= outlier  # one channel far wider than the rest, as down_proj's inputs have
+    x = x.to(dtype)
     bias = torch.randn(n) * 0.1
     q, scale = quantize_weight(w)
     got = path(x, q, scale, bias)
     assert got.dtype == dtype and got.shape == (m, n)
     xf = x.float()  # the reference sees the same (bf16-rounded) activations
     expected = xf @ w.T + bias
-    bound = _w8a8_bound(xf, w)
+    bound = _w8a8_bound(xf, w, levels)
     if dtype == torch.bfloat16:
         bound = bound + expected.abs() * 2**-8  # the output's one bf16 rounding
     excess = (got.float() - expected).abs() - bound
@@ -129,6 +138,33 @@ def _torch_w8a8(x, q, scale, bias):
 )
 def test_w8a8_paths_within_the_int8_bound(path, shape: tuple, dtype: torch.dtype) -> None:
     _check_w8a8(path, shape, dtype)
+
+
+_A16_PATHS = [
+    pytest.param(_native("a16-vnni"), marks=[_NATIVE, _VNNI], id="native-a16-vnni"),
+    pytest.param(_native("a16-avx2"), marks=_NATIVE, id="native-a16-avx2"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+@pytest.mark.parametrize("path", _A16_PATHS)
+def test_16_bit_activation_paths_within_their_bound(path, shape: tuple, dtype) -> None:
+    # a channel 300x wider than the rest: 16-bit activations keep the others' digits
+    _check_w8a8(path, shape, dtype, levels=A16_LEVELS, outlier=300)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(_native("vnni"), marks=[_NATIVE, _VNNI], id="native-vnni"),
+        pytest.param(_native("avx2"), marks=_NATIVE, id="native-avx2"),
+    ],
+)
+def test_int8_activations_miss_the_16_bit_bound(path) -> None:
+    """What the bound above tells apart: int8 activations lose the narrow channels."""
+    with pytest.raises(AssertionError, match="worst excess"):
+        _check_w8a8(path, (4, 576, 960), torch.float32, levels=A16_LEVELS, outlier=300)
 
 
 def _weight_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -202,6 +238,8 @@ def test_forced_avx2_layer_routes_through_the_avx2_twins(monkeypatch: pytest.Mon
     for rows in (1, 5, 40):
         x = torch.randn(rows, 96)
         assert ((layer(x) - x @ w.T).abs() <= _weight_bound(x, w)).all()
+    bf16 = Int8Linear(w, None, w8a8_kernel(), torch.bfloat16)  # 16-bit activations there
+    assert bf16.path_for(1) == "w8a16" and bf16.native_kernel_for(1) == "a16-avx2"
 
 
 def _check_bf16_route(rows_paths: dict[int, str]) -> None:
@@ -210,7 +248,7 @@ def _check_bf16_route(rows_paths: dict[int, str]) -> None:
     assert {rows: layer.path_for(rows) for rows in rows_paths} == rows_paths
     for rows in rows_paths:
         x = torch.randn(rows, 96).bfloat16()
-        bound = _weight_bound(x.float(), w) + (x.float().abs() @ w.abs().T) * 2**-7
+        bound = _w8a8_bound(x.float(), w, A16_LEVELS) + (x.float().abs() @ w.abs().T) * 2**-7
         assert ((layer(x).float() - x.float() @ w.T).abs() <= bound).all()
 
 
@@ -218,7 +256,7 @@ def _check_bf16_route(rows_paths: dict[int, str]) -> None:
 def test_bf16_layers_switch_to_dense_past_the_crossover(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(W8A8_ENV, raising=False)
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx512")  # no AMX tiles, wherever this runs
-    _check_bf16_route({1: "wo", 32: "wo", 33: "dense", 300: "dense"})
+    _check_bf16_route({1: "w8a16", 32: "w8a16", 33: "dense", 300: "dense"})
 
 
 @_NATIVE
@@ -228,7 +266,7 @@ def test_bf16_layers_take_vdpbf16ps_past_the_crossover_without_amx(
 ) -> None:
     monkeypatch.delenv(W8A8_ENV, raising=False)
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")  # a Zen 4's or 5's choices
-    _check_bf16_route({1: "wo", 8: "wo", 9: "wo_dp", 33: "wo_dp", 300: "wo_dp"})
+    _check_bf16_route({1: "w8a16", 16: "w8a16", 96: "w8a16", 97: "wo_dp", 300: "wo_dp"})
 
 
 @_NATIVE

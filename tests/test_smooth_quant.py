@@ -117,7 +117,8 @@ def test_by_default_every_linear_but_down_proj_quantizes_its_activations(
         if isinstance(module, Int8Linear)
     }
     assert len(paths) == 4 * len(model.layers) + 1  # the tied LM head got its own
-    assert {p for n, p in paths.items() if n.endswith("down_proj")} == {"wo"}
+    # bf16 activations there: 16 bits on the W8A8 tiles, or weight-only on AMX machines
+    assert {p for n, p in paths.items() if n.endswith("down_proj")} <= {"w8a16", "wo"}
     assert {p for n, p in paths.items() if not n.endswith("down_proj")} == {"w8a8"}
     model.to(torch.bfloat16)
     got = _logits(model, PROBE)

@@ -14,6 +14,12 @@
 //   saturating int16, so the offset trick would overflow (2 * 255 * 127 > 32767); instead
 //   |q| is the unsigned operand and the sign of q moves onto w (`vpsignb`), which bounds a
 //   pair at 2 * 127 * 127 = 32258.
+//
+// The VNNI and AVX2 tiles also take activations quantized to 16 bits (int8_a16_linear_*,
+// for the linears that keep float activations): a row's q = 255 * hi + lo, hi and lo both
+// in [-127, 127], enters the tiles as two int8 rows, and the epilogue adds 255 times the hi
+// row's sums to the lo row's. Twice the rows through the same weights, with no widening of
+// the weights and ~15 bits of each activation (an error below max|x| / 65,000 a row).
 #define _GNU_SOURCE  // syscall(), for the AMX permission
 #include <math.h>
 #include <stdint.h>
@@ -69,6 +75,41 @@ static void quantize_rows(const void *x, int x_bf16, int m, int k, int kp, int o
     }
 }
 
+// per-row 16-bit activations as two int8 rows each (see the top): row r's hi part into
+// q row 2r and its lo part into 2r + 1; s = max|x| / A16_MAX, `offset` as quantize_rows'
+#define A16_MAX 32512.0f  // 127 * 255 + 127: hi and lo stay in [-127, 127]
+#define A16_BASE 255.0f
+static void quantize_rows_a16(const void *x, int x_bf16, int m, int k, int kp, int offset,
+                              int8_t *q, float *scales, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (m >= 16 && threads > 1)
+    for (int r = 0; r < m; ++r) {
+        float scratch_buf[x_bf16 ? k : 1];
+        const float *row = row_f32(x, x_bf16, r, k, scratch_buf);
+        uint32_t amax_bits = 0;  // as in quantize_rows
+#pragma omp simd reduction(max : amax_bits)
+        for (int i = 0; i < k; ++i) {
+            const uint32_t a = (f32_bits){.f = row[i]}.u & 0x7fffffffu;
+            const uint32_t finite_or_inf = a > 0x7f800000u ? 0u : a;
+            amax_bits = finite_or_inf > amax_bits ? finite_or_inf : amax_bits;
+        }
+        const float amax = (f32_bits){.u = amax_bits}.f;
+        const float inv = amax > 0.0f ? A16_MAX / amax : 0.0f;
+        int8_t *hi = q + 2L * r * kp, *lo = hi + kp;
+        const int8_t flip = offset ? (int8_t)0x80 : 0;  // + 128 as a byte
+#pragma omp simd
+        for (int i = 0; i < k; ++i) {
+            float v = nearbyintf(row[i] * inv);
+            v = v > A16_MAX ? A16_MAX : v < -A16_MAX ? -A16_MAX : v;
+            const float h = nearbyintf(v * (1.0f / A16_BASE));  // v / 255 is never a tie
+            hi[i] = (int8_t)((int8_t)(int)h ^ flip);
+            lo[i] = (int8_t)((int8_t)(int)(v - A16_BASE * h) ^ flip);
+        }
+        memset(hi + k, flip, (size_t)(kp - k));
+        memset(lo + k, flip, (size_t)(kp - k));
+        scales[r] = amax / A16_MAX;
+    }
+}
+
 // v (+ bias) -> one output row (fp32 or bf16), columns n0 .. n0 + cols
 static void store_row(float *v, int n0, int cols, const float *bias, void *out, long at,
                       int out_bf16) {
@@ -110,6 +151,31 @@ static void epilogue(const int32_t *acc, int rows, int n0, int cols, const int32
         } else {
 #pragma omp simd
             for (int c = 0; c < cols; ++c) v[c] = (float)a[c] * s * ws[c];
+        }
+        store_row(v, n0, cols, bias, out, (long)r * n + n0, out_bf16);
+    }
+}
+
+// epilogue() for 16-bit activations: acc holds `rows` pairs of rows (hi, lo) of sums, and
+// out row r gets (255 * hi + lo) * a_scale[r] * w_scale[n] + bias[n]. In floats: 255 times a
+// sum of K products of 127 * 127 can leave int32.
+static void epilogue_a16(const int32_t *acc, int rows, int n0, int cols, const int32_t *wsum,
+                         const float *a_scale, const float *w_scale, const float *bias, int n,
+                         void *out, int out_bf16) {
+    float v[NB_MAX * LANES];
+    for (int r = 0; r < rows; ++r) {
+        const int32_t *hi = acc + 2 * r * NB_MAX * LANES, *lo = hi + NB_MAX * LANES;
+        const float *ws = w_scale + n0, s = a_scale[r];
+        if (wsum) {
+#pragma omp simd
+            for (int c = 0; c < cols; ++c) {
+                const int32_t off = 128 * wsum[n0 + c];
+                v[c] = ((float)(hi[c] - off) * A16_BASE + (float)(lo[c] - off)) * s * ws[c];
+            }
+        } else {
+#pragma omp simd
+            for (int c = 0; c < cols; ++c)
+                v[c] = ((float)hi[c] * A16_BASE + (float)lo[c]) * s * ws[c];
         }
         store_row(v, n0, cols, bias, out, (long)r * n + n0, out_bf16);
     }
@@ -238,16 +304,19 @@ typedef void (*tile_fn)(const int8_t *, long, const int8_t *, int, int, int, int
 #define MR_MAX (MR > MR_VNNI ? MR : MR_VNNI)
 
 // Parallel over groups of NB_MAX blocks (the weights, the bigger operand at decode); each
-// group's weights stay in cache while every row tile (`mr` rows: the tile's) passes over them.
-static void int8_linear(tile_fn tile, int mr, int offset, const void *x, int x_bf16, int m,
-                        int k, const int8_t *packed, const int32_t *wsum, const float *w_scale,
-                        const float *bias, int n, void *out, int out_bf16, int threads) {
+// group's weights stay in cache while every row tile (`mr` rows: the tile's, even) passes
+// over them. `a16`: 16-bit activations, two int8 rows a token (see the top).
+static void int8_linear(tile_fn tile, int mr, int offset, int a16, const void *x, int x_bf16,
+                        int m, int k, const int8_t *packed, const int32_t *wsum,
+                        const float *w_scale, const float *bias, int n, void *out, int out_bf16,
+                        int threads) {
     const int k4 = (k + 3) / 4, kp = k4 * 4;
     const int blocks = (n + LANES - 1) / LANES;
     const int groups = (blocks + NB_MAX - 1) / NB_MAX;
-    int8_t *q = aligned_alloc(64, ((size_t)m * kp + 63) / 64 * 64);
+    const int q_rows = m << a16;
+    int8_t *q = aligned_alloc(64, ((size_t)q_rows * kp + 63) / 64 * 64);
     float *a_scale = malloc(sizeof(float) * (size_t)m);
-    quantize_rows(x, x_bf16, m, k, kp, offset, q, a_scale, threads);
+    (a16 ? quantize_rows_a16 : quantize_rows)(x, x_bf16, m, k, kp, offset, q, a_scale, threads);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int g = 0; g < groups; ++g) {
         int32_t acc[MR_MAX * NB_MAX * LANES];
@@ -255,12 +324,14 @@ static void int8_linear(tile_fn tile, int mr, int offset, const void *x, int x_b
         const int nb = blocks - b0 < NB_MAX ? blocks - b0 : NB_MAX;
         const int n0 = b0 * LANES;
         const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
-        for (int r0 = 0; r0 < m; r0 += mr) {
-            const int rows = m - r0 < mr ? m - r0 : mr;
+        for (int r0 = 0; r0 < q_rows; r0 += mr) {
+            const int rows = q_rows - r0 < mr ? q_rows - r0 : mr;
             tile(q + (long)r0 * kp, kp, packed + (long)b0 * k4 * 64, k4, rows, nb, acc);
-            void *dst = out_bf16 ? (void *)((uint16_t *)out + (long)r0 * n)
-                                 : (void *)((float *)out + (long)r0 * n);
-            epilogue(acc, rows, n0, cols, wsum, a_scale + r0, w_scale, bias, n, dst, out_bf16);
+            const long first = r0 >> a16;  // the tile's first output row
+            void *dst = out_bf16 ? (void *)((uint16_t *)out + first * n)
+                                 : (void *)((float *)out + first * n);
+            (a16 ? epilogue_a16 : epilogue)(acc, rows >> a16, n0, cols, wsum, a_scale + first,
+                                            w_scale, bias, n, dst, out_bf16);
         }
     }
     free(q);
@@ -271,7 +342,15 @@ static void int8_linear(tile_fn tile, int mr, int offset, const void *x, int x_b
 void int8_linear_vnni(const void *x, int x_bf16, int m, int k, const int8_t *packed,
                       const int32_t *wsum, const float *w_scale, const float *bias, int n,
                       void *out, int out_bf16, int threads) {
-    int8_linear(tile_vnni_any, MR_VNNI, 1, x, x_bf16, m, k, packed, wsum, w_scale, bias, n,
+    int8_linear(tile_vnni_any, MR_VNNI, 1, 0, x, x_bf16, m, k, packed, wsum, w_scale, bias, n,
+                out, out_bf16, threads);
+}
+
+// the same with 16-bit activations (two int8 rows a token, see the top)
+void int8_a16_linear_vnni(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                          const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                          void *out, int out_bf16, int threads) {
+    int8_linear(tile_vnni_any, MR_VNNI, 1, 1, x, x_bf16, m, k, packed, wsum, w_scale, bias, n,
                 out, out_bf16, threads);
 }
 
@@ -279,7 +358,15 @@ void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *pac
                       const int32_t *wsum, const float *w_scale, const float *bias, int n,
                       void *out, int out_bf16, int threads) {
     (void)wsum;
-    int8_linear(tile_avx2_any, MR, 0, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
+    int8_linear(tile_avx2_any, MR, 0, 0, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
+                out_bf16, threads);
+}
+
+void int8_a16_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *packed,
+                          const int32_t *wsum, const float *w_scale, const float *bias, int n,
+                          void *out, int out_bf16, int threads) {
+    (void)wsum;
+    int8_linear(tile_avx2_any, MR, 0, 1, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
                 out_bf16, threads);
 }
 
