@@ -30,8 +30,9 @@ NATIVE_KERNELS = {
     "wo-avx512bf16": "int8_wo_linear_avx512bf16",
     "wo-avx2": "int8_wo_linear_avx2",
 }
-# an MLP's gate_up on AMX tiles with SiLU(gate) * up in its epilogue (the layer stack's)
-SILU_KERNEL = "int8_silu_mul_amx"
+# an MLP's gate_up with SiLU(gate) * up in its epilogue (the layer stack's), by W8A8 kernel;
+# the VNNI one takes AVX512_BF16 too (the SiLU's twin)
+SILU_KERNELS = {"amx": "int8_silu_mul_amx", "vnni": "int8_silu_mul_vnni"}
 _DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -40,7 +41,7 @@ def _kernels() -> ctypes.CDLL | None:
     lib = native.load()
     if lib is None:
         return None
-    for name in [*NATIVE_KERNELS.values(), SILU_KERNEL]:
+    for name in [*NATIVE_KERNELS.values(), *SILU_KERNELS.values()]:
         native.declare(lib, name, (
             [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             + [ctypes.c_void_p] * 4
@@ -53,8 +54,8 @@ def _kernels() -> ctypes.CDLL | None:
 
 
 def kernel_address(kernel: str) -> int:
-    """The address of the C function for `kernel` (a NATIVE_KERNELS key, or SILU_KERNEL), for
-    native callers (models/layer_stack.py)."""
+    """The address of the C function for `kernel` (a NATIVE_KERNELS key, or a SILU_KERNELS
+    value), for native callers (models/layer_stack.py)."""
     name = NATIVE_KERNELS.get(kernel, kernel)
     return ctypes.cast(getattr(_kernels(), name), ctypes.c_void_p).value
 
@@ -119,17 +120,23 @@ def native_linear(
     return out
 
 
-def silu_mul_amx(
-    x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor
+def silu_available(kernel: str) -> bool:
+    """Whether the W8A8 kernel `kernel` has a gate_up twin with SiLU(gate) * up in its
+    epilogue that runs here."""
+    return kernel == "amx" or (kernel == "vnni" and cpu_features.has_avx512_bf16())
+
+
+def silu_mul(
+    x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, scale: torch.Tensor, kernel: str
 ) -> torch.Tensor:
     """x [M, K] bf16 and a gate_up's W8A8 weights (2 x inter channels, gate's first, no bias)
-    -> SiLU(gate) * up [M, inter] bf16 on AMX tiles: the bits of native_linear(..., "amx")
-    followed by kernels.fused.silu_mul."""
+    -> SiLU(gate) * up [M, inter] bf16 through SILU_KERNELS[kernel]: the bits of
+    native_linear(..., kernel) followed by kernels.fused.silu_mul."""
     x = x.contiguous()
     m, k = x.shape
     inter = wsum.shape[0] // 2
     out = torch.empty(m, inter, dtype=torch.bfloat16)
-    getattr(_kernels(), SILU_KERNEL)(
+    getattr(_kernels(), SILU_KERNELS[kernel])(
         x.data_ptr(), 1, m, k, packed.data_ptr(), wsum.data_ptr(), scale.data_ptr(), 0, inter,
         out.data_ptr(), 1, torch.get_num_threads(),
     )  # fmt: skip

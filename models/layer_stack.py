@@ -225,17 +225,22 @@ def _linear(linear: nn.Module, kernel: str) -> StackLinear:
 
 def _silu_in_gate_up(gate_up: nn.Module, kernel: str) -> bool:
     """True when gate_up's call applies SiLU(gate) * up itself: on bf16 tiles packed for it,
-    or int8 W8A8 on AMX tiles (int8_silu_mul_amx) for a gate_up without bias."""
+    or int8 W8A8 with the kernel's SiLU twin (kernels.int8.SILU_KERNELS) for a gate_up
+    without bias."""
     if type(gate_up) is TileGateUpSiLU:
         return True
-    return kernel == "amx" and gate_up.bias is None and gate_up.out_features % (2 * int8.LANES) == 0
+    return (
+        int8.silu_available(kernel)
+        and gate_up.bias is None
+        and gate_up.out_features % (2 * int8.LANES) == 0
+    )
 
 
 def _layer(layer: nn.Module, kernels: tuple[str, ...]) -> StackLayer:
     kernels = list(kernels)
     silu = _silu_in_gate_up(layer.mlp.gate_up_proj, kernels[2])
-    if silu and kernels[2] == "amx":
-        kernels[2] = int8.SILU_KERNEL
+    if silu and kernels[2] in int8.SILU_KERNELS:
+        kernels[2] = int8.SILU_KERNELS[kernels[2]]
     pairs = zip(_linears(layer), kernels, strict=True)
     linears = [_linear(linear, kernel) for linear, kernel in pairs]
     return StackLayer(

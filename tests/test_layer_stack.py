@@ -246,17 +246,19 @@ def test_int8_linears_give_the_python_forwards_bits(
     stack = int8_runner.model.layer_stack
     assert stack is not None
     ids, positions, meta = _random_decodes(int8_runner, batch)
-    # from 5 rows gate_up runs W8A8 on AMX tiles, SiLU x up in its epilogue
-    assert stack._layers(batch)[0].silu_in_gate_up == (batch >= 5)
+    # gate_up runs W8A8 with SiLU x up in its epilogue: on VNNI up to 4 rows, AMX tiles beyond
+    assert stack._layers(batch)[0].silu_in_gate_up
     _assert_same_bits(int8_runner, ids, positions, meta, monkeypatch)
 
 
 def test_int8_without_amx_takes_the_stack_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Zen 4's or 5's choices (VNNI, down_proj weight-only: the AVX-512 kernel up to 8
-    rows, `vdpbf16ps` on the widened weight beyond), at decode and prompt sizes."""
+    """A Zen 4's or 5's choices (VNNI, gate_up with SiLU x up in its epilogue, down_proj on
+    16-bit activations up to 96 rows, `vdpbf16ps` on the widened weight beyond), at decode
+    and prompt sizes."""
     monkeypatch.setenv(cpu_features.ISA_ENV, "avx512bf16")
     runner = _runner(quantization="int8")
     assert runner.model.layer_stack is not None
+    assert runner.model.layer_stack._layers(3)[0].silu_in_gate_up  # int8_silu_mul_vnni
     ids, positions, meta = _decodes([7, 100, 64], runner.block_size, runner.num_blocks, 3)
     _assert_same_bits(runner, ids, positions, meta, monkeypatch)
     ids, positions, meta = _step([(10, 1), (0, 299)], runner.block_size, runner.num_blocks, 0)

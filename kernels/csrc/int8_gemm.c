@@ -53,67 +53,57 @@ static const float *row_f32(const void *x, int x_bf16, long row, int k, float *s
     return scratch;
 }
 
-// per-row symmetric int8: q = round(x / s), s = max|x| / 127; `offset` adds 128 (VNNI's u8)
-static void quantize_rows(const void *x, int x_bf16, int m, int k, int kp, int offset,
-                          int8_t *q, float *scales, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (m >= 16 && threads > 1)
-    for (int r = 0; r < m; ++r) {
-        float scratch_buf[x_bf16 ? k : 1];
-        const float *row = row_f32(x, x_bf16, r, k, scratch_buf);
-        // max |x| on the bits (non-negative floats order as their bits; NaNs are skipped):
-        // the float compare-and-select of NaN-aware code stays scalar, ~4 cycles an element
-        uint32_t amax_bits = 0;
+// max |x| on the bits (non-negative floats order as their bits; NaNs are skipped): the float
+// compare-and-select of NaN-aware code stays scalar, ~4 cycles an element
+static inline float row_amax(const float *row, int k) {
+    uint32_t amax_bits = 0;
 #pragma omp simd reduction(max : amax_bits)
-        for (int i = 0; i < k; ++i) {
-            const uint32_t a = (f32_bits){.f = row[i]}.u & 0x7fffffffu;
-            const uint32_t finite_or_inf = a > 0x7f800000u ? 0u : a;
-            amax_bits = finite_or_inf > amax_bits ? finite_or_inf : amax_bits;
-        }
-        const float amax = (f32_bits){.u = amax_bits}.f;
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int8_t *out = q + (long)r * kp;
-        for (int i = 0; i < k; ++i) {
-            const float v = nearbyintf(row[i] * inv);
-            const int iv = (int)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
-            out[i] = (int8_t)(offset ? (iv ^ 0x80) : iv);  // iv + 128 as a byte
-        }
-        memset(out + k, offset ? 0x80 : 0, (size_t)(kp - k));  // pads meet zero weights
-        scales[r] = amax / 127.0f;
+    for (int i = 0; i < k; ++i) {
+        const uint32_t a = (f32_bits){.f = row[i]}.u & 0x7fffffffu;
+        const uint32_t finite_or_inf = a > 0x7f800000u ? 0u : a;
+        amax_bits = finite_or_inf > amax_bits ? finite_or_inf : amax_bits;
     }
+    return (f32_bits){.u = amax_bits}.f;
 }
 
-// per-row 16-bit activations as two int8 rows each (see the top): row r's hi part into
-// q row 2r and its lo part into 2r + 1; s = max|x| / A16_MAX, `offset` as quantize_rows'
-#define A16_MAX 32512.0f  // 127 * 255 + 127: hi and lo stay in [-127, 127]
+#define A16_MAX 32512.0f  // 127 * 255 + 127: a 16-bit activation's hi and lo stay in [-127, 127]
 #define A16_BASE 255.0f
-static void quantize_rows_a16(const void *x, int x_bf16, int m, int k, int kp, int offset,
-                              int8_t *q, float *scales, int threads) {
+
+// per-row symmetric int8: q = round(x / s), s = max|x| / 127; `offset` adds 128 (VNNI's u8).
+// With `a16`, 16 bits a row as two int8 rows (see the top): row r's hi part into q row 2r and
+// its lo part into 2r + 1, s = max|x| / A16_MAX.
+static void quantize_rows(const void *x, int x_bf16, int m, int k, int kp, int offset, int a16,
+                          int8_t *q, float *scales, int threads) {
+    const float levels = a16 ? A16_MAX : 127.0f;
+    const int8_t flip = offset ? (int8_t)0x80 : 0;  // + 128 as a byte
 #pragma omp parallel for schedule(static) num_threads(threads) if (m >= 16 && threads > 1)
     for (int r = 0; r < m; ++r) {
         float scratch_buf[x_bf16 ? k : 1];
         const float *row = row_f32(x, x_bf16, r, k, scratch_buf);
-        uint32_t amax_bits = 0;  // as in quantize_rows
-#pragma omp simd reduction(max : amax_bits)
-        for (int i = 0; i < k; ++i) {
-            const uint32_t a = (f32_bits){.f = row[i]}.u & 0x7fffffffu;
-            const uint32_t finite_or_inf = a > 0x7f800000u ? 0u : a;
-            amax_bits = finite_or_inf > amax_bits ? finite_or_inf : amax_bits;
+        const float amax = row_amax(row, k);
+        const float inv = amax > 0.0f ? levels / amax : 0.0f;
+        scales[r] = amax / levels;
+        int8_t *out = q + ((long)r << a16) * kp;
+        if (!a16) {
+            for (int i = 0; i < k; ++i) {
+                const float v = nearbyintf(row[i] * inv);
+                const int iv = (int)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+                out[i] = (int8_t)(iv ^ flip);
+            }
+            memset(out + k, flip, (size_t)(kp - k));  // pads meet zero weights
+            continue;
         }
-        const float amax = (f32_bits){.u = amax_bits}.f;
-        const float inv = amax > 0.0f ? A16_MAX / amax : 0.0f;
-        int8_t *hi = q + 2L * r * kp, *lo = hi + kp;
-        const int8_t flip = offset ? (int8_t)0x80 : 0;  // + 128 as a byte
+        int8_t *lo = out + kp;
 #pragma omp simd
         for (int i = 0; i < k; ++i) {
             float v = nearbyintf(row[i] * inv);
             v = v > A16_MAX ? A16_MAX : v < -A16_MAX ? -A16_MAX : v;
             const float h = nearbyintf(v * (1.0f / A16_BASE));  // v / 255 is never a tie
-            hi[i] = (int8_t)((int8_t)(int)h ^ flip);
+            out[i] = (int8_t)((int8_t)(int)h ^ flip);
             lo[i] = (int8_t)((int8_t)(int)(v - A16_BASE * h) ^ flip);
         }
-        memset(hi + k, flip, (size_t)(kp - k));
+        memset(out + k, flip, (size_t)(kp - k));
         memset(lo + k, flip, (size_t)(kp - k));
-        scales[r] = amax / A16_MAX;
     }
 }
 
@@ -205,19 +195,20 @@ typedef unsigned short v16hu __attribute__((vector_size(32)));
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4,avx512vnni")
 // rows x nb blocks of int32 dot products; the constant arguments unroll into registers
+// (w: the nb packed blocks' starts)
 static inline __attribute__((always_inline)) void tile_vnni(const int8_t *a, long lda,
-                                                             const int8_t *w, int k4, int rows,
-                                                             int nb, int fetch, int32_t *acc) {
+                                                             const int8_t *const *w, int k4,
+                                                             int rows, int nb, int fetch,
+                                                             int32_t *acc) {
     v16si c[MR_VNNI][NB_MAX];
     for (int r = 0; r < rows; ++r)
         for (int b = 0; b < nb; ++b) c[r][b] = (v16si){0};
-    const long block_stride = (long)k4 * 64;
     for (int g = 0; g < k4; ++g) {
         v16si wv[NB_MAX];
-        for (int b = 0; b < nb; ++b) memcpy(&wv[b], w + b * block_stride + (long)g * 64, 64);
+        for (int b = 0; b < nb; ++b) memcpy(&wv[b], w[b] + (long)g * 64, 64);
         if (fetch)  // the first row tile streams the weight in: ask for it ahead
             for (int b = 0; b < nb; ++b)
-                __builtin_prefetch(w + b * block_stride + (long)g * 64 + VNNI_PREFETCH_BYTES);
+                __builtin_prefetch(w[b] + (long)g * 64 + VNNI_PREFETCH_BYTES);
         for (int r = 0; r < rows; ++r) {
             int32_t quad;
             LOAD_QUAD(quad, a + r * lda + g * 4);
@@ -229,8 +220,8 @@ static inline __attribute__((always_inline)) void tile_vnni(const int8_t *a, lon
         for (int b = 0; b < nb; ++b) memcpy(acc + r * NB_MAX * LANES + b * LANES, &c[r][b], 64);
 }
 
-static void tile_vnni_any(const int8_t *a, long lda, const int8_t *w, int k4, int rows, int nb,
-                          int fetch, int32_t *acc) {
+static void tile_vnni_any(const int8_t *a, long lda, const int8_t *const *w, int k4, int rows,
+                          int nb, int fetch, int32_t *acc) {
 #define TILE_CASE(R, B) \
     case (R) * 8 + (B): \
         tile_vnni(a, lda, w, k4, R, B, fetch, acc); \
@@ -278,11 +269,11 @@ static inline __attribute__((always_inline)) void tile_avx2(const int8_t *a, lon
     }
 }
 
-static void tile_avx2_any(const int8_t *a, long lda, const int8_t *w, int k4, int rows, int nb,
-                          int fetch, int32_t *acc) {
+static void tile_avx2_any(const int8_t *a, long lda, const int8_t *const *w, int k4, int rows,
+                          int nb, int fetch, int32_t *acc) {
     (void)fetch;
     for (int b = 0; b < nb; ++b) {
-        const int8_t *wb = w + (long)b * k4 * 64;
+        const int8_t *wb = w[b];
         int32_t *ab = acc + b * LANES;
         switch (rows) {
             case 1: tile_avx2(a, lda, wb, k4, 1, ab); break;
@@ -311,35 +302,56 @@ static void tile_avx2_any(const int8_t *a, long lda, const int8_t *w, int k4, in
 #undef VLANES
 #pragma GCC pop_options
 
-typedef void (*tile_fn)(const int8_t *, long, const int8_t *, int, int, int, int, int32_t *);
+typedef void (*tile_fn)(const int8_t *, long, const int8_t *const *, int, int, int, int,
+                        int32_t *);
 #define MR_MAX (MR > MR_VNNI ? MR : MR_VNNI)
+
+static void epilogue_silu_blocks(const int32_t *acc, int rows, int gate0, int up0,
+                                 const int32_t *wsum, const float *a_scale,
+                                 const float *w_scale, long out_stride, uint16_t *out);
 
 // Parallel over groups of NB_MAX blocks (the weights, the bigger operand at decode); each
 // group's weights stay in cache while every row tile (`mr` rows: the tile's, even) passes
-// over them. `a16`: 16-bit activations, two int8 rows a token (see the top).
-static void int8_linear(tile_fn tile, int mr, int offset, int a16, const void *x, int x_bf16,
-                        int m, int k, const int8_t *packed, const int32_t *wsum,
+// over them. `a16`: 16-bit activations, two int8 rows a token (see the top). `silu`: the
+// weight is a gate_up of 2 n channels (gate's first, n a multiple of 16, no bias) and out
+// [m, n] bf16 = SiLU(gate) * up; a group is then gate's blocks i, i + 1 and up's, in turn.
+static void int8_linear(tile_fn tile, int mr, int offset, int a16, int silu, const void *x,
+                        int x_bf16, int m, int k, const int8_t *packed, const int32_t *wsum,
                         const float *w_scale, const float *bias, int n, void *out, int out_bf16,
                         int threads) {
     const int k4 = (k + 3) / 4, kp = k4 * 4;
     const int blocks = (n + LANES - 1) / LANES;
-    const int groups = (blocks + NB_MAX - 1) / NB_MAX;
+    const int per_group = silu ? NB_MAX / 2 : NB_MAX;  // output blocks a group
+    const int groups = (blocks + per_group - 1) / per_group;
     const int q_rows = m << a16;
     int8_t *q = aligned_alloc(64, ((size_t)q_rows * kp + 63) / 64 * 64);
     float *a_scale = malloc(sizeof(float) * (size_t)m);
-    (a16 ? quantize_rows_a16 : quantize_rows)(x, x_bf16, m, k, kp, offset, q, a_scale, threads);
+    quantize_rows(x, x_bf16, m, k, kp, offset, a16, q, a_scale, threads);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int g = 0; g < groups; ++g) {
         int32_t acc[MR_MAX * NB_MAX * LANES];
-        const int b0 = g * NB_MAX;
-        const int nb = blocks - b0 < NB_MAX ? blocks - b0 : NB_MAX;
+        const int b0 = g * per_group;
+        const int outs = blocks - b0 < per_group ? blocks - b0 : per_group;  // output blocks
+        const int nb = silu ? 2 * outs : outs;
+        const int8_t *w[NB_MAX];
+        for (int b = 0; b < nb; ++b) {
+            const int block = silu ? (b & 1) * blocks + b0 + b / 2 : b0 + b;
+            w[b] = packed + (long)block * k4 * 64;
+        }
         const int n0 = b0 * LANES;
-        const int cols = n - n0 < nb * LANES ? n - n0 : nb * LANES;
+        const int cols = n - n0 < outs * LANES ? n - n0 : outs * LANES;
         for (int r0 = 0; r0 < q_rows; r0 += mr) {
             const int rows = q_rows - r0 < mr ? q_rows - r0 : mr;
-            tile(q + (long)r0 * kp, kp, packed + (long)b0 * k4 * 64, k4, rows, nb,
+            tile(q + (long)r0 * kp, kp, w, k4, rows, nb,
                  r0 == 0 && q_rows >= VNNI_PREFETCH_MIN_ROWS, acc);
             const long first = r0 >> a16;  // the tile's first output row
+            if (silu) {
+                for (int o = 0; o < outs; ++o)
+                    epilogue_silu_blocks(acc + 2 * o * LANES, rows, n0 + o * LANES,
+                                         n + n0 + o * LANES, wsum, a_scale + first, w_scale, n,
+                                         (uint16_t *)out + first * n + n0 + o * LANES);
+                continue;
+            }
             void *dst = out_bf16 ? (void *)((uint16_t *)out + first * n)
                                  : (void *)((float *)out + first * n);
             (a16 ? epilogue_a16 : epilogue)(acc, rows >> a16, n0, cols, wsum, a_scale + first,
@@ -350,37 +362,25 @@ static void int8_linear(tile_fn tile, int mr, int offset, int a16, const void *x
     free(a_scale);
 }
 
-// x [m, k] fp32 or bf16 -> out [m, n] fp32 or bf16; wsum is used by the VNNI twin only
-void int8_linear_vnni(const void *x, int x_bf16, int m, int k, const int8_t *packed,
-                      const int32_t *wsum, const float *w_scale, const float *bias, int n,
-                      void *out, int out_bf16, int threads) {
-    int8_linear(tile_vnni_any, MR_VNNI, 1, 0, x, x_bf16, m, k, packed, wsum, w_scale, bias, n,
-                out, out_bf16, threads);
-}
-
-// the same with 16-bit activations (two int8 rows a token, see the top)
-void int8_a16_linear_vnni(const void *x, int x_bf16, int m, int k, const int8_t *packed,
-                          const int32_t *wsum, const float *w_scale, const float *bias, int n,
-                          void *out, int out_bf16, int threads) {
-    int8_linear(tile_vnni_any, MR_VNNI, 1, 1, x, x_bf16, m, k, packed, wsum, w_scale, bias, n,
-                out, out_bf16, threads);
-}
-
-void int8_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *packed,
-                      const int32_t *wsum, const float *w_scale, const float *bias, int n,
-                      void *out, int out_bf16, int threads) {
-    (void)wsum;
-    int8_linear(tile_avx2_any, MR, 0, 0, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
-                out_bf16, threads);
-}
-
-void int8_a16_linear_avx2(const void *x, int x_bf16, int m, int k, const int8_t *packed,
-                          const int32_t *wsum, const float *w_scale, const float *bias, int n,
-                          void *out, int out_bf16, int threads) {
-    (void)wsum;
-    int8_linear(tile_avx2_any, MR, 0, 1, x, x_bf16, m, k, packed, NULL, w_scale, bias, n, out,
-                out_bf16, threads);
-}
+// The entry points, all with the signature kernels/int8.py declares: x [m, k] fp32 or bf16 ->
+// out [m, n] fp32 or bf16. wsum serves the VNNI twins only (their u8 offset). The a16 ones
+// take 16-bit activations (see the top). The silu one: SiLU(gate) * up [m, n] bf16 from a
+// gate_up's W8A8 weights (2 n channels, gate's first, n a multiple of 16, no bias), the bits of
+// int8_linear_vnni followed by silu_mul, on CPUs with AVX512_BF16 (the SiLU's; Python checks).
+#define INT8_ENTRY(NAME, TILE, TILE_ROWS, OFFSET, A16, SILU)                                   \
+    void NAME(const void *x, int x_bf16, int m, int k, const int8_t *packed,                  \
+              const int32_t *wsum, const float *w_scale, const float *bias, int n, void *out, \
+              int out_bf16, int threads) {                                                    \
+        int8_linear(TILE, TILE_ROWS, OFFSET, A16, SILU, x, x_bf16, m, k, packed,              \
+                    OFFSET ? wsum : NULL, w_scale, SILU ? NULL : bias, n, out,                \
+                    SILU ? 1 : out_bf16, threads);                                            \
+    }
+INT8_ENTRY(int8_linear_vnni, tile_vnni_any, MR_VNNI, 1, 0, 0)
+INT8_ENTRY(int8_a16_linear_vnni, tile_vnni_any, MR_VNNI, 1, 1, 0)
+INT8_ENTRY(int8_silu_mul_vnni, tile_vnni_any, MR_VNNI, 1, 0, 1)
+INT8_ENTRY(int8_linear_avx2, tile_avx2_any, MR, 0, 0, 0)
+INT8_ENTRY(int8_a16_linear_avx2, tile_avx2_any, MR, 0, 1, 0)
+#undef INT8_ENTRY
 
 // ---- W8A8 on AMX tiles (`tdpbusd`: a 16 x 64 u8 tile times a 64 x 16 s8 one, 16 K MACs a
 // time). The packed layout above is already the B tile's: 16 rows of K4 groups, 64 bytes
@@ -501,7 +501,7 @@ static void w8a8_amx(const void *x, int x_bf16, int m, int k, const int8_t *pack
     const long block_bytes = (long)k * LANES;
     int8_t *q = aligned_alloc(64, (size_t)mp * (size_t)k);
     float *a_scale = malloc(sizeof(float) * (size_t)mp);
-    quantize_rows(x, x_bf16, m, k, k, 1, q, a_scale, threads);
+    quantize_rows(x, x_bf16, m, k, k, 1, 0, q, a_scale, threads);
     memset(q + (size_t)m * (size_t)k, 0x80, (size_t)(mp - m) * (size_t)k);  // rows of zeros
     const epilogue_args e = {wsum, a_scale, w_scale, bias, n, out_bf16, silu, out};
 #pragma omp parallel num_threads(threads) if (threads > 1)
