@@ -6,7 +6,12 @@
 #          a json_schema on every request, --async-scheduling, --quantization int8, and 5
 #          open dashboards polling /dashboard/stats once a second (frontend CPU compared)
 #   c1     the same at concurrency 1: base, --async-scheduling, --quantization int8
-#   spec   copy-heavy chats at concurrency 1, float32: without and with n-gram speculation
+#   spec   copy-heavy chats at concurrency 1, float32: without and with n-gram speculation;
+#          and random 256/128 at concurrency 16 (nothing to match), the same two
+#   pd     1 prefill + 1 decode worker on shared prefixes (prefix-repetition): the KV bytes
+#          moved with the decode side's prefix cache consulted (the default) and without
+#          any prefix cache (--no-enable-prefix-caching: every block moves, as before issue
+#          11's item 4)
 #   lora   c16's base and 4-LoRA pair alone, twice in turn (not in the default set)
 # HEAVY: takes both cores for ~15 minutes; run it alone. Knobs: PORT, OUT, SEED_BASE, DTYPE
 # (auto), ONLY (a space-separated subset of the groups; a run of other than the default set
@@ -19,7 +24,7 @@ PORT="${PORT:-8021}"
 OUT="${OUT:-bench_results/features-$(date +%Y%m%d-%H%M%S)}"
 SEED_BASE="${SEED_BASE:-$(date +%s)}"
 DTYPE="${DTYPE:-auto}"
-DEFAULT_GROUPS="c16 c1 spec"
+DEFAULT_GROUPS="c16 c1 spec pd"
 ONLY="${ONLY:-$DEFAULT_GROUPS}"
 VENV="${VENV:-.venv}"
 BENCH=("$VENV/bin/duet" bench serve --base-url "http://127.0.0.1:$PORT" --disable-tqdm)
@@ -29,6 +34,8 @@ RANDOM_C1=("${RANDOM_256_128[@]}" --num-prompts 8 --max-concurrency 1 --num-warm
 COPY_C1=(--dataset-name repeat --endpoint /v1/chat/completions --temperature 0
          --max-concurrency 1 --num-prompts 8 --output-len 160 --num-warmups 2)
 NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+SHARED_PREFIXES=(--dataset-name prefix-repetition --prefix-len 512 --suffix-len 64 --num-prefixes 4
+                 --output-len 64 --num-prompts 48 --max-concurrency 16 --ignore-eos --temperature 0)
 DASHBOARDS=()
 
 # shellcheck source=scripts/bench_servers.sh
@@ -104,6 +111,15 @@ fi
 if wants spec; then
     measure fp32-copy-c1 3 --dtype float32 --bench "${COPY_C1[@]}"
     measure spec-copy-c1 3 --dtype float32 --speculative-config "$NGRAM" --bench "${COPY_C1[@]}"
+    measure fp32-random-c16 4 --dtype float32 --bench "${RANDOM_C16[@]}"
+    measure spec-random-c16 4 --dtype float32 --speculative-config "$NGRAM" \
+        --bench "${RANDOM_C16[@]}"
+fi
+if wants pd; then
+    measure pd-nocache 5 --dtype "$DTYPE" --prefill-workers 1 --decode-workers 1 \
+        --no-enable-prefix-caching --bench "${SHARED_PREFIXES[@]}"
+    measure pd-reuse 5 --dtype "$DTYPE" --prefill-workers 1 --decode-workers 1 \
+        --bench "${SHARED_PREFIXES[@]}"
 fi
 
 "$VENV/bin/python" - "$OUT" docs/benchmarks.md "$DTYPE" "$ONLY" "$DEFAULT_GROUPS" <<'EOF'
@@ -125,6 +141,8 @@ PAIRS = [  # (variant, baseline, what differs)
     ("async-c1", "base-c1", "--async-scheduling (c1)"),
     ("int8-c1", "base-c1", "--quantization int8 (c1)"),
     ("spec-copy-c1", "fp32-copy-c1", "n-gram speculation, copy-heavy chats (c1, fp32)"),
+    ("spec-random-c16", "fp32-random-c16", "n-gram speculation, random prompts (c16, fp32)"),
+    ("pd-reuse", "pd-nocache", "1P+1D, shared prefixes: prefix caches vs none"),
 ]
 ROWS = [("output tok/s", "output_throughput"), ("TPOT p50 ms", ("tpot", "median")),
         ("TTFT p50 ms", ("ttft", "median")), ("ITL p50 ms", ("itl", "median")),
@@ -157,6 +175,18 @@ if metrics.exists():
     if drafted:
         lines.append(f"\nCopy-heavy run: {accepted:.0f} of {drafted:.0f} draft tokens accepted "
                      f"({accepted / drafted:.0%}).")
+moved = {}
+for name in ("pd-nocache", "pd-reuse"):
+    path = out / f"{name}.metrics"
+    found = path.exists() and re.search(r"^duet:kv_transfer_bytes_total(?:\{[^}]*\})? (\S+)$",
+                                        path.read_text(), re.M)
+    if found:
+        moved[name] = float(found.group(1))
+if len(moved) == 2 and moved["pd-nocache"]:
+    lines.append(f"\nKV moved prefill -> decode (`duet:kv_transfer_bytes_total`): "
+                 f"{moved['pd-nocache'] / 1e6:.1f} MB without prefix caches, "
+                 f"{moved['pd-reuse'] / 1e6:.1f} MB with the decode side's consulted "
+                 f"({moved['pd-reuse'] / moved['pd-nocache']:.2f}x).")
 cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
             if line.startswith("model name")), "?")
 flags = sorted(set(re.findall(r"\b(avx512\w*|avx2|amx\w*)\b", open("/proc/cpuinfo").read())))
