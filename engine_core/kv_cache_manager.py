@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from engine_core.block_pool import BlockPool, KVBlock
-from engine_core.request import Request
+from engine_core.request import BlockHash, Request
 
 
 def cdiv(a: int, b: int) -> int:
@@ -57,6 +57,17 @@ class KVCacheManager:
         # NOTE: the last token is always recomputed so the step has logits to sample from.
         hits = self._cached_prefix(request, (request.num_tokens - 1) // self.block_size)
         return hits, len(hits) * self.block_size
+
+    def first_missing_block(self, request: Request, num_tokens: int) -> BlockHash | None:
+        """The hash of the first block `reserve(request, num_tokens)` would not find cached
+        here (None: every block it could share is cached)."""
+        max_blocks = (num_tokens - 1) // self.block_size
+        hits = len(self._cached_prefix(request, max_blocks))
+        return (
+            request.block_hashes[hits]
+            if hits < min(max_blocks, len(request.block_hashes))
+            else None
+        )
 
     def _cached_prefix(self, request: Request, max_blocks: int) -> list[KVBlock]:
         """The cached blocks that match the request's first block hashes, at most `max_blocks`."""

@@ -115,3 +115,43 @@ def test_second_transfer_moves_only_the_blocks_not_shared(default_tokenizer: Tok
     assert moved[1] - moved[0] <= 0.3 * first_blocks * per_block
     colocated, _ = one_by_one(EngineConfig(colocated=True, block_size=block, **SMALL), chats)
     assert outputs == colocated
+
+
+@pytest.mark.slow
+def test_requests_sharing_a_prefix_at_once_move_it_once(default_tokenizer: Tokenizer) -> None:
+    """Four chats on the same notes, submitted together: their prefills finish in the same
+    steps, and the shared blocks still move only once (the others wait for them to land)."""
+    questions = ["Which station came first?", "Summarize the notes.", "Name a year.", "Why?"]
+    chats = {
+        f"q{i}": default_tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{NOTES}\n\n{q}"}], add_generation_prompt=True
+        )
+        for i, q in enumerate(questions)
+    }
+    block = 16
+    config = EngineConfig(colocated=False, block_size=block, **SMALL)
+    harness = EngineHarness(config)
+    try:
+        for name, prompt in chats.items():
+            harness.add(name, prompt, 8)
+        harness.wait_all()
+        harness.pump(1.0)
+        stats, outputs = harness.stats, dict(harness.tokens)
+    finally:
+        harness.close()
+    assert stats.kv_transfer_failures == stats.recomputed_prefills == 0
+    prompts = list(chats.values())
+    common = min(
+        next(i for i, (x, y) in enumerate(zip(prompts[0], p, strict=False)) if x != y)
+        for p in prompts[1:]
+    )
+    per_block = kv_block_bytes(load_config(resolve_model(None)), block, torch.float32)
+    everything = sum(-(-len(p) // block) for p in prompts)
+    shared = min(common // block, *((len(p) - 1) // block for p in prompts))
+    assert stats.kv_transfer_bytes == (everything - (len(prompts) - 1) * shared) * per_block
+    assert stats.kv_transfer_bytes <= 0.45 * everything * per_block
+    colocated = EngineHarness(EngineConfig(colocated=True, block_size=block, **SMALL))
+    try:
+        assert colocated.generate(chats, 8) == outputs
+    finally:
+        colocated.close()
