@@ -7,9 +7,10 @@ its number of rows (tokens) from `ROUTES`, a table measured on this machine kind
 dtype. With the native kernels, activations are quantized per token too (W8A8: VNNI where
 the CPU has AVX512_VNNI, the AVX2 twin elsewhere), after smoothing scales are folded into
 the weights (models.smooth_quant), in every linear but down_proj, which keeps float
-activations (the native weight-only kernel, on AMX-BF16 tiles where the CPU has them, or
-dequantize + a float GEMM for large bf16 batches). DUET_INT8_W8A8=1 quantizes activations in
-every linear, =0 in none.
+activations: bf16 ones quantized to 16 bits on the same W8A8 tiles at small batches, else the
+native weight-only kernels (on AMX-BF16 tiles or `vdpbf16ps` where the CPU has them), or
+dequantize + a float GEMM for large bf16 batches. DUET_INT8_W8A8=1 quantizes activations to
+int8 in every linear, =0 in none.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 Route = tuple[tuple[int | None, str], ...]
 # Native bf16 activations take w8a16 (docs/benchmarks.md, "16-bit activations on the W8A8
 # tiles"; all of a step's linears through each kernel on the Zen 5): 0.96x of the AVX-512
-# weight-only kernel's time at 1-4 rows, 0.72x at 8, 0.51x at 32 (the AVX2 twins: 0.63x at
+# weight-only kernel's time at 1-4 rows, 0.72x at 8, 0.53x at 32 (the AVX2 twins: 0.63x at
 # one row, 0.84x at 16-32), until dequantize + a bf16 GEMM takes over.
 # Its error stays at the size of the activations' own bf16 rounding, so fp32 activations,
 # which have none, keep the exact weight-only kernel: through 16 bits, the forced-AVX2 fp32
