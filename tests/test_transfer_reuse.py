@@ -71,8 +71,15 @@ NOTES = "Here are my notes on the history of the railway, to be read with care: 
 )
 
 
-def shared_prefix_chats(tokenizer: Tokenizer) -> dict[str, list[int]]:
-    questions = {"first": "Which station came first?", "second": "Summarize the notes."}
+def shared_prefix_chats(
+    tokenizer: Tokenizer,
+    questions: dict[str, str] | None = None,
+) -> dict[str, list[int]]:
+    """Chat prompts that share NOTES and differ in the question after them."""
+    questions = questions or {
+        "first": "Which station came first?",
+        "second": "Summarize the notes.",
+    }
     return {
         name: tokenizer.apply_chat_template(
             [{"role": "user", "content": f"{NOTES}\n\n{q}"}], add_generation_prompt=True
@@ -122,12 +129,7 @@ def test_requests_sharing_a_prefix_at_once_move_it_once(default_tokenizer: Token
     """Four chats on the same notes, submitted together: their prefills finish in the same
     steps, and the shared blocks still move only once (the others wait for them to land)."""
     questions = ["Which station came first?", "Summarize the notes.", "Name a year.", "Why?"]
-    chats = {
-        f"q{i}": default_tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{NOTES}\n\n{q}"}], add_generation_prompt=True
-        )
-        for i, q in enumerate(questions)
-    }
+    chats = shared_prefix_chats(default_tokenizer, {f"q{i}": q for i, q in enumerate(questions)})
     block = 16
     config = EngineConfig(colocated=False, block_size=block, **SMALL)
     harness = EngineHarness(config)
